@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Set up surfdiff in ./.venv (created when missing).
+#   scripts/setup.sh            core + chgnet + sevennet (the main job)
+#   scripts/setup.sh test       + dev tools, GPAW (built against Debian libxc/openblas/fftw) and chromium
+# torch is installed first as torch==2.13.0 and constrained for every later pip call, so pip never
+# swaps it for a multi-GB CUDA build on a CPU machine (on a GPU machine PyPI's 2.13.0 is the CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODE="${1:-main}"
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null || PY=python3
+VENV=.venv
+STAMP="$VENV/.surfdiff-$MODE-$(sha1sum pyproject.toml | cut -c1-12)"
+if [ -f "$STAMP" ]; then exit 0; fi
+
+apt_install() {
+  local missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "[setup] apt-get install ${missing[*]}"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip wheel setuptools
+$VENV/bin/python -c "import torch" 2>/dev/null || $PIP install -q "torch==2.13.0"
+TORCH_VERSION=$($VENV/bin/python -c "import torch; print(torch.__version__.split('+')[0])")
+echo "torch==$TORCH_VERSION" > "$VENV/constraints.txt"
+export PIP_CONSTRAINT="$PWD/$VENV/constraints.txt"
+
+EXTRAS="chgnet,sevennet"
+if [ "$MODE" = "test" ]; then
+  apt_install libxc-dev libopenblas-dev libfftw3-dev chromium chromium-driver
+  # GPAW: serial build against the Debian libraries.
+  mkdir -p "$HOME/.gpaw"
+  cat > "$HOME/.gpaw/siteconfig.py" <<'PYEOF'
+mpi = False
+libraries = ['xc', 'openblas', 'fftw3']
+fftw = True
+scalapack = False
+PYEOF
+  export GPAW_CONFIG="$HOME/.gpaw/siteconfig.py"
+  EXTRAS="$EXTRAS,gpaw,dev"
+fi
+echo "[setup] pip install -e .[$EXTRAS]"
+$PIP install -q -e ".[$EXTRAS]"
+if [ "$MODE" = "test" ]; then
+  # PAW datasets for GPAW (shipped on PyPI as gpaw-data when available; otherwise gpaw install-data).
+  :
+fi
+rm -f "$VENV"/.surfdiff-"$MODE"-*
+touch "$STAMP"
+echo "[setup] done ($MODE)"
