@@ -43,6 +43,7 @@ fftw = True
 scalapack = False
 PYEOF
   export GPAW_CONFIG="$HOME/.gpaw/siteconfig.py"
+  export CC=g++  # GPAW compiles its C sources as C++
   EXTRAS="$EXTRAS,gpaw,dev"
 fi
 echo "[setup] pip install -e .[$EXTRAS]"

@@ -1,0 +1,73 @@
+"""Surface cells as 2×2 integer matrices on the primitive surface vectors of a facet.
+
+Rows of the matrix give the supercell vectors in terms of (a1, a2); for the hexagonal facets a1 and a2
+are at 60° (ASE's non-orthogonal fcc111/hcp0001 cells). Names: 'p(n×m)' = [[n,0],[0,m]] on every facet;
+on hexagonal facets 'c(2×8)' = [[2,0],[-1,4]] (8 surface atoms per layer, the paper's training cell) and
+'(√3×√3)R30°' (alias 'sqrt3') = [[1,1],[-1,2]]; on fcc100 'c(2×2)' = [[1,1],[-1,1]].
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from surfdiff_core.errors import ConfigError
+
+HEXAGONAL_FACETS = ("fcc111", "hcp0001")
+FACETS = ("fcc111", "fcc100", "fcc110", "hcp0001")
+
+_NAMED: dict[str, dict[str, list[list[int]]]] = {
+    "c(2x8)": {f: [[2, 0], [-1, 4]] for f in HEXAGONAL_FACETS},
+    "sqrt3": {f: [[1, 1], [-1, 2]] for f in HEXAGONAL_FACETS},
+    "c(2x2)": {"fcc100": [[1, 1], [-1, 1]]},
+}
+_P_CELL = re.compile(r"^p\((\d+)x(\d+)\)$")
+
+
+def _canonical(name: str) -> str:
+    s = name.strip().lower().replace("×", "x").replace("*", "x").replace(" ", "")
+    if s in ("(√3x√3)r30°", "(sqrt3xsqrt3)r30", "(√3x√3)r30"):
+        return "sqrt3"
+    if re.fullmatch(r"\d+x\d+", s):
+        s = f"p({s})"
+    return s
+
+
+def cell_matrix(cell: str | list[list[int]], facet: str) -> np.ndarray:
+    """Resolve a cell name or explicit matrix to a validated 2×2 integer matrix."""
+    if isinstance(cell, str):
+        key = _canonical(cell)
+        m = _P_CELL.match(key)
+        if m:
+            matrix = [[int(m.group(1)), 0], [0, int(m.group(2))]]
+        elif key in _NAMED:
+            if facet not in _NAMED[key]:
+                raise ConfigError(f"cell {cell!r} is not defined on facet {facet}; give a 2x2 matrix instead")
+            matrix = _NAMED[key][facet]
+        else:
+            raise ConfigError(
+                f"unknown cell name {cell!r}: use p(nxm), c(2x8), sqrt3, c(2x2) or a 2x2 integer matrix"
+            )
+    else:
+        matrix = cell
+    try:
+        arr = np.array(matrix, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"cell matrix {matrix!r} is not a 2x2 integer matrix") from exc
+    if arr.shape != (2, 2) or not np.all(np.equal(np.mod(arr, 1), 0)):
+        raise ConfigError(f"cell matrix {matrix!r} is not a 2x2 integer matrix")
+    det = round(float(np.linalg.det(arr)))
+    if det == 0:
+        raise ConfigError(f"cell matrix {matrix!r} is singular (determinant 0)")
+    if det < 0:
+        raise ConfigError(f"cell matrix {matrix!r} has a negative determinant (left-handed cell); swap its rows")
+    return arr.astype(int)
+
+
+def cell_label(cell: str | list[list[int]], facet: str) -> str:
+    """A stable, human-readable label: the canonical name when one was given, else the matrix."""
+    if isinstance(cell, str):
+        return _canonical(cell)
+    m = cell_matrix(cell, facet)
+    return f"[[{m[0, 0]},{m[0, 1]}],[{m[1, 0]},{m[1, 1]}]]"

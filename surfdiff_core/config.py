@@ -1,0 +1,238 @@
+"""Typed, validated configuration of one surfdiff study, loaded from YAML (see configs/).
+
+Every model forbids unknown keys, so a typo fails before any work starts with one line naming it.
+Distances are in Å, energies in eV. The confinement box is given *relative to the top substrate layer*.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from ase.data import atomic_numbers
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from surfdiff_core.cells import cell_matrix
+from surfdiff_core.composition import normalise_composition
+from surfdiff_core.errors import ConfigError
+
+CellSpec = str | list[list[int]]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SubstrateConfig(_Strict):
+    element: str = "Ag"
+    facet: Literal["fcc111", "fcc100", "fcc110", "hcp0001"] = "fcc111"
+    # A number (Å), or 'auto' = relaxed bulk lattice constant of the chosen oracle (cached on disk).
+    lattice_constant: float | Literal["auto"] = "auto"
+    c_over_a: float | None = None  # hcp only; None = ideal (or relaxed with 'auto')
+    layers: int = Field(3, ge=1)
+    fixed_layers: int = Field(1, ge=0)  # bottom layers held fixed (FixAtoms) in every relaxation
+    vacuum: float = Field(10.0, gt=0)
+
+    @field_validator("element")
+    @classmethod
+    def _known_element(cls, v: str) -> str:
+        if v not in atomic_numbers or v == "X":
+            raise ValueError(f"unknown element {v!r}")
+        return v
+
+    @field_validator("lattice_constant")
+    @classmethod
+    def _positive(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and v <= 0:
+            raise ValueError("lattice_constant must be positive or 'auto'")
+        return v
+
+    @model_validator(mode="after")
+    def _fixed_below_layers(self) -> SubstrateConfig:
+        if self.fixed_layers >= self.layers:
+            raise ValueError(f"fixed_layers ({self.fixed_layers}) must be smaller than layers ({self.layers})")
+        return self
+
+
+class ConfinementConfig(_Strict):
+    # z range (Å) above the top substrate layer in which overlayer atoms are placed and diffused.
+    # Default 0.5–5.5 Å: the paper authors used about 2.5–7.8 Å absolute on a 2-layer Ag slab, i.e. roughly
+    # 0.1–5.4 Å above the top layer; 0.5 keeps atoms out of the top layer plane itself.
+    z_min: float = 0.5
+    z_max: float = 5.5
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ConfinementConfig:
+        if self.z_min < 0:
+            raise ValueError(f"confinement z_min={self.z_min} lies below the surface (must be >= 0)")
+        if self.z_max <= self.z_min:
+            raise ValueError(f"confinement z_max={self.z_max} must be larger than z_min={self.z_min}")
+        return self
+
+
+class OracleConfig(_Strict):
+    name: Literal["emt", "chgnet", "sevennet", "gpaw", "vasp"] = "emt"
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class RSSConfig(_Strict):
+    cell: CellSpec = "c(2x8)"
+    compositions: list[str] = Field(default_factory=lambda: ["Ag4O2"])
+    n: int = Field(50, ge=0)  # structures in total, spread round-robin over the compositions
+    seed: int = 0
+    fmax: float = Field(0.05, gt=0)
+    steps: int = Field(300, ge=0)
+    optimizer: Literal["BFGS", "FIRE", "LBFGS"] = "BFGS"
+    trajectory_every: int = Field(5, ge=1)  # subsample of relaxation frames kept as MLFF training data
+    min_distance_scale: float = Field(0.75, gt=0, le=1.5)  # × sum of covalent radii
+    workers: int = Field(1, ge=1)
+
+    @field_validator("compositions")
+    @classmethod
+    def _compositions(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one composition is needed")
+        return [normalise_composition(c) for c in v]
+
+
+class ModelConfig(_Strict):
+    n_features: int = Field(64, ge=1)
+    n_rbf: int = Field(30, ge=1)
+    n_interactions: int = Field(4, ge=1)
+    cutoff: float = Field(6.0, gt=0)
+    shared: bool = True  # one PaiNN representation for score and energy (one pass per guided step)
+    time_features: int = Field(32, ge=2)
+    beta_min: float = Field(0.01, gt=0)
+    beta_max: float = Field(3.0, gt=0)
+    length_scale: float = Field(10.0, gt=0)  # Å; noise std at time t is sigma(t) * length_scale
+
+
+class TrainConfig(_Strict):
+    energy_window: float | None = Field(2.0, gt=0)  # eV above the per-composition minimum (D: 2, D_lowE: 0.5)
+    compositions: list[str] | None = None  # None = every composition in the store for this system
+    oxygen_ratio: tuple[str, str, float] | None = None  # e.g. ["O", "Ag", 0.5]: keep O/Ag ratio ...
+    ratio_side: Literal["above", "below", "any"] = "any"  # ... above (oxidised) or below (reduced) it
+    repeat: int = Field(1, ge=1)  # periodic repetition r: r×r×1 tiles, energies × r²
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    lr_min: float = Field(1e-5, gt=0)
+    ema_decay: float = Field(0.99, ge=0, lt=1)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    patience: int = Field(50, ge=1)
+    score_weight: float = 1.0
+    energy_weight: float = 0.01
+    forces_weight: float = 0.99
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_frames_per_structure: int = Field(4, ge=1)  # relaxation frames used for the MLFF loss
+
+
+class SampleTarget(_Strict):
+    cell: CellSpec
+    composition: str
+
+    @field_validator("composition")
+    @classmethod
+    def _composition(cls, v: str) -> str:
+        return normalise_composition(v)
+
+
+class SampleConfig(_Strict):
+    targets: list[SampleTarget] = Field(default_factory=list)
+    n: int = Field(16, ge=1)
+    steps: int = Field(500, ge=1)
+    sampler: Literal["em", "ode"] = "em"
+    guidance: bool = True
+    eta_dt: float = Field(0.001, ge=0)  # the paper's η·Δt in Å/(eV/Å)
+    relax: bool = True  # short MLFF relaxation after sampling
+    relax_steps: int = Field(50, ge=0)
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class RelaxConfig(_Strict):
+    method: Literal["emt", "chgnet", "sevennet", "gpaw", "vasp"] = "emt"
+    settings: dict[str, Any] = Field(default_factory=dict)
+    top_k: int = Field(3, ge=1)  # best candidates per composition and cell
+    fmax: float = Field(0.05, gt=0)
+    steps: int = Field(200, ge=1)
+
+
+class StoreConfig(_Strict):
+    # 'monty' = embedded on-disk MontyStore (default, no server); 'mongo' = MongoStore whose URI comes from the
+    # environment variable SURFDIFF_MONGO_URI (never from this file); 'memory' for tests; 'json' for a file.
+    backend: Literal["monty", "mongo", "memory", "json"] = "monty"
+    path: str = "data/store"
+    database: str = "surfdiff"
+    collection: str = "structures"
+
+
+class SurfdiffConfig(_Strict):
+    name: str = "study"
+    substrate: SubstrateConfig = Field(default_factory=SubstrateConfig)
+    confinement: ConfinementConfig = Field(default_factory=ConfinementConfig)
+    oracle: OracleConfig = Field(default_factory=OracleConfig)
+    rss: RSSConfig = Field(default_factory=RSSConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    relax: RelaxConfig = Field(default_factory=RelaxConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+
+    @model_validator(mode="after")
+    def _cells_valid(self) -> SurfdiffConfig:
+        facet = self.substrate.facet
+        cells = [("rss.cell", self.rss.cell)] + [
+            (f"sample.targets.{i}.cell", t.cell) for i, t in enumerate(self.sample.targets)
+        ]
+        for where, cell in cells:
+            try:
+                cell_matrix(cell, facet)
+            except ConfigError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+        return self
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections: provenance that changes when the physics does."""
+        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+    msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (typo?)"
+    extra = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
+    where = f"{loc}: " if loc else ""
+    return f"{source}: {where}{msg}{extra}"
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> SurfdiffConfig:
+    try:
+        return SurfdiffConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_config(path: str | Path) -> SurfdiffConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}: invalid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections")
+    return config_from_dict(data, source=str(p))

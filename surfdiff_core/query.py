@@ -1,0 +1,62 @@
+"""Query the results store: filters that map onto the document schema, shared by the CLI and the flows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from surfdiff_core.composition import normalise_composition
+from surfdiff_core.errors import ConfigError
+from surfdiff_core.store import ResultsStore, StructureDoc
+from surfdiff_core.store.documents import SOURCES
+
+
+def build_criteria(
+    *,
+    system: str | None = None,
+    composition: str | None = None,
+    cell: str | None = None,
+    source: str | None = None,
+    max_energy: float | None = None,
+    run_id: str | None = None,
+    valid_only: bool = False,
+) -> dict[str, Any]:
+    crit: dict[str, Any] = {}
+    if system:
+        crit["system_id"] = system
+    if composition:
+        crit["composition"] = normalise_composition(composition)
+    if cell:
+        from surfdiff_core.cells import _canonical
+
+        crit["cell"] = _canonical(cell)
+    if source:
+        if source not in SOURCES:
+            raise ConfigError(f"unknown source {source!r}: choose from {', '.join(SOURCES)}")
+        crit["source"] = source
+    if max_energy is not None:
+        crit["energy"] = {"$lte": float(max_energy)}
+    if run_id:
+        crit["run_id"] = run_id
+    if valid_only:
+        crit["valid"] = True
+        crit["in_box"] = True
+    return crit
+
+
+def query_docs(store: ResultsStore, criteria: dict[str, Any], *, top: int | None = None) -> list[StructureDoc]:
+    """Documents matching `criteria`, lowest energy first when `top` is given (documents without energy last)."""
+    if top is not None and top <= 0:
+        raise ConfigError("--top must be a positive number")
+    docs = list(store.find(criteria))
+    docs.sort(key=lambda d: (d.energy is None, d.energy if d.energy is not None else 0.0, d.doc_id))
+    return docs[:top] if top else docs
+
+
+def best_per_group(docs: list[StructureDoc], k: int = 1) -> dict[tuple[str, str, str], list[StructureDoc]]:
+    """Lowest-energy k documents per (system, composition, source)."""
+    groups: dict[tuple[str, str, str], list[StructureDoc]] = {}
+    for d in sorted((d for d in docs if d.energy is not None), key=lambda d: d.energy):
+        key = (d.system_id, d.composition, d.source)
+        if len(groups.setdefault(key, [])) < k:
+            groups[key].append(d)
+    return groups

@@ -1,0 +1,233 @@
+"""Random structure search (RSS): the diffusion model's training data.
+
+Each structure: random placement of the overlayer in the confinement box at element-pair minimum distances
+(PBC in-plane), then a local relaxation with the chosen oracle, bottom substrate layers fixed. Atoms that
+leave the box during relaxation are *flagged* (`in_box=False`) and the document is kept but excluded from
+training sets, so the box stays an honest description of the data.
+
+Seeded per structure (SeedSequence of the run seed and the structure index), so a rerun with the same seed
+reproduces every structure; document ids are deterministic, so finished structures are skipped on resume.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from surfdiff_core.config import SurfdiffConfig
+from surfdiff_core.errors import ConfigError, SurfdiffError
+from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
+from surfdiff_core.store.documents import atoms_to_structure_dict, frames_from_arrays
+from surfdiff_core.system import SurfaceSystem, build_system
+
+
+@dataclass(frozen=True)
+class RSSTask:
+    index: int
+    composition: str
+    seed: int
+    doc_id: str
+
+
+@dataclass
+class RSSReport:
+    planned: int = 0
+    skipped: int = 0  # already in the store (resume)
+    done: int = 0
+    failed: int = 0
+    out_of_box: int = 0
+    wall_time: float = 0.0
+    best: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def per_minute(self) -> float:
+        return 60.0 * self.done / self.wall_time if self.wall_time > 0 else 0.0
+
+
+def resolve_lattice(cfg: SurfdiffConfig) -> dict[str, float] | None:
+    """Relaxed bulk lattice constant of the oracle when lattice_constant is 'auto' (cached on disk)."""
+    if cfg.substrate.lattice_constant != "auto":
+        return None
+    from surfdiff_core.oracles import bulk_lattice_constant
+
+    crystal = "hcp" if cfg.substrate.facet == "hcp0001" else "fcc"
+    oracle = cfg.oracle.name if cfg.oracle.name != "vasp" else "emt"
+    return bulk_lattice_constant(cfg.substrate.element, crystal, oracle, cfg.oracle.settings)
+
+
+def systems_for(cfg: SurfdiffConfig, cell: Any, compositions: list[str], lattice: dict | None) -> dict:
+    return {
+        c: build_system(
+            cfg.substrate, cfg.confinement, cell, c, lattice=lattice,
+            min_distance_scale=cfg.rss.min_distance_scale,
+        )
+        for c in compositions
+    }
+
+
+def plan_tasks(cfg: SurfdiffConfig, systems: dict[str, SurfaceSystem], n: int, seed: int) -> list[RSSTask]:
+    """n structures spread round-robin over the compositions; ids fixed by (system, oracle, config, seed, i)."""
+    comps = list(systems)
+    config_hash = cfg.section_hash("substrate", "confinement", "oracle")
+    tasks = []
+    for i in range(n):
+        comp = comps[i % len(comps)]
+        sub_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+        doc_id = make_doc_id(
+            "rss", systems[comp].system_id, comp, config_hash, cfg.rss.min_distance_scale, cfg.rss.fmax,
+            cfg.rss.steps, seed, i,
+        )
+        tasks.append(RSSTask(index=i, composition=comp, seed=sub_seed, doc_id=doc_id))
+    return tasks
+
+
+# ---- worker side ----------------------------------------------------------------------------------------
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(oracle: str, settings: dict, threads: int) -> None:
+    from surfdiff_core.oracles import get_calculator
+
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+    _WORKER["calc"] = get_calculator(oracle, **settings)
+
+
+def relax_task(
+    system: SurfaceSystem, task: RSSTask, cfg: SurfdiffConfig, *, run_id: str | None, calculator=None
+) -> StructureDoc:
+    """Place and relax one structure; returns its document (an error is recorded, never raised)."""
+    from surfdiff_core.relax.ase_relax import relax_atoms
+
+    calc = calculator if calculator is not None else _WORKER["calc"]
+    rng = np.random.default_rng(task.seed)
+    initial = system.random_structure(rng)
+    base = dict(
+        doc_id=task.doc_id, source="rss", composition=system.composition, system_id=system.system_id,
+        element=system.element, facet=system.facet, cell=system.cell, n_substrate=system.n_substrate,
+        movable=system.movable.tolist(), fixed=system.fixed_indices.tolist(), z_box=list(system.z_box),
+        oracle=cfg.oracle.name, oracle_settings=cfg.oracle.settings,
+        initial_structure=atoms_to_structure_dict(initial), run_id=run_id, seed=task.seed,
+        config_hash=cfg.section_hash("substrate", "confinement", "oracle"),
+        meta={"rss_index": task.index, "optimizer": cfg.rss.optimizer},
+    )
+    base["formula"] = initial.get_chemical_formula()
+    try:
+        res = relax_atoms(
+            initial, calc, fmax=cfg.rss.fmax, steps=cfg.rss.steps, optimizer=cfg.rss.optimizer,
+            trajectory_every=cfg.rss.trajectory_every, fixed=system.fixed_indices.tolist(),
+        )
+    except Exception as exc:  # noqa: BLE001 - one bad structure must not stop the search
+        return StructureDoc(structure=base["initial_structure"], valid=False, error=str(exc)[:500], **base)
+    final = res.atoms
+    in_box = bool(np.all(system.inside_box(final, tol=0.05)))
+    traj = res.trajectory
+    return StructureDoc(
+        structure=atoms_to_structure_dict(final), energy=float(res.energy),
+        forces=np.round(res.forces, 6).tolist(), fmax=float(res.fmax), steps=int(res.steps),
+        converged=bool(res.converged), wall_time=float(res.wall_time), in_box=in_box,
+        trajectory=frames_from_arrays(
+            [f["positions"] for f in traj], [f["energy"] for f in traj], [f["forces"] for f in traj]
+        ),
+        **base,
+    )
+
+
+def _worker_run(system: SurfaceSystem, task: RSSTask, cfg: SurfdiffConfig, run_id: str | None) -> dict:
+    return relax_task(system, task, cfg, run_id=run_id).model_dump(mode="json")
+
+
+# ---- driver -----------------------------------------------------------------------------------------------
+def run_rss(
+    cfg: SurfdiffConfig,
+    store: ResultsStore,
+    *,
+    n: int | None = None,
+    seed: int | None = None,
+    workers: int | None = None,
+    run_id: str | None = None,
+    progress: bool = True,
+    on_doc: Callable[[StructureDoc], None] | None = None,
+) -> RSSReport:
+    """Run (or resume) the RSS of `cfg.rss` into `store`. Documents are written as each structure finishes."""
+    n = cfg.rss.n if n is None else n
+    seed = cfg.rss.seed if seed is None else seed
+    workers = cfg.rss.workers if workers is None else workers
+    if n < 0 or workers < 1:
+        raise ConfigError("--n must be >= 0 and --workers >= 1")
+    if cfg.oracle.name == "vasp":
+        raise ConfigError("RSS with oracle 'vasp' runs through the HPC route (flows/relax); choose a local oracle")
+    from surfdiff_core.oracles import get_calculator
+
+    lattice = resolve_lattice(cfg)
+    systems = systems_for(cfg, cfg.rss.cell, cfg.rss.compositions, lattice)
+    tasks = plan_tasks(cfg, systems, n, seed)
+    report = RSSReport(planned=len(tasks))
+    store.connect()
+    done_ids = store.existing_ids(t.doc_id for t in tasks)
+    todo = [t for t in tasks if t.doc_id not in done_ids]
+    report.skipped = len(tasks) - len(todo)
+    start = time.perf_counter()
+    bar = tqdm(total=len(todo), desc="RSS", unit="struct", disable=not progress, dynamic_ncols=True)
+
+    def record(doc: StructureDoc) -> None:
+        store.put(doc)
+        if doc.error:
+            report.failed += 1
+        else:
+            report.done += 1
+            report.out_of_box += int(not doc.in_box)
+            if doc.energy is not None and doc.in_box:
+                best = report.best.get(doc.composition)
+                report.best[doc.composition] = doc.energy if best is None else min(best, doc.energy)
+        if on_doc:
+            on_doc(doc)
+        bar.update(1)
+        bar.set_postfix(failed=report.failed, out_of_box=report.out_of_box)
+
+    try:
+        if workers == 1 or len(todo) <= 1:
+            calc = get_calculator(cfg.oracle.name, **cfg.oracle.settings) if todo else None
+            for t in todo:
+                record(relax_task(systems[t.composition], t, cfg, run_id=run_id, calculator=calc))
+        else:
+            _run_pool(cfg, systems, todo, workers, run_id, record)
+    finally:
+        bar.close()
+        report.wall_time = time.perf_counter() - start
+    return report
+
+
+def _run_pool(cfg, systems, todo, workers, run_id, record) -> None:
+    ctx = mp.get_context("spawn")  # torch-based oracles are not fork-safe
+    threads = max(1, (mp.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=_init_worker,
+        initargs=(cfg.oracle.name, cfg.oracle.settings, threads),
+    ) as pool:
+        pending = {pool.submit(_worker_run, systems[t.composition], t, cfg, run_id) for t in todo}
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    try:
+                        record(StructureDoc.model_validate(fut.result()))
+                    except SurfdiffError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - a worker died: surface it, keep what is saved
+                        raise SurfdiffError(f"RSS worker failed: {exc}") from None
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise

@@ -1,0 +1,164 @@
+"""ResultsStore: StructureDoc in and out of any maggma Store (MontyStore, MongoStore, MemoryStore, JSONStore)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from maggma.core import Store
+
+from surfdiff_core.config import StoreConfig
+from surfdiff_core.errors import ConfigError, SurfdiffError
+from surfdiff_core.store.documents import StructureDoc, now
+
+MONGO_URI_ENV = "SURFDIFF_MONGO_URI"
+_SUMMARY_FIELDS = ["doc_id", "source", "system_id", "cell", "composition", "energy", "fmax", "steps", "oracle"]
+
+
+def make_maggma_store(cfg: StoreConfig, *, path: str | Path | None = None) -> Store:
+    """Build the configured maggma Store. The Mongo URI comes only from the environment."""
+    backend = cfg.backend
+    if backend == "memory":
+        from maggma.stores import MemoryStore
+
+        return MemoryStore(collection_name=cfg.collection, key="doc_id")
+    if backend == "monty":
+        from maggma.stores import MontyStore
+
+        root = Path(path or cfg.path).expanduser().resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        return MontyStore(
+            collection_name=cfg.collection, database_path=str(root), database_name=cfg.database,
+            storage="sqlite", key="doc_id",
+        )
+    if backend == "json":
+        from maggma.stores import JSONStore
+
+        file = Path(path or cfg.path).expanduser().resolve()
+        file.parent.mkdir(parents=True, exist_ok=True)
+        return JSONStore(str(file), read_only=False, key="doc_id")
+    if backend == "mongo":
+        from maggma.stores import MongoURIStore
+
+        uri = os.environ.get(MONGO_URI_ENV)
+        if not uri:
+            raise ConfigError(f"store backend 'mongo' needs the environment variable {MONGO_URI_ENV}")
+        return MongoURIStore(uri=uri, database=cfg.database, collection_name=cfg.collection, key="doc_id")
+    raise ConfigError(f"unknown store backend {backend!r}")
+
+
+def ensure_indexes(store: Store, fields: Iterable[str]) -> None:
+    """Create indexes where the backend supports them (MontyStore raises NotImplementedError)."""
+    for f in fields:
+        try:
+            store.ensure_index(f)
+        except NotImplementedError:
+            return
+
+
+class ResultsStore:
+    """Typed access to the documents. Writes are per-document upserts keyed on the deterministic doc_id."""
+
+    def __init__(self, store: Store, *, label: str = "") -> None:
+        self.store = store
+        self.label = label or type(store).__name__
+        self._connected = False
+
+    # ---- connection --------------------------------------------------------------------------------------
+    def connect(self) -> ResultsStore:
+        if not self._connected:
+            try:
+                self.store.connect()
+            except Exception as exc:  # noqa: BLE001 - any backend failure is reported as one line
+                raise SurfdiffError(f"cannot open the results store {self.label}: {exc}") from None
+            ensure_indexes(self.store, ["doc_id", "source", "system_id", "composition", "energy"])
+            self._connected = True
+        return self
+
+    def close(self) -> None:
+        if self._connected:
+            self.store.close()
+            self._connected = False
+
+    def __enter__(self) -> ResultsStore:
+        return self.connect()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- writes ------------------------------------------------------------------------------------------
+    def put(self, doc: StructureDoc) -> None:
+        self.put_many([doc])
+
+    def put_many(self, docs: Iterable[StructureDoc]) -> int:
+        """Upsert documents one at a time (each write atomic); keeps the first created_at of a document."""
+        self.connect()
+        n = 0
+        for doc in docs:
+            old = self.store.query_one({"doc_id": doc.doc_id}, properties=["created_at"])
+            data = doc.model_dump(mode="json")
+            if old and old.get("created_at"):
+                data["created_at"] = old["created_at"]
+            data["updated_at"] = now().isoformat()
+            self.store.update([data], key="doc_id")
+            n += 1
+        return n
+
+    # ---- reads -------------------------------------------------------------------------------------------
+    def existing_ids(self, ids: Iterable[str]) -> set[str]:
+        self.connect()
+        ids = list(ids)
+        found: set[str] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            found |= {d["doc_id"] for d in self.store.query({"doc_id": {"$in": chunk}}, properties=["doc_id"])}
+        return found
+
+    def get(self, doc_id: str) -> StructureDoc | None:
+        self.connect()
+        d = self.store.query_one({"doc_id": doc_id})
+        return _to_doc(d) if d else None
+
+    def find(
+        self,
+        criteria: dict[str, Any] | None = None,
+        *,
+        sort_energy: bool = False,
+        limit: int = 0,
+        properties: list[str] | None = None,
+    ) -> Iterator[StructureDoc]:
+        self.connect()
+        sort = {"energy": 1} if sort_energy else None
+        crit = dict(criteria or {})
+        if sort_energy:
+            crit.setdefault("energy", {"$ne": None})
+        for d in self.store.query(crit, properties=properties, sort=sort, limit=limit):
+            yield _to_doc(d)
+
+    def find_raw(self, criteria: dict[str, Any] | None = None, properties: list[str] | None = None) -> list[dict]:
+        self.connect()
+        return [
+            {k: v for k, v in d.items() if k != "_id"}
+            for d in self.store.query(criteria or {}, properties=properties or _SUMMARY_FIELDS)
+        ]
+
+    def count(self, criteria: dict[str, Any] | None = None) -> int:
+        self.connect()
+        return self.store.count(criteria or {})
+
+    def distinct(self, field: str, criteria: dict[str, Any] | None = None) -> list:
+        self.connect()
+        return self.store.distinct(field, criteria or {})
+
+
+def _to_doc(d: dict) -> StructureDoc:
+    d = {k: v for k, v in d.items() if k not in ("_id", "_bt", "last_updated")}
+    return StructureDoc.model_validate(d)
+
+
+def open_store(cfg: StoreConfig, *, path: str | Path | None = None) -> ResultsStore:
+    store = make_maggma_store(cfg, path=path)
+    label = f"{cfg.backend}:{path or cfg.path}" if cfg.backend in ("monty", "json") else cfg.backend
+    return ResultsStore(store, label=label)
