@@ -105,7 +105,7 @@ def _print_table(docs) -> None:
 
 
 # ---- parser -----------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra: dict[str, Callable] | None = None) -> argparse.ArgumentParser:
     p = _Parser(prog="surfdiff", description="Generative diffusion for surface structure discovery.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -133,18 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--export", default=None, help="write the structures to FILE.extxyz or FILE.cif")
     q.set_defaults(func=cmd_query)
 
-    for name, adder in _EXTRA_COMMANDS.items():
+    from surfdiff_core.cli_ml import COMMANDS
+
+    for name, adder in {**COMMANDS, **(extra or {})}.items():
         adder(sub, name)
     return p
 
 
-# Later stages register their sub-commands here (train, sample, relax, run, serve).
-_EXTRA_COMMANDS: dict[str, Callable] = {}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    _load_extra_commands()
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, extra: dict[str, Callable] | None = None) -> int:
+    """Entry point; `extra` adds sub-commands (flows/cli.py adds the orchestration ones: run, relax, serve)."""
+    parser = build_parser(extra)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
@@ -160,17 +158,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"surfdiff {args.command}: error: {type(exc).__name__}: {exc} (SURFDIFF_DEBUG=1 for a traceback)",
               file=sys.stderr)
         return 1
-
-
-def _load_extra_commands() -> None:
-    try:
-        from surfdiff_core import cli_ml  # noqa: F401 - registers train/sample
-    except ImportError:
-        pass
-    try:
-        from surfdiff_core import cli_pipeline  # noqa: F401 - registers relax/run/serve
-    except ImportError:
-        pass
 
 
 if __name__ == "__main__":

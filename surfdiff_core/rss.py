@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from surfdiff_core.config import SurfdiffConfig
@@ -101,6 +102,8 @@ def _init_worker(oracle: str, settings: dict, threads: int) -> None:
         torch.set_num_threads(threads)
     except ImportError:
         pass
+    # Relaxations of small slabs: multi-threaded BLAS (BFGS's eigh) only adds overhead, ~20x here.
+    _WORKER["blas"] = threadpool_limits(1, user_api="blas")
     _WORKER["calc"] = get_calculator(oracle, **settings)
 
 
@@ -199,8 +202,9 @@ def run_rss(
     try:
         if workers == 1 or len(todo) <= 1:
             calc = get_calculator(cfg.oracle.name, **cfg.oracle.settings) if todo else None
-            for t in todo:
-                record(relax_task(systems[t.composition], t, cfg, run_id=run_id, calculator=calc))
+            with threadpool_limits(1, user_api="blas"):
+                for t in todo:
+                    record(relax_task(systems[t.composition], t, cfg, run_id=run_id, calculator=calc))
         else:
             _run_pool(cfg, systems, todo, workers, run_id, record)
     finally:

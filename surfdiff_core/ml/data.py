@@ -1,0 +1,157 @@
+"""Training data from the results store: dataset selection as in the paper, and periodic-repetition augmentation.
+
+Selection: documents of one system (the training cell), valid and inside the box, within an energy window
+above the per-composition minimum (D: 2 eV, D_lowE: 0.5 eV), optionally restricted to compositions or to
+the oxidised / reduced side of an element ratio (D_lowE^ox / D_lowE^red). Augmentation: r×r×1 periodic
+repetition of each structure (energies × r²) so the denoiser sees many more atoms at no DFT cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from surfdiff_core.composition import parse_composition
+from surfdiff_core.config import TrainConfig
+from surfdiff_core.errors import SurfdiffError
+from surfdiff_core.ml.batch import SlabBatch, collate
+from surfdiff_core.store import ResultsStore, StructureDoc
+
+
+@dataclass
+class Sample:
+    """One structure for the denoiser (relaxed geometry) with MLFF frames (positions, energy, forces)."""
+
+    atoms: Atoms
+    movable: np.ndarray
+    z_box: tuple[float, float]
+    energy: float
+    forces: np.ndarray
+    frames: list[tuple[np.ndarray, float, np.ndarray]]
+    doc_id: str
+    composition: str
+
+
+def select_documents(store: ResultsStore, system_id: str | None, cfg: TrainConfig) -> list[StructureDoc]:
+    crit: dict = {"source": {"$in": ["rss", "relaxed", "dft"]}, "valid": True, "in_box": True,
+                  "energy": {"$ne": None}}
+    if system_id:
+        crit["system_id"] = system_id
+    if cfg.compositions:
+        crit["composition"] = {"$in": list(cfg.compositions)}
+    docs = list(store.find(crit))
+    if cfg.oxygen_ratio is not None and cfg.ratio_side != "any":
+        num, den, ratio = cfg.oxygen_ratio
+        keep = []
+        for d in docs:
+            c = parse_composition(d.composition)
+            r = c.get(num, 0) / max(c.get(den, 0), 1)
+            if (cfg.ratio_side == "above" and r > ratio) or (cfg.ratio_side == "below" and r < ratio):
+                keep.append(d)
+        docs = keep
+    if cfg.energy_window is not None:
+        emin: dict[str, float] = {}
+        for d in docs:
+            emin[d.composition] = min(emin.get(d.composition, np.inf), d.energy)
+        docs = [d for d in docs if d.energy <= emin[d.composition] + cfg.energy_window]
+    docs.sort(key=lambda d: d.doc_id)
+    return docs
+
+
+def doc_to_sample(doc: StructureDoc, max_frames: int) -> Sample:
+    atoms = doc.to_atoms()
+    frames = [(np.asarray(f.positions), f.energy, np.asarray(f.forces)) for f in doc.trajectory]
+    if len(frames) > max_frames:  # keep the last frame (relaxed) and evenly spaced earlier ones
+        idx = np.unique(np.linspace(0, len(frames) - 1, max_frames).round().astype(int))
+        frames = [frames[i] for i in idx]
+    forces = np.asarray(doc.forces) if doc.forces is not None else np.zeros((len(atoms), 3))
+    if not frames:
+        frames = [(atoms.positions.copy(), float(doc.energy), forces)]
+    return Sample(atoms=atoms, movable=np.asarray(doc.movable, bool), z_box=(doc.z_box[0], doc.z_box[1]),
+                  energy=float(doc.energy), forces=forces, frames=frames, doc_id=doc.doc_id,
+                  composition=doc.composition)
+
+
+def repeat_sample(s: Sample, r: int) -> Sample:
+    """Periodic r×r×1 repetition: atoms, masks and forces tiled, energies × r²."""
+    if r == 1:
+        return s
+    n = len(s.atoms)
+    big = s.atoms.repeat((r, r, 1))
+    tile = r * r
+
+    def rep_pos(pos: np.ndarray) -> np.ndarray:
+        a = s.atoms.copy()
+        a.positions = pos
+        return a.repeat((r, r, 1)).positions
+
+    frames = [(rep_pos(p), e * tile, np.tile(f, (tile, 1))) for p, e, f in s.frames]
+    assert len(big) == n * tile
+    return Sample(atoms=big, movable=np.tile(s.movable, tile), z_box=s.z_box, energy=s.energy * tile,
+                  forces=np.tile(s.forces, (tile, 1)), frames=frames, doc_id=f"{s.doc_id}x{r}",
+                  composition=s.composition)
+
+
+def load_samples(store: ResultsStore, system_id: str | None, cfg: TrainConfig) -> tuple[list[Sample], list[str]]:
+    docs = select_documents(store, system_id, cfg)
+    if len(docs) < 2:
+        where = f" for system {system_id}" if system_id else ""
+        raise SurfdiffError(
+            f"only {len(docs)} usable training structures in the store{where}: run `surfdiff rss` first"
+        )
+    samples = [doc_to_sample(d, cfg.max_frames_per_structure) for d in docs]
+    if cfg.repeat > 1:
+        samples = samples + [repeat_sample(s, cfg.repeat) for s in samples]
+    return samples, [d.doc_id for d in docs]
+
+
+def data_fingerprint(doc_ids: Sequence[str]) -> str:
+    return hashlib.sha1("\n".join(sorted(doc_ids)).encode()).hexdigest()[:12]
+
+
+def structure_batch(samples: Sequence[Sample], device: torch.device | str, dtype=torch.float32) -> SlabBatch:
+    """Relaxed geometries for the denoising score-matching loss."""
+    return collate([s.atoms for s in samples], [s.movable for s in samples], [s.z_box for s in samples],
+                   device=device, dtype=dtype)
+
+
+def frame_batch(
+    samples: Sequence[Sample], rng: np.random.Generator, device: torch.device | str, dtype=torch.float32
+) -> tuple[SlabBatch, torch.Tensor, torch.Tensor]:
+    """One random relaxation frame per sample, with reference energies [B] and forces [N, 3]."""
+    atoms, energies, forces = [], [], []
+    for s in samples:
+        pos, e, f = s.frames[int(rng.integers(len(s.frames)))]
+        a = s.atoms.copy()
+        a.positions = pos
+        atoms.append(a)
+        energies.append(e)
+        forces.append(f)
+    batch = collate(atoms, [s.movable for s in samples], [s.z_box for s in samples], device=device, dtype=dtype)
+    return (batch, torch.as_tensor(np.asarray(energies), dtype=dtype, device=device),
+            torch.as_tensor(np.concatenate(forces), dtype=dtype, device=device))
+
+
+def element_reference_energies(samples: Sequence[Sample], elements: Sequence[int]) -> tuple[np.ndarray, float]:
+    """Least-squares per-element energies μ_Z (E ≈ Σ n_Z μ_Z) and the residual std per atom: the MLFF's
+    normalisation statistics, stored in the checkpoint."""
+    index = {z: k for k, z in enumerate(elements)}
+    rows, targets, natoms = [], [], []
+    for s in samples:
+        for _, e, _ in s.frames:
+            counts = np.zeros(len(elements))
+            for z in s.atoms.numbers:
+                counts[index[int(z)]] += 1
+            rows.append(counts)
+            targets.append(e)
+            natoms.append(len(s.atoms))
+    a, y = np.asarray(rows), np.asarray(targets)
+    mu, *_ = np.linalg.lstsq(a, y, rcond=None)
+    resid = (y - a @ mu) / np.asarray(natoms)
+    std = float(resid.std()) if len(resid) > 1 else 1.0
+    return mu, max(std, 1e-3)

@@ -1,0 +1,294 @@
+"""Training of the denoiser and the MLFF from the results store.
+
+Loss = w_s · DSM(score) + w_E · MSE(energy per atom) + w_F · MSE(forces), the authors' 1 / 0.01 / 0.99
+weighting with one shared PaiNN representation (ModelConfig.shared). Adam with a cosine learning-rate
+schedule, EMA weights (used for validation and saved as the model), validation split by structure, early
+stopping, and checkpoints that hold weights, spec, normalisation statistics and data provenance. A run with the
+same config and data has the same model id and resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from surfdiff_core.config import ModelConfig, TrainConfig
+from surfdiff_core.diffusion.process import SurfaceDiffusion
+from surfdiff_core.diffusion.schedule import VPSchedule
+from surfdiff_core.errors import SurfdiffError
+from surfdiff_core.ml.data import (
+    Sample,
+    data_fingerprint,
+    element_reference_energies,
+    frame_batch,
+    load_samples,
+    structure_batch,
+)
+from surfdiff_core.ml.models import ModelSpec, SurfaceModel
+from surfdiff_core.store import ResultsStore
+
+CHECKPOINT_FORMAT = "surfdiff-checkpoint-1"
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SurfdiffError("device 'cuda' requested but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def make_process(mcfg: ModelConfig) -> SurfaceDiffusion:
+    return SurfaceDiffusion(VPSchedule(mcfg.beta_min, mcfg.beta_max), length_scale=mcfg.length_scale)
+
+
+def make_model(mcfg: ModelConfig, elements: list[int]) -> SurfaceModel:
+    spec = ModelSpec(n_features=mcfg.n_features, n_rbf=mcfg.n_rbf, n_interactions=mcfg.n_interactions,
+                     cutoff=mcfg.cutoff, elements=sorted(elements), shared=mcfg.shared,
+                     time_features=mcfg.time_features)
+    return SurfaceModel(spec)
+
+
+@dataclass
+class TrainResult:
+    model_id: str
+    checkpoint: Path
+    epochs: int
+    best_val: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    n_train: int = 0
+    n_val: int = 0
+    wall_time: float = 0.0
+    samples_per_second: float = 0.0
+    resumed_from: int = 0
+
+
+class EMA:
+    """Exponential moving average of the weights (the model that is validated and saved)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = copy.deepcopy(model).eval()
+        for p in self.shadow.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for s, p in zip(self.shadow.parameters(), model.parameters(), strict=True):
+            s.lerp_(p.detach(), 1.0 - self.decay)
+        for s, b in zip(self.shadow.buffers(), model.buffers(), strict=True):
+            s.copy_(b)
+
+
+def model_id_for(mcfg: ModelConfig, tcfg: TrainConfig, fingerprint: str, system_id: str | None) -> str:
+    payload = json.dumps([mcfg.model_dump(mode="json"), tcfg.model_dump(mode="json", exclude={"device"}),
+                          fingerprint, system_id], sort_keys=True)
+    return "model-" + hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+
+def _losses(
+    model: SurfaceModel, process: SurfaceDiffusion, samples: list[Sample], tcfg: TrainConfig,
+    device: torch.device, gen: torch.Generator, rng: np.random.Generator, *, create_graph: bool,
+    force_scale: float,
+) -> dict[str, torch.Tensor]:
+    batch = structure_batch(samples, device)
+    t = process.t_min + (1 - process.t_min) * torch.rand(batch.n_structures, generator=gen, device=device)
+    noisy, eps_target = process.perturb(batch, t, generator=gen)
+    out = model(noisy, t, score=True)
+    loss_score = process.dsm_loss(out.eps, eps_target, noisy)
+    fb, e_ref, f_ref = frame_batch(samples, rng, device)
+    mo = model(fb, None, score=False, energy=True, forces=True, training_forces=create_graph)
+    n_atoms = fb.atoms_per_structure().to(e_ref.dtype)
+    std = model.energy_std
+    loss_e = (((mo.energy - e_ref) / n_atoms / std) ** 2).mean()
+    loss_f = (((mo.forces - f_ref) / force_scale) ** 2).mean()
+    total = tcfg.score_weight * loss_score + tcfg.energy_weight * loss_e + tcfg.forces_weight * loss_f
+    return {"loss": total, "score": loss_score, "energy": loss_e, "forces": loss_f}
+
+
+def train(
+    store: ResultsStore,
+    mcfg: ModelConfig,
+    tcfg: TrainConfig,
+    *,
+    system_id: str | None,
+    checkpoint_dir: str | Path,
+    progress: bool = True,
+    max_epochs: int | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train (or resume) the denoiser + MLFF on the store's data for `system_id`; returns the checkpoint."""
+    torch.manual_seed(tcfg.seed)
+    rng = np.random.default_rng(tcfg.seed)
+    device = pick_device(tcfg.device)
+    samples, doc_ids = load_samples(store, system_id, tcfg)
+    fingerprint = data_fingerprint(doc_ids)
+    model_id = model_id_for(mcfg, tcfg, fingerprint, system_id)
+    ckdir = Path(checkpoint_dir)
+    ckdir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = ckdir / f"{model_id}-last.pt", ckdir / f"{model_id}.pt"
+
+    # split by source structure so repeated tiles of a validation structure never leak into training
+    base_ids = sorted({s.doc_id.split("x")[0] for s in samples})
+    order = rng.permutation(len(base_ids))
+    n_val = int(round(tcfg.val_fraction * len(base_ids))) if len(base_ids) >= 5 else 0
+    val_ids = {base_ids[i] for i in order[:n_val]}
+    train_set = [s for s in samples if s.doc_id.split("x")[0] not in val_ids]
+    val_set = [s for s in samples if s.doc_id.split("x")[0] in val_ids]
+
+    elements = sorted({int(z) for s in samples for z in s.atoms.numbers})
+    model = make_model(mcfg, elements).to(device)
+    mu, std = element_reference_energies(train_set, elements)
+    model.set_energy_normalisation(dict(zip(elements, mu.tolist(), strict=True)), std)
+    force_scale = float(np.sqrt(np.mean(np.concatenate([f for s in train_set for *_, f in s.frames]) ** 2)))
+    force_scale = max(force_scale, 1e-2)
+    process = make_process(mcfg)
+    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
+    epochs = max_epochs or tcfg.epochs
+    steps_per_epoch = max(1, math.ceil(len(train_set) / tcfg.batch_size))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch, eta_min=tcfg.lr_min)
+    ema = EMA(model, tcfg.ema_decay)
+    history: list[dict[str, float]] = []
+    start_epoch, best_val, bad_epochs = 0, math.inf, 0
+
+    if last_path.exists():  # resume
+        ck = torch.load(last_path, map_location=device, weights_only=True)
+        model.load_state_dict(ck["raw_state_dict"])
+        ema.shadow.load_state_dict(ck["state_dict"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        start_epoch, best_val, bad_epochs = ck["epoch"], ck["best_val"], ck["bad_epochs"]
+        history = ck["history"]
+        rng = np.random.default_rng([tcfg.seed, start_epoch])
+
+    gen = torch.Generator(device=device).manual_seed(tcfg.seed + start_epoch)
+    provenance = {"system_id": system_id, "fingerprint": fingerprint, "n_structures": len(doc_ids),
+                  "doc_ids": doc_ids, "train": tcfg.model_dump(mode="json"), "n_train": len(train_set),
+                  "n_val": len(val_set)}
+    t0, seen = time.perf_counter(), 0
+    bar = tqdm(range(start_epoch, epochs), desc=f"train {model_id}", unit="epoch", disable=not progress,
+               initial=start_epoch, total=epochs, dynamic_ncols=True)
+    epoch = start_epoch
+    finished = start_epoch >= epochs or bad_epochs >= tcfg.patience  # a finished run resumed: nothing to do
+    for epoch in bar:
+        if finished:
+            break
+        model.train()
+        perm = rng.permutation(len(train_set))
+        sums: dict[str, float] = {}
+        for k in range(steps_per_epoch):
+            chunk = [train_set[i] for i in perm[k * tcfg.batch_size : (k + 1) * tcfg.batch_size]]
+            if not chunk:
+                continue
+            losses = _losses(model, process, chunk, tcfg, device, gen, rng, create_graph=True,
+                             force_scale=force_scale)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            opt.step()
+            sched.step()
+            ema.update(model)
+            seen += len(chunk)
+            for name, v in losses.items():
+                sums[name] = sums.get(name, 0.0) + float(v.detach()) / steps_per_epoch
+        row = {f"train_{k}": v for k, v in sums.items()}
+        val = _validate(ema.shadow, process, val_set or train_set, tcfg, device, force_scale)
+        row.update({f"val_{k}": v for k, v in val.items()}, epoch=epoch + 1, lr=sched.get_last_lr()[0])
+        history.append(row)
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{val['loss']:.3f}", score=f"{val['score']:.3f}",
+                        F=f"{val['forces']:.3f}")
+        if on_epoch:
+            on_epoch(epoch + 1, row)
+        if val["loss"] < best_val - 1e-6:
+            best_val, bad_epochs = val["loss"], 0
+            _save(best_path, ema.shadow, model, opt, sched, epoch + 1, best_val, 0, history, model_id,
+                  mcfg, process, provenance, force_scale)
+        else:
+            bad_epochs += 1
+        _save(last_path, ema.shadow, model, opt, sched, epoch + 1, best_val, bad_epochs, history, model_id,
+              mcfg, process, provenance, force_scale)
+        if bad_epochs >= tcfg.patience:
+            break
+    bar.close()
+    wall = time.perf_counter() - t0
+    if not best_path.exists():  # zero epochs left on resume of a finished run: keep the last weights
+        _save(best_path, ema.shadow, model, opt, sched, epoch, best_val, bad_epochs, history, model_id, mcfg,
+              process, provenance, force_scale)
+    return TrainResult(model_id=model_id, checkpoint=best_path, epochs=len(history), best_val=best_val,
+                       history=history, n_train=len(train_set), n_val=len(val_set), wall_time=wall,
+                       samples_per_second=seen / wall if wall > 0 else 0.0, resumed_from=start_epoch)
+
+
+@torch.no_grad()
+def _validate(model, process, samples, tcfg, device, force_scale) -> dict[str, float]:
+    """Validation with fixed noise (seeded) so epochs are comparable."""
+    gen = torch.Generator(device=device).manual_seed(12345)
+    rng = np.random.default_rng(12345)
+    totals: dict[str, float] = {}
+    n = 0
+    for k in range(0, len(samples), tcfg.batch_size):
+        chunk = samples[k : k + tcfg.batch_size]
+        with torch.enable_grad():
+            losses = _losses(model, process, chunk, tcfg, device, gen, rng, create_graph=False,
+                             force_scale=force_scale)
+        for name, v in losses.items():
+            totals[name] = totals.get(name, 0.0) + float(v) * len(chunk)
+        n += len(chunk)
+    return {k: v / max(n, 1) for k, v in totals.items()}
+
+
+def _save(path, ema_model, raw_model, opt, sched, epoch, best_val, bad_epochs, history, model_id, mcfg, process,
+          provenance, force_scale) -> None:
+    ck = {
+        "format": CHECKPOINT_FORMAT, "model_id": model_id, "spec": ema_model.spec.to_dict(),
+        "model_config": mcfg.model_dump(mode="json"),
+        "diffusion": {"beta_min": process.schedule.beta_min, "beta_max": process.schedule.beta_max,
+                      "length_scale": process.length_scale, "t_min": process.t_min},
+        "state_dict": ema_model.state_dict(), "raw_state_dict": raw_model.state_dict(),
+        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
+        "best_val": best_val, "bad_epochs": bad_epochs, "history": history, "data": provenance,
+        "force_scale": force_scale,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(ck, tmp)
+    os.replace(tmp, path)  # a crash mid-save never leaves a truncated checkpoint
+
+
+@dataclass
+class LoadedModel:
+    model: SurfaceModel
+    process: SurfaceDiffusion
+    model_id: str
+    meta: dict[str, Any]
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    p = Path(path)
+    if not p.is_file():
+        raise SurfdiffError(f"checkpoint not found: {p}")
+    try:
+        ck = torch.load(p, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise SurfdiffError(f"cannot read checkpoint {p}: {exc}") from None
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise SurfdiffError(f"{p} is not a surfdiff checkpoint")
+    model = SurfaceModel(ModelSpec.from_dict(ck["spec"]))
+    model.load_state_dict(ck["state_dict"])
+    model.to(device).eval()
+    d = ck["diffusion"]
+    process = SurfaceDiffusion(VPSchedule(d["beta_min"], d["beta_max"]), length_scale=d["length_scale"],
+                               t_min=d["t_min"])
+    meta = {k: ck[k] for k in ("epoch", "best_val", "history", "data", "model_config")}
+    return LoadedModel(model=model, process=process, model_id=ck["model_id"], meta=meta)
