@@ -28,6 +28,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print("\n=== surfdiff discovery finished ===")
     print(f"RSS: {result['rss']['done']} new + {result['rss']['skipped']} reused structures")
     print(f"model: {result['model']['model_id']} ({result['model']['checkpoint']})")
+    if result["model"].get("resumed_from"):
+        print(f"resumed training at epoch {result['model']['resumed_from']}")
     for r in result["samples"]:
         print(f"generated {r['composition']} {r['cell']}: {r['n_valid']}/{r['n']} valid, "
               f"best MLFF energy {r['best_energy']}")

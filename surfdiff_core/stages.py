@@ -74,6 +74,7 @@ class TrainSummary:
     n_train: int
     n_val: int
     samples_per_second: float
+    resumed_from: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -93,7 +94,8 @@ def run_train(cfg: SurfdiffConfig, store: ResultsStore, *, store_path: str | Non
     })
     return TrainSummary(model_id=res.model_id, checkpoint=str(res.checkpoint), epochs=res.epochs,
                         best_val=res.best_val, n_train=res.n_train, n_val=res.n_val,
-                        samples_per_second=res.samples_per_second, history=res.history)
+                        samples_per_second=res.samples_per_second, resumed_from=res.resumed_from,
+                        history=res.history)
 
 
 @dataclass

@@ -14,3 +14,39 @@ def lattice_cache(tmp_path_factory, monkeypatch):
     d = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("SURFDIFF_CACHE_DIR", str(d))
     return d
+
+
+TINY_CONFIG = """
+name: tiny
+substrate: {element: Ag, facet: fcc111, lattice_constant: 4.06, layers: 2, fixed_layers: 1, vacuum: 7}
+confinement: {z_min: 0.5, z_max: 4.0}
+oracle: {name: emt}
+rss: {cell: p(2x2), compositions: [Ag1O1, Ag2O1], n: 8, fmax: 0.2, steps: 40, seed: 0}
+model: {n_features: 8, n_rbf: 8, n_interactions: 1, cutoff: 4.0, time_features: 8}
+train: {epochs: 3, batch_size: 4, repeat: 2, patience: 10, energy_window: 5.0}
+sample:
+  targets: [{cell: "p(3x3)", composition: Ag2O1}]
+  n: 4
+  steps: 10
+  relax_steps: 5
+  batch_size: 4
+relax: {method: emt, top_k: 1, steps: 30, fmax: 0.2}
+store: {backend: monty, path: STORE}
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """A complete tiny study (EMT, 2-layer Ag(111), a PaiNN of 8 features) with its own on-disk store."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_CONFIG.replace("STORE", str(tmp_path / "data" / "store")))
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test harness (temporary database + API) for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
