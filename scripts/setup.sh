@@ -38,6 +38,7 @@ if [ "$MODE" = "test" ]; then
   mkdir -p "$HOME/.gpaw"
   cat > "$HOME/.gpaw/siteconfig.py" <<'PYEOF'
 mpi = False
+compiler = 'g++'  # GPAW >= 26 compiles its C sources as C++
 libraries = ['xc', 'openblas', 'fftw3']
 fftw = True
 scalapack = False

@@ -59,8 +59,11 @@ def resolve_lattice(cfg: SurfdiffConfig) -> dict[str, float] | None:
     from surfdiff_core.oracles import bulk_lattice_constant
 
     crystal = "hcp" if cfg.substrate.facet == "hcp0001" else "fcc"
-    oracle = cfg.oracle.name if cfg.oracle.name != "vasp" else "emt"
-    return bulk_lattice_constant(cfg.substrate.element, crystal, oracle, cfg.oracle.settings)
+    if cfg.oracle.name == "vasp":  # VASP runs on HPC only: give lattice_constant explicitly there
+        from surfdiff_core.errors import ConfigError
+
+        raise ConfigError("lattice_constant 'auto' needs a local oracle; with oracle 'vasp' give a number")
+    return bulk_lattice_constant(cfg.substrate.element, crystal, cfg.oracle.name, cfg.oracle.settings)
 
 
 def systems_for(cfg: SurfdiffConfig, cell: Any, compositions: list[str], lattice: dict | None) -> dict:

@@ -1,0 +1,42 @@
+"""Energy models ("oracles"): emt, chgnet, sevennet, gpaw (in-process ASE calculators), vasp (jobflow only).
+
+    calc = get_calculator("chgnet", device="cpu")
+    bulk_lattice_constant("Ag", "fcc", "emt")  # {'a': 4.07...}, cached in ~/.cache/surfdiff/lattice.json
+"""
+
+from __future__ import annotations
+
+from surfdiff_core.oracles.lattice import bulk_lattice_constant, default_cache_dir
+from surfdiff_core.oracles.registry import (
+    VASP_SLAB_INCAR,
+    MissingExtraError,
+    OracleError,
+    OracleSpec,
+    available_oracles,
+    canonical_settings,
+    get_calculator,
+    get_oracle_spec,
+    gpaw_parameters,
+    kpts_from_cell,
+    oracle_settings_hash,
+    require_oracle,
+    resolve_settings,
+)
+
+__all__ = [
+    "VASP_SLAB_INCAR",
+    "MissingExtraError",
+    "OracleError",
+    "OracleSpec",
+    "available_oracles",
+    "bulk_lattice_constant",
+    "canonical_settings",
+    "default_cache_dir",
+    "get_calculator",
+    "get_oracle_spec",
+    "gpaw_parameters",
+    "kpts_from_cell",
+    "oracle_settings_hash",
+    "require_oracle",
+    "resolve_settings",
+]

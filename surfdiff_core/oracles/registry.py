@@ -1,0 +1,294 @@
+"""Energy models ("oracles") behind one registry by name.
+
+Each oracle has a fixed set of settings with defaults; unknown keys are errors so that a typo never
+silently falls back to a default (and the settings hash, which keys caches, stays meaningful).
+Optional dependencies are imported only when an oracle is used, and a missing one gives one line
+naming the pip extra.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import PurePath
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from surfdiff_core.errors import SurfdiffError
+
+if TYPE_CHECKING:
+    from ase.calculators.calculator import Calculator
+
+
+class OracleError(SurfdiffError, ValueError):
+    """Unknown oracle, bad settings, or an oracle used the wrong way."""
+
+
+class MissingExtraError(OracleError):
+    """The optional dependency behind an oracle is not installed."""
+
+
+@dataclass(frozen=True)
+class OracleSpec:
+    name: str
+    description: str
+    module: str  # top-level package that must import for the oracle to work
+    extra: str | None  # pip extra of surfdiff that installs `module` (None: a core dependency)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    factory: Callable[[dict[str, Any]], Calculator] | None = None  # None: not an in-process calculator
+    route: str = "ase"  # 'ase' (in-process ASE calculator) or 'jobflow' (atomate2 job only)
+
+    @property
+    def in_process(self) -> bool:
+        return self.factory is not None
+
+
+# ---- factories ------------------------------------------------------------------------------------------
+def _emt(s: dict[str, Any]) -> Calculator:
+    from ase.calculators.emt import EMT
+
+    return EMT(asap_cutoff=bool(s["asap_cutoff"]))
+
+
+def _chgnet(s: dict[str, Any]) -> Calculator:
+    from chgnet.model import CHGNet
+    from chgnet.model.dynamics import CHGNetCalculator
+
+    model = s["model"]
+    # A version name ('0.3.0') loads weights shipped inside the package; anything else is a file path.
+    if model is None or (isinstance(model, str) and not model.endswith((".pth", ".tar", ".pt"))):
+        net = CHGNet.load(model_name=model or "0.3.0", use_device=s["device"], verbose=False)
+    else:
+        net = CHGNet.from_file(str(model), verbose=False)
+    return CHGNetCalculator(model=net, use_device=s["device"])
+
+
+def _sevennet(s: dict[str, Any]) -> Calculator:
+    from sevenn.calculator import SevenNetCalculator
+
+    kwargs: dict[str, Any] = {"model": s["model"], "device": s["device"]}
+    if s["modal"] is not None:
+        kwargs["modal"] = s["modal"]
+    return SevenNetCalculator(**kwargs)
+
+
+_GPAW_SMEARINGS = ("fermi-dirac", "marzari-vanderbilt", "methfessel-paxton")
+
+
+def gpaw_parameters(s: Mapping[str, Any], kpts: Sequence[int] | None = None) -> dict[str, Any]:
+    """GPAW keyword arguments for resolved gpaw settings; `kpts` (explicit mesh) overrides the settings."""
+    if s["smearing"] not in _GPAW_SMEARINGS:
+        raise OracleError(f"gpaw smearing must be one of {list(_GPAW_SMEARINGS)}, got {s['smearing']!r}")
+    occupations: dict[str, Any] = {"name": s["smearing"], "width": float(s["smearing_width"])}
+    if s["smearing"] == "methfessel-paxton":
+        occupations["order"] = 1
+    if kpts is None:
+        kpts = s["kpts"]
+    # A density gives 1 k-point along non-periodic directions (slabs with pbc=(1, 1, 0)).
+    kpt_arg: Any = {"density": float(s["kpts_density"]), "gamma": True}
+    if kpts is not None:
+        kpt_arg = tuple(int(k) for k in kpts)
+    params: dict[str, Any] = {
+        "mode": {"name": "pw", "ecut": float(s["ecut"])},
+        "xc": s["xc"],
+        "kpts": kpt_arg,
+        "occupations": occupations,
+        "spinpol": bool(s["spinpol"]),
+        "maxiter": int(s["maxiter"]),
+        "txt": s["txt"],
+    }
+    # Relaxations break the initial symmetry (adsorbates move), so symmetry is off by default.
+    if s["symmetry"] == "off":
+        params["symmetry"] = "off"
+    elif s["symmetry"] != "on":
+        raise OracleError(f"gpaw symmetry must be 'on' or 'off', got {s['symmetry']!r}")
+    if s["convergence"]:
+        params["convergence"] = dict(s["convergence"])
+    return params
+
+
+def _gpaw(s: dict[str, Any]) -> Calculator:
+    from gpaw import GPAW
+
+    return GPAW(**gpaw_parameters(s))
+
+
+# Slab relaxation defaults for VASP; every key can be overridden through settings['incar'].
+VASP_SLAB_INCAR: dict[str, Any] = {
+    "ISIF": 2,  # ions only: the in-plane cell is the substrate's, the vacuum must not collapse
+    "IBRION": 2,
+    "NSW": 200,
+    "EDIFF": 1e-5,
+    "EDIFFG": -0.05,
+    "ENCUT": 450,
+    "ISMEAR": 1,  # metal slabs: Methfessel-Paxton, not tetrahedra (1 k-point along z)
+    "SIGMA": 0.1,
+    "LDIPOL": True,  # dipole correction along the surface normal (DIPOL: slab centre, set per structure)
+    "IDIPOL": 3,
+    "ISYM": 0,
+    "LREAL": "Auto",
+    "LWAVE": False,
+    "LCHARG": False,
+    "LAECHG": False,  # atomate2's base set writes AECCARs and LOCPOT; a relaxation needs neither
+    "LVTOT": False,
+}
+
+_REGISTRY: dict[str, OracleSpec] = {
+    spec.name: spec
+    for spec in (
+        OracleSpec(
+            "emt", "ASE effective-medium theory (Al Cu Ag Au Ni Pd Pt; H C N O for testing)", "ase", None,
+            {"asap_cutoff": False}, _emt,
+        ),
+        OracleSpec(
+            "chgnet", "CHGNet universal potential, ASE calculator (weights shipped in the package)",
+            "chgnet", "chgnet", {"model": "0.3.0", "device": "cpu"}, _chgnet,
+        ),
+        OracleSpec(
+            "sevennet", "SevenNet universal potential, ASE calculator (weights shipped in the package)",
+            "sevenn", "sevennet", {"model": "7net-0", "device": "cpu", "modal": None}, _sevennet,
+        ),
+        OracleSpec(
+            "gpaw", "GPAW plane-wave DFT (small defaults for a tiny local slab)", "gpaw", "gpaw",
+            {
+                "ecut": 350.0, "kpts": None, "kpts_density": 3.0, "xc": "PBE", "smearing": "fermi-dirac",
+                "smearing_width": 0.1, "spinpol": False, "symmetry": "off", "convergence": None,
+                "maxiter": 333, "txt": None,
+            },
+            _gpaw,
+        ),
+        OracleSpec(
+            "vasp", "VASP through atomate2/custodian (jobflow route only)", "atomate2", "vasp",
+            {
+                "incar": {}, "kpts": None, "kpts_density": 3.0, "potcar_functional": "PBE_54",
+                "user_potcar_settings": {}, "run_vasp_kwargs": {}, "write_input_set_kwargs": {},
+            },
+            None, route="jobflow",
+        ),
+    )
+}
+
+
+# ---- public API -----------------------------------------------------------------------------------------
+def available_oracles(installed_only: bool = False) -> list[str]:
+    """Registered oracle names; with installed_only, those whose dependency can be imported."""
+    names = sorted(_REGISTRY)
+    if installed_only:
+        names = [n for n in names if importlib.util.find_spec(_REGISTRY[n].module) is not None]
+    return names
+
+
+def get_oracle_spec(name: str) -> OracleSpec:
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise OracleError(f"unknown oracle {name!r}; valid oracles: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def resolve_settings(name: str, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults of `name` updated with `settings`; unknown keys raise OracleError."""
+    spec = get_oracle_spec(name)
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(spec.defaults))
+    if unknown:
+        valid = ", ".join(sorted(spec.defaults)) or "(none)"
+        keys = ", ".join(map(repr, unknown))
+        raise OracleError(f"unknown setting(s) {keys} for oracle {name!r}; valid: {valid}")
+    resolved = {k: _copy_default(v) for k, v in spec.defaults.items()}
+    resolved.update(settings)
+    return resolved
+
+
+def require_oracle(name: str) -> OracleSpec:
+    """The spec of `name` after checking its optional dependency imports (MissingExtraError otherwise)."""
+    spec = get_oracle_spec(name)
+    try:
+        importlib.import_module(spec.module)
+    except ImportError as exc:
+        hint = f"pip install 'surfdiff[{spec.extra}]'" if spec.extra else "pip install surfdiff"
+        msg = f"oracle {name!r} needs the optional dependency {spec.module}: {hint}"
+        raise MissingExtraError(msg) from exc
+    return spec
+
+
+def get_calculator(name: str, **settings: Any) -> Calculator:
+    """A fresh ASE calculator for oracle `name` with `settings` (see `resolve_settings`)."""
+    spec = get_oracle_spec(name)
+    resolved = resolve_settings(name, settings)
+    if not spec.in_process:
+        raise OracleError(
+            f"oracle {name!r} is not an in-process ASE calculator: relax with it through the jobflow route, "
+            f"surfdiff_core.relax.jobflow_relax.make_relax_flow(structures, method={name!r}, settings=...)"
+        )
+    require_oracle(name)
+    assert spec.factory is not None
+    return spec.factory(resolved)
+
+
+def canonical_settings(name: str, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Resolved settings as plain JSON types (tuples -> lists, numpy -> Python)."""
+    return _jsonable(resolve_settings(name, settings))
+
+
+def oracle_settings_hash(name: str, settings: Mapping[str, Any] | None = None) -> str:
+    """Stable 16-hex-digit hash of (oracle, resolved settings): defaults count, key order does not."""
+    # Numbers hash by value, so ecut=350 and ecut=350.0 are the same settings.
+    payload = {"oracle": name, "settings": _numbers_as_float(canonical_settings(name, settings))}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def kpts_from_cell(
+    cell: Any, density: float, pbc: Sequence[bool] = (True, True, False)
+) -> tuple[int, int, int]:
+    """Monkhorst-Pack mesh with `density` k-points per Å⁻¹ (ASE convention, n = ceil(2π|b_i|·density)).
+
+    Directions with pbc False (the slab normal) get 1 k-point even when the cell is treated as periodic.
+    """
+    recip = np.linalg.inv(np.asarray(cell, dtype=float)).T  # rows b_i without the 2π
+    mesh = []
+    for i in range(3):
+        if not pbc[i]:
+            mesh.append(1)
+            continue
+        mesh.append(max(1, math.ceil(2 * math.pi * float(np.linalg.norm(recip[i])) * density - 1e-9)))
+    return mesh[0], mesh[1], mesh[2]
+
+
+# ---- helpers --------------------------------------------------------------------------------------------
+def _copy_default(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _copy_default(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_copy_default(x) for x in v]
+    return v
+
+
+def _numbers_as_float(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _numbers_as_float(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_numbers_as_float(x) for x in v]
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return float(v)
+    return v
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple | np.ndarray):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, PurePath):
+        return str(v)
+    if v is None or isinstance(v, bool | int | float | str):
+        return v
+    raise OracleError(f"setting value {v!r} of type {type(v).__name__} is not JSON-serialisable")
