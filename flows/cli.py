@@ -55,7 +55,7 @@ def cmd_relax(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise ConfigError(f"--{exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
     with store_for(cfg, args.store) as store:
-        s = run_relax(cfg, store, rcfg=rcfg)
+        s = run_relax(cfg, store, rcfg=rcfg, store_path=args.store)
     print(f"relax ({s.method}): {s.candidates} candidates, {s.relaxed} relaxed, {s.skipped} reused, "
           f"{s.failed} failed")
     for key, e in sorted(s.best.items()):

@@ -16,7 +16,7 @@ def relax_task(config_path: str, store_path: str | None, overrides: dict, run_id
     cfg = load(config_path)
     rcfg = cfg.relax.model_validate({**cfg.relax.model_dump(), **overrides})
     with store_for(cfg, store_path) as store:
-        s = run_relax(cfg, store, rcfg=rcfg, run_id=run_id)
+        s = run_relax(cfg, store, rcfg=rcfg, run_id=run_id, store_path=store_path)
     return asdict(s)
 
 

@@ -68,6 +68,7 @@ def candidate_structure(doc: StructureDoc):
 def run_relax(
     cfg: SurfdiffConfig, store: ResultsStore, *, rcfg: RelaxConfig | None = None,
     candidates: list[StructureDoc] | None = None, run_id: str | None = None, jobs_store=None,
+    store_path: str | None = None,
 ) -> RelaxSummary:
     from surfdiff_core.relax.jobflow_relax import make_relax_flow, run_relax_flow
 
@@ -84,6 +85,10 @@ def run_relax(
         settings = {"fmax": rcfg.fmax, "steps": rcfg.steps, **rcfg.settings}
         inputs = [(candidate_structure(d), {"parent_id": d.doc_id, "doc_id": ids[d.doc_id]}) for d in todo]
         flow = make_relax_flow(inputs, rcfg.method, settings)
+        if jobs_store is None:
+            from surfdiff_core.stages import jobs_store_for
+
+            jobs_store = jobs_store_for(cfg, store_path)
         outcomes = run_relax_flow(flow, jobs_store)
         by_parent = {d.doc_id: d for d in todo}
         for out in outcomes:

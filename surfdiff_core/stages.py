@@ -20,6 +20,14 @@ def store_for(cfg: SurfdiffConfig, store_path: str | None = None) -> ResultsStor
     return open_store(cfg.store, path=store_path)
 
 
+def jobs_store_for(cfg: SurfdiffConfig, store_path: str | None = None):
+    """maggma store for jobflow's JobStore: the project's store, collection '<collection>_jobs'."""
+    from surfdiff_core.store.results import make_maggma_store
+
+    return make_maggma_store(cfg.store.model_copy(update={"collection": f"{cfg.store.collection}_jobs"}),
+                             path=store_path)
+
+
 def data_root(cfg: SurfdiffConfig, store_path: str | None = None) -> Path:
     """Directory beside the store for checkpoints and pictures."""
     base = Path(store_path or cfg.store.path)

@@ -1,0 +1,425 @@
+"""`surfdiff serve`: a local Prefect server, the `process` work pool, the project's deployments and a worker.
+
+One command for the whole local orchestration stack:
+
+1. `prefect server start` on 127.0.0.1 with SQLite under a project data dir (PREFECT_HOME, default
+   data/prefect/ of the checkout, so ~/.prefect is left alone unless --prefect-home points there);
+2. the `process` work pool (default `surfdiff-local`) if it is missing;
+3. one deployment per flow from deploy/prefect.yaml (`prefect deploy --all` from the repository root);
+4. `prefect worker start` for the pool (unless --no-worker);
+5. the UI URL, then it waits until Ctrl-C and stops worker, flow runs and server.
+
+Every Prefect process runs in its own process group and their descendants are tracked, so `stop()` leaves
+nothing behind, even on failure. Tests use `start_serve()` / `ServeHandles.stop()` directly.
+Analytics are off and no Prefect Cloud settings reach the children; secrets stay in the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from surfdiff_core.errors import ConfigError, SurfdiffError
+
+DEFAULT_PORT = 4200
+DEFAULT_POOL = "surfdiff-local"
+HOST = "127.0.0.1"  # never anything wider: the server has no authentication
+PREFECT_FILE = Path("deploy") / "prefect.yaml"
+# Settings that could point the children at another server, profile or Prefect Cloud account.
+_FOREIGN_SETTINGS = (
+    "PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH",
+    "PREFECT_UI_URL", "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+    "PREFECT_SERVER_API_AUTH_STRING", "PREFECT_CLOUD_API_URL",
+)
+
+
+class ServeError(SurfdiffError):
+    """A part of the local Prefect stack failed to start (the message names the log to read)."""
+
+
+def project_root() -> Path:
+    """The checkout that holds deploy/prefect.yaml: the one these flows are imported from, else the cwd."""
+    for cand in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (cand / PREFECT_FILE).is_file():
+            return cand
+    raise ConfigError(f"no {PREFECT_FILE} found: run `surfdiff serve` from the surfdiff repository root")
+
+
+def prefect_env(home: Path, port: int, *, poll_seconds: float = 5.0, base: dict[str, str] | None = None,
+                extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of every Prefect child: this server only, data under `home`, no telemetry."""
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in _FOREIGN_SETTINGS}
+    url = f"http://{HOST}:{port}"
+    env.update({
+        "PREFECT_HOME": str(home),
+        "PREFECT_PROFILES_PATH": str(home / "profiles.toml"),
+        "PREFECT_API_URL": f"{url}/api",
+        "PREFECT_UI_URL": url,
+        "PREFECT_SERVER_API_HOST": HOST,
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_UI_API_URL": f"{url}/api",
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # also switches off the UI's analytics
+        "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+        "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
+        "PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS": "false",
+        "PREFECT_WORKER_WEBSERVER_HOST": HOST,
+        "PREFECT_WORKER_QUERY_SECONDS": str(poll_seconds),
+        "PREFECT_WORKER_PREFETCH_SECONDS": str(max(poll_seconds, 2.0)),
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra or {})
+    return env
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _prefect_cmd(*args: str) -> list[str]:
+    # The interpreter running surfdiff, so server, deploy and worker use this same environment.
+    return [sys.executable, "-m", "prefect", *args]
+
+
+def _tail(path: Path, n: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def _descendants(pid: int) -> list[int]:
+    """All processes below `pid`: flow runs start in sessions of their own, out of reach of killpg."""
+    try:
+        import psutil
+
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except Exception:  # noqa: BLE001 - psutil missing or the process gone: fall back to /proc
+        pass
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _signal(pids: list[int], sig: int, group_of: int | None = None) -> None:
+    if group_of is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group_of, sig)
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, sig)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); reap it if it is ours.
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class _Child:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+    _fh: IO[Any]
+
+    def stop(self, timeout: float) -> None:
+        """SIGTERM to the group and every descendant, SIGKILL to whatever is left after `timeout`."""
+        pid = self.proc.pid
+        tree = _descendants(pid)
+        _signal(tree, signal.SIGTERM, group_of=pid)
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=max(timeout, 0.1))
+        tree = sorted(set(tree) | set(_descendants(pid)))
+        while time.monotonic() < deadline and any(_alive(p) for p in tree):
+            time.sleep(0.2)
+        _signal(tree, signal.SIGKILL, group_of=pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        self._fh.close()
+
+
+def _spawn(name: str, cmd: list[str], env: dict[str, str], cwd: Path, logdir: Path) -> _Child:
+    log = logdir / f"{name}.log"
+    fh = log.open("ab")
+    # A new session: Ctrl-C in the terminal reaches only `surfdiff serve`, which then stops the children in
+    # order (worker before server), and killpg reaches everything the child starts in its group.
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    return _Child(name, proc, log, fh)
+
+
+@dataclass
+class ServeHandles:
+    """The running stack; `stop()` (or leaving the `with` block) tears all of it down."""
+
+    url: str
+    api_url: str
+    home: Path
+    pool: str
+    root: Path
+    env: dict[str, str] = field(repr=False)  # holds the caller's secrets (e.g. SURFDIFF_MONGO_URI): never print it
+    deployments: list[str] = field(default_factory=list)
+    server: _Child | None = None
+    worker: _Child | None = None
+
+    @property
+    def processes(self) -> list[subprocess.Popen]:
+        return [c.proc for c in (self.worker, self.server) if c is not None]
+
+    def failed(self) -> str | None:
+        """Name and log tail of a child that exited on its own, else None."""
+        for c in (self.server, self.worker):
+            if c is not None and c.proc.poll() is not None:
+                return f"{c.name} exited with code {c.proc.returncode}; {c.log}:\n{_tail(c.log)}"
+        return None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        # Worker (and its flow runs) first, so nothing reports to a server that is already gone.
+        for attr in ("worker", "server"):
+            child = getattr(self, attr)
+            if child is not None:
+                child.stop(timeout)
+                setattr(self, attr, None)
+
+    def __enter__(self) -> ServeHandles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_healthy(handles: ServeHandles, timeout: float = 180.0) -> None:
+    """Poll /api/health until the server answers; fail early with its log if it dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if msg := handles.failed():
+            raise ServeError(f"the Prefect server did not start: {msg}")
+        try:
+            with urllib.request.urlopen(f"{handles.api_url}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise ServeError(f"the Prefect server gave no answer on {handles.api_url}/health within {timeout:.0f} s; "
+                     f"see {handles.server.log if handles.server else handles.home}")
+
+
+def _client(api_url: str):
+    from prefect.client.orchestration import SyncPrefectClient
+
+    return SyncPrefectClient(api_url)
+
+
+def ensure_pool(api_url: str, name: str) -> bool:
+    """Create the `process` work pool `name` unless it exists; True if it was created."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with _client(api_url) as client:
+        try:
+            pool = client.read_work_pool(name)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(
+                name=name, type="process", description="surfdiff: flow runs as local processes",
+                base_job_template=ProcessWorker.get_default_base_job_template()))
+            return True
+    if pool.type != "process":
+        raise ConfigError(f"work pool {name!r} exists with type {pool.type!r}; surfdiff serve needs a "
+                          "'process' pool: pass another --pool name")
+    return False
+
+
+def deploy(handles: ServeHandles, prefect_file: Path | None = None, timeout: float = 600.0) -> list[str]:
+    """`prefect deploy --all` from the repository root, with the pool name of `handles` substituted."""
+    src = prefect_file or handles.root / PREFECT_FILE
+    spec = yaml.safe_load(src.read_text())
+    for d in spec.get("deployments", []):
+        d.setdefault("work_pool", {})["name"] = handles.pool
+    effective = handles.home / "prefect.yaml"  # a copy: --pool must not rewrite the tracked file
+    effective.write_text(yaml.safe_dump(spec, sort_keys=False))
+    log = handles.home / "logs" / "deploy.log"
+    with log.open("wb") as fh:
+        try:
+            rc = subprocess.run(_prefect_cmd("--no-prompt", "deploy", "--all", "--prefect-file", str(effective)),
+                                cwd=handles.root, env=handles.env, stdin=subprocess.DEVNULL, stdout=fh,
+                                stderr=subprocess.STDOUT, timeout=timeout, start_new_session=True).returncode
+        except subprocess.TimeoutExpired:
+            raise ServeError(f"`prefect deploy` took longer than {timeout:.0f} s; see {log}") from None
+    names = list_deployments(handles.api_url)
+    wanted = {f"{_flow_name(handles.root, d['entrypoint'])}/{d['name']}" for d in spec.get("deployments", [])}
+    if rc != 0 or not wanted <= set(names):
+        raise ServeError(f"`prefect deploy` failed (exit {rc}; missing {sorted(wanted - set(names))}); "
+                         f"{log}:\n{_tail(log)}")
+    return names
+
+
+def _flow_name(root: Path, entrypoint: str) -> str:
+    """The @flow(name=...) of an entrypoint, read from the source (cheap: no import of torch & co)."""
+    import ast
+
+    path, func = entrypoint.split(":")
+    tree = ast.parse((root / path).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == func:
+            for dec in node.decorator_list:
+                if isinstance(dec, ast.Call):
+                    for kw in dec.keywords:
+                        if kw.arg == "name" and isinstance(kw.value, ast.Constant):
+                            return str(kw.value.value)
+    return func.replace("_", "-")
+
+
+def list_deployments(api_url: str) -> list[str]:
+    """'flow/deployment' names registered on the server."""
+    with _client(api_url) as client:
+        deps = client.read_deployments()
+        flows = {f.id: f.name for f in client.read_flows()}
+    return sorted(f"{flows.get(d.flow_id, '?')}/{d.name}" for d in deps)
+
+
+def resolve_home(prefect_home: str | Path | None, root: Path | None = None) -> Path:
+    """--prefect-home, else data/prefect of the checkout (never ~/.prefect unless asked for)."""
+    if prefect_home:
+        return Path(prefect_home).expanduser().resolve()
+    return (root or project_root()) / "data" / "prefect"
+
+
+def start_serve(*, port: int = DEFAULT_PORT, pool: str = DEFAULT_POOL, prefect_home: str | Path | None = None,
+                worker: bool = True, register: bool = True, poll_seconds: float = 5.0,
+                extra_env: dict[str, str] | None = None, health_timeout: float = 180.0,
+                log: Any = print) -> ServeHandles:
+    """Start server (+ pool, deployments, worker) and return the handles; everything is stopped on failure."""
+    root = project_root()
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port must be between 1 and 65535 (got {port})")
+    if not pool.strip():
+        raise ConfigError("--pool must not be empty")
+    if not _port_free(port):
+        raise ConfigError(f"port {port} on {HOST} is in use (another Prefect server?): pass --port")
+    home = resolve_home(prefect_home, root)
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    env = prefect_env(home, port, poll_seconds=poll_seconds, extra=extra_env)
+    url = f"http://{HOST}:{port}"
+    h = ServeHandles(url=url, api_url=f"{url}/api", home=home, pool=pool, root=root, env=env)
+    try:
+        log(f"starting the Prefect server on {url} (PREFECT_HOME={home}) ...")
+        h.server = _spawn("server", _prefect_cmd("server", "start", "--host", HOST, "--port", str(port),
+                                                  "--analytics-off"), env, root, home / "logs")
+        wait_healthy(h, health_timeout)
+        if ensure_pool(h.api_url, pool):
+            log(f"created the process work pool {pool!r}")
+        if register:
+            log(f"registering the deployments of {PREFECT_FILE} ...")
+            h.deployments = deploy(h)
+            log("deployments: " + ", ".join(h.deployments))
+        if worker:
+            h.worker = _spawn("worker", _prefect_cmd("worker", "start", "--pool", pool, "--type", "process"),
+                              env, root, home / "logs")
+            time.sleep(1.0)
+            if msg := h.failed():
+                raise ServeError(msg)
+    except BaseException:
+        h.stop()
+        raise
+    return h
+
+
+# ---- command ----------------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    def _on_term(_signum: int, _frame: object) -> None:  # `kill PID` stops as cleanly as Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _on_term)
+    handles: ServeHandles | None = None
+    # This process talks to the server too (pool, deployments): same settings as the children, so importing
+    # Prefect here reads and writes nothing under ~/.prefect.
+    env = prefect_env(resolve_home(args.prefect_home), args.port)
+    for key in _FOREIGN_SETTINGS:
+        os.environ.pop(key, None)
+    os.environ.update(env)
+    try:
+        handles = start_serve(port=args.port, pool=args.pool, prefect_home=args.prefect_home,
+                              worker=not args.no_worker)
+        if args.check:
+            print(f"ok: server {handles.url}, pool {handles.pool}, {len(handles.deployments)} deployments, "
+                  f"worker {'running' if handles.worker else 'off'}")
+            return 0
+        print(f"\nPrefect UI: {handles.url}   (API {handles.api_url}; logs in {handles.home / 'logs'})")
+        print(f"worker: {'running on pool ' + handles.pool if handles.worker else 'off (--no-worker)'}")
+        print("run a deployment from the UI, or e.g.:")
+        print(f"  PREFECT_API_URL={handles.api_url} prefect deployment run rss/demo -p n=10")
+        print("Ctrl-C stops worker and server.", flush=True)
+        while not (msg := handles.failed()):
+            time.sleep(1.0)
+        raise ServeError(msg)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if handles is not None:
+            print("stopping worker and server ...", file=sys.stderr, flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                handles.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def add_serve_parser(sub: Any, name: str) -> None:
+    p = sub.add_parser(name, help="local Prefect server + process work pool + deployments + worker (UI)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"server port on {HOST} (default {DEFAULT_PORT})")
+    p.add_argument("--pool", default=DEFAULT_POOL, help=f"process work pool name (default {DEFAULT_POOL})")
+    p.add_argument("--no-worker", action="store_true", help="do not start a worker (e.g. it runs on a cluster)")
+    p.add_argument("--prefect-home", default=None,
+                   help="PREFECT_HOME with the SQLite database and logs (default: data/prefect of the checkout)")
+    p.add_argument("--check", action="store_true",
+                   help="start everything, report, stop again (exit 0 when the stack works)")
+    p.set_defaults(func=cmd_serve)
