@@ -101,6 +101,7 @@ def generate(
         out = model(x, None, score=False, energy=True, forces=True)
         valid, reasons = check_validity(x, min_distance=1.0)
         forces = out.forces.detach().cpu().numpy()
+        energies = out.energy.detach().cpu().numpy()
         mov = x.movable.cpu().numpy()
         idx = x.batch.cpu().numpy()
         pos = x.positions.detach().cpu().numpy()
@@ -108,7 +109,7 @@ def generate(
             sel = idx == b
             f = forces[sel]
             res.positions.append(pos[sel])
-            res.energies.append(float(out.energy[b]))
+            res.energies.append(float(energies[b]))
             res.forces.append(f)
             res.fmax.append(float(np.linalg.norm(f[mov[sel]], axis=1).max()) if mov[sel].any() else 0.0)
             res.relax_steps.append(int(steps[b]))
