@@ -100,7 +100,7 @@ class DenoiserOutput:
     """What one model evaluation returns to a sampler.
 
     eps: [N, 3] predicted unit-variance noise (score = -eps / (sigma_t * length_scale)); zero on masked atoms.
-    forces: [N, 3] MLFF forces in eV/Å (None unless asked for); zero on masked atoms.
+    forces: [N, 3] MLFF forces in eV/Å (None unless asked for); `SurfaceModel.denoise` zeroes masked atoms.
     energy: [B] MLFF energies in eV (None unless forces/energy were asked for).
     """
 
