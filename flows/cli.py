@@ -21,6 +21,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     for t in sample_targets(cfg):
         target_system(cfg, t)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("SURFDIFF_PROGRESS", "1" if sys.stderr.isatty() else "0")
+    # The temporary local API needs no telemetry (and its heartbeat races the run for the SQLite lock).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.discovery import discovery_flow
 
     result = discovery_flow(config_path=args.config, store_path=args.store, rss_n=args.rss_n)

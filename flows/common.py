@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from prefect import get_run_logger
@@ -13,6 +14,11 @@ from surfdiff_core.query import best_per_group
 from surfdiff_core.report import energy_histogram, markdown_table, png_markdown, structure_views
 from surfdiff_core.stages import data_root
 from surfdiff_core.store import ResultsStore
+
+
+def show_progress() -> bool:
+    """Progress bars on the terminal for `surfdiff run`; off in workers, where they would flood the logs."""
+    return os.environ.get("SURFDIFF_PROGRESS") == "1"
 
 
 def load(config_path: str) -> SurfdiffConfig:

@@ -6,7 +6,7 @@ from dataclasses import asdict
 
 from prefect import flow, task
 
-from flows.common import flow_run_id, load, publish_results
+from flows.common import flow_run_id, load, publish_results, show_progress
 from surfdiff_core.rss import run_rss
 from surfdiff_core.stages import store_for
 
@@ -16,7 +16,7 @@ def rss_task(config_path: str, n: int | None, seed: int | None, workers: int | N
              store_path: str | None, run_id: str | None) -> dict:
     cfg = load(config_path)
     with store_for(cfg, store_path) as store:
-        report = run_rss(cfg, store, n=n, seed=seed, workers=workers, run_id=run_id, progress=False)
+        report = run_rss(cfg, store, n=n, seed=seed, workers=workers, run_id=run_id, progress=show_progress())
     return {**asdict(report), "per_minute": report.per_minute}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, task
 
-from flows.common import flow_run_id, load, publish_results
+from flows.common import flow_run_id, load, publish_results, show_progress
 from surfdiff_core.config import SampleTarget
 from surfdiff_core.stages import (
     latest_checkpoint,
@@ -23,7 +23,7 @@ def sample_task(config_path: str, cell: str, composition: str, checkpoint: str, 
     scfg = cfg.sample.model_validate({**cfg.sample.model_dump(), **overrides})
     with store_for(cfg, store_path) as store:
         s = run_sample(cfg, store, SampleTarget(cell=cell, composition=composition), checkpoint=checkpoint,
-                       scfg=scfg, run_id=run_id, progress=False)
+                       scfg=scfg, run_id=run_id, progress=show_progress())
     return summary_dict(s)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import _key, load
+from flows.common import _key, load, show_progress
 from surfdiff_core.report import loss_curves, png_markdown
 from surfdiff_core.stages import data_root, run_train, store_for, summary_dict
 
@@ -14,7 +14,7 @@ from surfdiff_core.stages import data_root, run_train, store_for, summary_dict
 def train_task(config_path: str, store_path: str | None, epochs: int | None) -> dict:
     cfg = load(config_path)
     with store_for(cfg, store_path) as store:
-        s = run_train(cfg, store, store_path=store_path, epochs=epochs, progress=False)
+        s = run_train(cfg, store, store_path=store_path, epochs=epochs, progress=show_progress())
     out = summary_dict(s)
     out["history"] = s.history
     return out

@@ -65,7 +65,7 @@ def cmd_rss(args: argparse.Namespace) -> int:
 # ---- query ------------------------------------------------------------------------------------------------
 def cmd_query(args: argparse.Namespace) -> int:
     from surfdiff_core.export import export_docs
-    from surfdiff_core.query import build_criteria, query_docs
+    from surfdiff_core.query import best_per_group, build_criteria, descendants, lineage, query_docs
 
     cfg = _config(args.config) if args.config else None
     crit = build_criteria(
@@ -77,8 +77,17 @@ def cmd_query(args: argparse.Namespace) -> int:
     store_path = args.store or (None if cfg else DEFAULT_STORE)
     if cfg is None and not Path(store_path).exists():
         raise ConfigError(f"no results store at {store_path} (run `surfdiff rss CONFIG` first or pass --store)")
+    if args.best is not None and args.best < 1:
+        raise ConfigError("--best must be a positive number")
     with _store_from(cfg, store_path) as store:
-        docs = query_docs(store, crit, top=args.top)
+        if args.lineage:
+            docs = lineage(store, args.lineage)
+            docs += [d for d in descendants(store, args.lineage) if d.doc_id not in {x.doc_id for x in docs}]
+        else:
+            docs = query_docs(store, crit, top=args.top)
+        if args.best:
+            groups = best_per_group(docs, k=args.best)
+            docs = [d for key in sorted(groups) for d in groups[key]]
     if args.export:
         out = export_docs(docs, args.export)
         print(f"exported {len(docs)} structures to {out}", file=sys.stderr)
@@ -129,6 +138,10 @@ def build_parser(extra: dict[str, Callable] | None = None) -> argparse.ArgumentP
     q.add_argument("--run-id", default=None)
     q.add_argument("--valid-only", action="store_true", help="skip failed and out-of-box structures")
     q.add_argument("--top", type=int, default=None, help="the K lowest-energy structures")
+    q.add_argument("--best", type=int, default=None, metavar="K",
+                   help="the K lowest-energy structures per (system, composition, source)")
+    q.add_argument("--lineage", default=None, metavar="DOC_ID",
+                   help="provenance chain of a document: its parents (generated -> relaxed -> dft) and children")
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
     q.add_argument("--export", default=None, help="write the structures to FILE.extxyz or FILE.cif")
     q.set_defaults(func=cmd_query)

@@ -60,3 +60,31 @@ def best_per_group(docs: list[StructureDoc], k: int = 1) -> dict[tuple[str, str,
         if len(groups.setdefault(key, [])) < k:
             groups[key].append(d)
     return groups
+
+
+def lineage(store: ResultsStore, doc_id: str) -> list[StructureDoc]:
+    """The provenance chain ending at `doc_id`: e.g. generated -> relaxed -> dft (oldest first)."""
+    chain: list[StructureDoc] = []
+    seen: set[str] = set()
+    current: str | None = doc_id
+    while current and current not in seen:
+        seen.add(current)
+        doc = store.get(current)
+        if doc is None:
+            if not chain:
+                raise ConfigError(f"no document with id {doc_id!r}")
+            break
+        chain.append(doc)
+        current = doc.parent_id
+    return chain[::-1]
+
+
+def descendants(store: ResultsStore, doc_id: str) -> list[StructureDoc]:
+    """Documents derived from `doc_id` (relaxations of a generated structure, ...), breadth first."""
+    out: list[StructureDoc] = []
+    frontier = [doc_id]
+    while frontier:
+        children = list(store.find({"parent_id": {"$in": frontier}}))
+        out.extend(children)
+        frontier = [c.doc_id for c in children]
+    return out

@@ -1,0 +1,83 @@
+"""Prefect flows: an end-to-end tiny discovery run, artifacts, and resumption after a killed run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from surfdiff_core.config import load_config
+from surfdiff_core.stages import store_for
+
+pytestmark = pytest.mark.slow
+
+
+def test_discovery_flow_end_to_end(prefect_harness, tiny_config):
+    from prefect.client.orchestration import get_client
+
+    from flows.discovery import discovery_flow
+
+    result = discovery_flow(config_path=str(tiny_config))
+    cfg = load_config(tiny_config)
+    with store_for(cfg) as store:
+        assert store.count({"source": "rss"}) == 8
+        assert store.count({"source": "generated"}) == 4
+        relaxed = list(store.find({"source": "relaxed"}))
+        from surfdiff_core.query import lineage
+
+        chain = lineage(store, relaxed[0].doc_id)
+        assert [d.source for d in chain] == ["generated", "relaxed"]
+    assert result["model"]["model_id"].startswith("model-")
+    assert len(relaxed) == 1 and relaxed[0].parent_id.startswith("generated-")
+    assert all(d.run_id for d in relaxed)
+    figures = tiny_config.parent / "data" / "figures"
+    assert any(figures.glob("*.png"))
+
+    import anyio
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts()
+
+    keys = {a.key for a in anyio.run(artifacts) if a.key}
+    assert any(k.endswith("rss-training-data-best") for k in keys)
+    assert any(k.endswith("relaxed-candidates-report") for k in keys)
+
+    # a second run reuses everything: no new documents
+    again = discovery_flow(config_path=str(tiny_config))
+    assert again["rss"]["done"] == 0 and again["rss"]["skipped"] == 8
+    with store_for(cfg) as store:
+        assert store.count({}) == 8 + 4 + 1
+
+
+def test_killed_run_resumes_without_duplicates(tmp_path, tiny_config):
+    text = tiny_config.read_text().replace("epochs: 3", "epochs: 40")
+    tiny_config.write_text(text)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(tiny_config)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    ckdir = tmp_path / "data" / "checkpoints"
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if any(ckdir.glob("*-last.pt")):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "run finished before it could be interrupted"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    cfg = load_config(tiny_config)
+    with store_for(cfg) as store:
+        assert store.count({"source": "rss"}) == 8  # RSS finished before the kill
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "RSS: 0 new + 8 reused" in r.stdout
+    assert "resumed training at epoch" in r.stdout
+    with store_for(cfg) as store:
+        ids = [d["doc_id"] for d in store.find_raw({}, properties=["doc_id"])]
+        assert len(ids) == len(set(ids)) == 8 + 4 + 1
