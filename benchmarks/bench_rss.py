@@ -27,7 +27,8 @@ def main() -> None:
     p.add_argument("--fmax", type=float, default=0.05)
     p.add_argument("--steps", type=int, default=300)
     args = p.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {platform.system()}, python {platform.python_version()}")
+    machine = platform.processor() or platform.machine()
+    print(f"machine: {machine}, {platform.system()}, python {platform.python_version()}")
     for oracle in args.oracles:
         for workers in args.workers:
             cfg = config_from_dict({

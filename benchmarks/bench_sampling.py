@@ -19,7 +19,7 @@ import sys
 import time
 
 
-def one(batch: int, guided: bool, steps: int, device: str, threads: int) -> dict:
+def one(batch: int, guided: bool, steps: int, device: str, threads: int, shared: bool = True) -> dict:
     import numpy as np
     import torch
 
@@ -34,7 +34,7 @@ def one(batch: int, guided: bool, steps: int, device: str, threads: int) -> dict
     torch.set_num_threads(threads)
     cfg = config_from_dict({"substrate": {"element": "Ag", "lattice_constant": 4.09, "layers": 3}})
     system = build_system(cfg.substrate, cfg.confinement, "p(4x4)", "Ag12O6")
-    mcfg = ModelConfig()
+    mcfg = ModelConfig(shared=shared)
     torch.manual_seed(0)
     model = make_model(mcfg, [8, 47]).to(device).eval()
     process = make_process(mcfg)
@@ -67,18 +67,22 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--separate", action="store_true", help="two PaiNNs (score, MLFF) instead of one shared")
     p.add_argument("--one", nargs=2, metavar=("BATCH", "GUIDED"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        print(json.dumps(one(int(args.one[0]), args.one[1] == "1", args.steps, args.device, args.threads)))
+        print(json.dumps(one(int(args.one[0]), args.one[1] == "1", args.steps, args.device, args.threads,
+                             not args.separate)))
         return
-    print(f"machine: {platform.machine()} {platform.system()}, device {args.device}, torch threads {args.threads}")
+    print(f"machine: {platform.machine()} {platform.system()}, device {args.device}, torch threads {args.threads}, "
+          f"{'separate score/MLFF networks' if args.separate else 'one shared representation'}")
     print(f"{'batch':>5} {'guided':>6} {'structure-steps/s':>18} {'peak MB':>8}  (atoms, pairs/structure)")
     for guided in (True, False):
         for b in args.batches:
             cmd = [sys.executable, __file__, "--one", str(b), str(int(guided)), "--steps", str(args.steps),
-                   "--device", args.device, "--threads", str(args.threads)]
-            r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+                   "--device", args.device, "--threads", str(args.threads)] + (["--separate"] if args.separate else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
             print(f"{b:5d} {str(guided):>6} {r['structure_steps_per_s']:18.1f} {r['peak_mb']:8.0f}  "
                   f"({r['atoms']}, {r['pairs_per_structure']})")
 

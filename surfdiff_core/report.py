@@ -21,7 +21,8 @@ def energy_histogram(groups: dict[str, Sequence[float]], title: str, path: str |
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
     for label, energies in groups.items():
         if len(energies):
-            ax.hist(list(energies), bins=min(30, max(5, len(energies) // 2)), alpha=0.6, label=f"{label} ({len(energies)})")
+            bins = min(30, max(5, len(energies) // 2))
+            ax.hist(list(energies), bins=bins, alpha=0.6, label=f"{label} ({len(energies)})")
     ax.set_xlabel("energy (eV)")
     ax.set_ylabel("structures")
     ax.set_title(title)

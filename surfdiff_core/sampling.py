@@ -75,7 +75,9 @@ def generate(
 ) -> GenerationResult:
     missing = _unknown_elements(loaded, system)
     if missing:
-        raise SurfdiffError(f"the model was not trained on {', '.join(sorted(missing))}: cannot sample {system.composition}")
+        raise SurfdiffError(
+            f"the model was not trained on {', '.join(sorted(missing))}: cannot sample {system.composition}"
+        )
     n = scfg.n if n is None else n
     seed = scfg.seed if seed is None else seed
     model, process = loaded.model.to(device).eval(), loaded.process

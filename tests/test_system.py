@@ -14,7 +14,8 @@ from surfdiff_core.system import build_system, min_distance_matrix
      ("Pt", "fcc110", 3.92, "p(2x2)", "O2"), ("Ru", "hcp0001", 2.70, "p(2x2)", "O2")],
 )
 def test_random_placement_invariants(element, facet, a, cell, comp):
-    cfg = config_from_dict({"substrate": {"element": element, "facet": facet, "lattice_constant": a}, "rss": {"cell": cell}})
+    cfg = config_from_dict({"substrate": {"element": element, "facet": facet, "lattice_constant": a},
+                            "rss": {"cell": cell}})
     system = build_system(cfg.substrate, cfg.confinement, cell, comp)
     rng = np.random.default_rng(3)
     for _ in range(5):
