@@ -14,6 +14,19 @@ import numpy as np
 import torch
 
 
+def evaluations_per_second(structures, calc) -> float:
+    """ASE calculator, one structure at a time (after one warm-up evaluation)."""
+    warm = structures[0].copy()
+    warm.calc = calc
+    warm.get_forces()
+    t0 = time.perf_counter()
+    for a in structures:
+        a = a.copy()
+        a.calc = calc
+        a.get_forces()
+    return len(structures) / (time.perf_counter() - t0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--n", type=int, default=16)
@@ -33,13 +46,7 @@ def main() -> None:
     print(f"machine: {platform.machine()} {platform.system()}, torch threads {args.threads}, "
           f"{system.n_atoms} atoms, {args.n} structures")
     model = make_model(ModelConfig(), [8, 47]).eval()
-    calc = MLFFCalculator(model)
-    t0 = time.perf_counter()
-    for a in structures:
-        a = a.copy()
-        a.calc = calc
-        a.get_forces()
-    mlff_single = args.n / (time.perf_counter() - t0)
+    mlff_single = evaluations_per_second(structures, MLFFCalculator(model))
     batch = collate(structures, [system.movable] * args.n, [system.z_box] * args.n)
     model(batch, None, score=False, energy=True, forces=True)  # warm-up
     t0 = time.perf_counter()
@@ -54,16 +61,7 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001
         print(f"CHGNet not available: {exc}")
         return
-    structures[0].copy().calc = chg
-    a0 = structures[0].copy()
-    a0.calc = chg
-    a0.get_forces()  # warm-up (graph construction caches)
-    t0 = time.perf_counter()
-    for a in structures:
-        a = a.copy()
-        a.calc = chg
-        a.get_forces()
-    chgnet = args.n / (time.perf_counter() - t0)
+    chgnet = evaluations_per_second(structures, chg)
     print(f"CHGNet ASE calculator:                                 {chgnet:8.1f} evaluations/s")
     print(f"ratio MLFF/CHGNet: {mlff_single / chgnet:.1f}x one at a time, {mlff_batched / chgnet:.1f}x batched")
 

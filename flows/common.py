@@ -45,7 +45,8 @@ def publish_results(
 ) -> dict:
     """Artifacts for the documents of `sources`: best-energy table, energy histogram, top/side views."""
     logger = get_run_logger()
-    crit = {"source": {"$in": sources}, "valid": True, "in_box": True, "energy": {"$ne": None},
+    # Everything with an energy, including structures that relaxed out of the box (flagged in the documents).
+    crit = {"source": {"$in": sources}, "valid": True, "energy": {"$ne": None},
             **(criteria or {})}
     docs = list(store.find(crit))
     if not docs:
