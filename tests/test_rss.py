@@ -168,3 +168,23 @@ def test_cli_help_everywhere():
 def test_query_without_store_is_a_clear_error(tmp_path):
     r = _surfdiff("query", "--store", str(tmp_path / "none"), cwd=".")
     assert r.returncode == 2 and "no results store" in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_train_then_sample_into_a_larger_cell(tiny_config):
+    cfg = str(tiny_config)
+    assert _surfdiff("rss", cfg, cwd=".").returncode == 0
+    r = _surfdiff("train", cfg, "--epochs", "2", cwd=".")
+    assert r.returncode == 0, r.stderr
+    assert "checkpoint:" in r.stdout
+    r = _surfdiff("sample", cfg, "--cell", "p(4x4)", "--composition", "Ag4O2", "--n", "4", "--steps", "10",
+                  "--no-guidance", "--json", cwd=".")
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout[r.stdout.index("["):])[0]
+    assert row["composition"] == "Ag4O2" and row["cell"] == "p(4x4)" and row["n"] == 4
+    q = json.loads(_surfdiff("query", "--config", cfg, "--source", "generated", "--json", cwd=".").stdout)
+    assert len(q) == 4 and all(d["model_id"].startswith("model-") for d in q)
+    bad = _surfdiff("sample", cfg, "--cell", "p(4x4)", "--composition", "Pt3", "--n", "2", cwd=".")
+    assert bad.returncode == 2 and "not trained on Pt" in bad.stderr and "Traceback" not in bad.stderr
+    bad = _surfdiff("sample", cfg, "--cell", "p(4x4)", "--composition", "Ag4O2", "--steps", "0", cwd=".")
+    assert bad.returncode == 2 and "--steps" in bad.stderr
