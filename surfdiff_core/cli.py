@@ -102,14 +102,14 @@ def _print_table(docs) -> None:
     if not docs:
         print("no matching structures")
         return
-    head = f"{'doc_id':27} {'source':9} {'system':28} {'composition':11} {'energy/eV':>11} {'fmax':>6} {'steps':>5}"
+    head = f"{'doc_id':30} {'source':9} {'system':28} {'composition':11} {'energy/eV':>11} {'fmax':>6} {'steps':>5}"
     print(head)
     for d in docs:
         e = f"{d.energy:11.4f}" if d.energy is not None else f"{'-':>11}"
         f = f"{d.fmax:6.3f}" if d.fmax is not None else f"{'-':>6}"
         s = f"{d.steps:5d}" if d.steps is not None else f"{'-':>5}"
         flag = "" if d.valid and d.in_box else ("  (error)" if d.error else "  (out of box)")
-        print(f"{d.doc_id:27} {d.source:9} {d.system_id:28} {d.composition:11} {e} {f} {s}{flag}")
+        print(f"{d.doc_id:30} {d.source:9} {d.system_id:28} {d.composition:11} {e} {f} {s}{flag}")
     print(f"{len(docs)} structures")
 
 
