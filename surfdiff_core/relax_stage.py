@@ -9,6 +9,7 @@ failed jobs are recorded with their error. Ids are deterministic, so a rerun ski
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,7 +90,10 @@ def run_relax(
             from surfdiff_core.stages import jobs_store_for
 
             jobs_store = jobs_store_for(cfg, store_path)
-        outcomes = run_relax_flow(flow, jobs_store)
+        with warnings.catch_warnings():  # jobflow's notes on independent jobs and its own deprecations
+            warnings.filterwarnings("ignore", message="Some jobs are not connected")
+            warnings.filterwarnings("ignore", category=FutureWarning, module="jobflow")
+            outcomes = run_relax_flow(flow, jobs_store)
         by_parent = {d.doc_id: d for d in todo}
         for out in outcomes:
             parent = by_parent[out.metadata["parent_id"]]

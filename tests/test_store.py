@@ -100,3 +100,11 @@ def test_export_extxyz_and_cif(tmp_path):
     np.testing.assert_allclose(images[2].positions, docs[2].to_atoms().positions, atol=1e-5)
     cif = export_docs(docs, tmp_path / "x.cif")
     assert len(read(cif, index=":")) == 3
+
+
+def test_existing_ids_for_many_ids(store):
+    docs = [_doc(i) for i in range(3)]
+    store.put_many(docs)
+    asked = [f"rss-missing-{k}" for k in range(600)] + [d.doc_id for d in docs[:2]]
+    assert store.existing_ids(asked) == {docs[0].doc_id, docs[1].doc_id}
+    assert store.existing_ids(asked[-2:]) == {docs[0].doc_id, docs[1].doc_id}

@@ -111,6 +111,8 @@ class ResultsStore:
         self.connect()
         ids = list(ids)
         found: set[str] = set()
+        if len(ids) > 500:  # one pass over the collection instead of one per chunk (embedded stores scan)
+            return set(ids) & set(self.store.distinct("doc_id"))
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             found |= {d["doc_id"] for d in self.store.query({"doc_id": {"$in": chunk}}, properties=["doc_id"])}
