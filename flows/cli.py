@@ -34,8 +34,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result["model"].get("resumed_from"):
         print(f"resumed training at epoch {result['model']['resumed_from']}")
     for r in result["samples"]:
-        print(f"generated {r['composition']} {r['cell']}: {r['n_valid']}/{r['n']} valid, "
-              f"best MLFF energy {r['best_energy']}")
+        best = f"{r['best_energy']:.4f} eV" if r["best_energy"] is not None else "-"
+        print(f"generated {r['composition']} {r['cell']}: {r['n_valid']}/{r['n']} valid, best MLFF energy {best}")
     for key, e in sorted(result["relax"]["best"].items()):
         print(f"relaxed ({result['relax']['method']}) best {key}: {e:.4f} eV")
     print(f"\nresults store: {store} ({cfg.store.backend}); figures: {os.path.join(os.path.dirname(store), 'figures')}")
