@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -71,8 +70,3 @@ def publish_results(
     create_markdown_artifact(key=_key(f"{cfg.name}-{title}-report"), markdown=md, description=title)
     logger.info("%s: %d structures; figures in %s", title, len(docs), figdir)
     return {"n": len(docs), "histogram": str(hist), "views": str(views), "best": rows}
-
-
-def resolve(path: str) -> str:
-    """Config paths are taken relative to the working directory of the worker."""
-    return str(Path(path).expanduser())

@@ -77,6 +77,17 @@ def cmd_query(args: argparse.Namespace) -> int:
     store_path = args.store or (None if cfg else DEFAULT_STORE)
     if cfg is None and not Path(store_path).exists():
         raise ConfigError(f"no results store at {store_path} (run `surfdiff rss CONFIG` first or pass --store)")
+    if args.models:
+        from surfdiff_core.config import StoreConfig
+        from surfdiff_core.store.models import list_models
+
+        scfg = cfg.store if cfg is not None else StoreConfig()
+        records = list_models(scfg, args.store or (None if cfg else store_path))
+        keys = ["model_id", "system_id", "epochs", "best_val", "n_train", "n_val", "checkpoint"]
+        rows = [{k: r.get(k) for k in keys} for r in records]
+        print(json.dumps(rows, indent=1, default=str) if args.json else
+              "\n".join(" ".join(str(r[k]) for k in keys) for r in rows) or "no trained models")
+        return 0
     if args.best is not None and args.best < 1:
         raise ConfigError("--best must be a positive number")
     with _store_from(cfg, store_path) as store:
@@ -142,6 +153,7 @@ def build_parser(extra: dict[str, Callable] | None = None) -> argparse.ArgumentP
                    help="the K lowest-energy structures per (system, composition, source)")
     q.add_argument("--lineage", default=None, metavar="DOC_ID",
                    help="provenance chain of a document: its parents (generated -> relaxed -> dft) and children")
+    q.add_argument("--models", action="store_true", help="list the trained models (checkpoint ids) instead")
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
     q.add_argument("--export", default=None, help="write the structures to FILE.extxyz or FILE.cif")
     q.set_defaults(func=cmd_query)

@@ -37,7 +37,6 @@ class GenerationResult:
     relax_steps: list[int] = field(default_factory=list)
     valid: list[bool] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
-    unguided_energy: list[float] = field(default_factory=list)
     wall_time: float = 0.0
     structure_steps: int = 0
 

@@ -184,6 +184,8 @@ def test_cli_train_then_sample_into_a_larger_cell(tiny_config):
     assert row["composition"] == "Ag4O2" and row["cell"] == "p(4x4)" and row["n"] == 4
     q = json.loads(_surfdiff("query", "--config", cfg, "--source", "generated", "--json", cwd=".").stdout)
     assert len(q) == 4 and all(d["model_id"].startswith("model-") for d in q)
+    models = json.loads(_surfdiff("query", "--config", cfg, "--models", "--json", cwd=".").stdout)
+    assert [m["model_id"] for m in models] == [q[0]["model_id"]] and models[0]["checkpoint"].endswith(".pt")
     bad = _surfdiff("sample", cfg, "--cell", "p(4x4)", "--composition", "Pt3", "--n", "2", cwd=".")
     assert bad.returncode == 2 and "not trained on Pt" in bad.stderr and "Traceback" not in bad.stderr
     bad = _surfdiff("sample", cfg, "--cell", "p(4x4)", "--composition", "Ag4O2", "--steps", "0", cwd=".")
