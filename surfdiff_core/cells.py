@@ -25,7 +25,7 @@ _NAMED: dict[str, dict[str, list[list[int]]]] = {
 _P_CELL = re.compile(r"^p\((\d+)x(\d+)\)$")
 
 
-def _canonical(name: str) -> str:
+def canonical_cell_name(name: str) -> str:
     s = name.strip().lower().replace("×", "x").replace("*", "x").replace(" ", "")
     if s in ("(√3x√3)r30°", "(sqrt3xsqrt3)r30", "(√3x√3)r30"):
         return "sqrt3"
@@ -37,7 +37,7 @@ def _canonical(name: str) -> str:
 def cell_matrix(cell: str | list[list[int]], facet: str) -> np.ndarray:
     """Resolve a cell name or explicit matrix to a validated 2×2 integer matrix."""
     if isinstance(cell, str):
-        key = _canonical(cell)
+        key = canonical_cell_name(cell)
         m = _P_CELL.match(key)
         if m:
             matrix = [[int(m.group(1)), 0], [0, int(m.group(2))]]
@@ -68,6 +68,6 @@ def cell_matrix(cell: str | list[list[int]], facet: str) -> np.ndarray:
 def cell_label(cell: str | list[list[int]], facet: str) -> str:
     """A stable, human-readable label: the canonical name when one was given, else the matrix."""
     if isinstance(cell, str):
-        return _canonical(cell)
+        return canonical_cell_name(cell)
     m = cell_matrix(cell, facet)
     return f"[[{m[0, 0]},{m[0, 1]}],[{m[1, 0]},{m[1, 1]}]]"

@@ -26,9 +26,9 @@ def build_criteria(
     if composition:
         crit["composition"] = normalise_composition(composition)
     if cell:
-        from surfdiff_core.cells import _canonical
+        from surfdiff_core.cells import canonical_cell_name
 
-        crit["cell"] = _canonical(cell)
+        crit["cell"] = canonical_cell_name(cell)
     if source:
         if source not in SOURCES:
             raise ConfigError(f"unknown source {source!r}: choose from {', '.join(SOURCES)}")
