@@ -108,3 +108,19 @@ def test_existing_ids_for_many_ids(store):
     asked = [f"rss-missing-{k}" for k in range(600)] + [d.doc_id for d in docs[:2]]
     assert store.existing_ids(asked) == {docs[0].doc_id, docs[1].doc_id}
     assert store.existing_ids(asked[-2:]) == {docs[0].doc_id, docs[1].doc_id}
+
+
+def test_monty_direct_inserts_never_duplicate_across_connections(tmp_path):
+    """Two connections (e.g. two processes) write the same new document: one insert, then a replace."""
+    cfg = StoreConfig(backend="monty")
+    a = open_store(cfg, path=tmp_path / "s").connect()
+    b = open_store(cfg, path=tmp_path / "s").connect()  # its view of existing ids is now stale
+    d = _doc(5)
+    a.put(d)
+    b.put(d.model_copy(update={"energy": -9.0}))
+    b.put(_doc(6))
+    with open_store(cfg, path=tmp_path / "s") as c:
+        assert c.count() == 2
+        assert c.get(d.doc_id).energy == -9.0
+    a.close()
+    b.close()

@@ -65,6 +65,11 @@ class ResultsStore:
         self.store = store
         self.label = label or type(store).__name__
         self._connected = False
+        # montydb answers every query by scanning the whole collection, so an upsert costs O(n) and filling a
+        # store O(n²). New documents are therefore inserted directly (O(1), _id = doc_id); the ids already
+        # present are read once per connection.
+        self._direct_insert = type(store).__name__ == "MontyStore"
+        self._known: set[str] = set()
 
     # ---- connection --------------------------------------------------------------------------------------
     def connect(self) -> ResultsStore:
@@ -75,6 +80,8 @@ class ResultsStore:
                 raise SurfdiffError(f"cannot open the results store {self.label}: {exc}") from None
             ensure_indexes(self.store, ["doc_id", "source", "system_id", "composition", "energy"])
             self._connected = True
+            if self._direct_insert:
+                self._known = set(self.store.distinct("doc_id"))
         return self
 
     def close(self) -> None:
@@ -97,14 +104,28 @@ class ResultsStore:
         self.connect()
         n = 0
         for doc in docs:
-            old = self.store.query_one({"doc_id": doc.doc_id}, properties=["created_at"])
             data = doc.model_dump(mode="json")
-            if old and old.get("created_at"):
-                data["created_at"] = old["created_at"]
             data["updated_at"] = now().isoformat()
-            self.store.update([data], key="doc_id")
+            if not self._insert_new(data):
+                old = self.store.query_one({"doc_id": doc.doc_id}, properties=["created_at"])
+                if old and old.get("created_at"):
+                    data["created_at"] = old["created_at"]
+                self.store.update([data], key="doc_id")
             n += 1
         return n
+
+    def _insert_new(self, data: dict) -> bool:
+        """Insert a document not seen before in one O(1) write; False when it may exist (then upsert)."""
+        if not self._direct_insert or data["doc_id"] in self._known:
+            return False
+        from montydb.errors import DuplicateKeyError
+
+        self._known.add(data["doc_id"])
+        try:
+            self.store._collection.insert_one({**data, "_id": data["doc_id"]})
+        except DuplicateKeyError:  # written meanwhile by another process: replace it instead
+            return False
+        return True
 
     # ---- reads -------------------------------------------------------------------------------------------
     def existing_ids(self, ids: Iterable[str]) -> set[str]:
