@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from surfdiff_core.cli import _config
 from surfdiff_core.cli import main as core_main
+from surfdiff_core.config import with_overrides
 from surfdiff_core.errors import ConfigError
 
 
@@ -50,13 +51,7 @@ def cmd_relax(args: argparse.Namespace) -> int:
     from surfdiff_core.stages import store_for
 
     cfg = _config(args.config)
-    updates = {k: v for k, v in {"top_k": args.top_k, "method": args.method}.items() if v is not None}
-    from pydantic import ValidationError
-
-    try:
-        rcfg = cfg.relax.model_validate({**cfg.relax.model_dump(), **updates})
-    except ValidationError as exc:
-        raise ConfigError(f"--{exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+    rcfg = with_overrides(cfg.relax, {"top_k": args.top_k, "method": args.method})
     with store_for(cfg, args.store) as store:
         s = run_relax(cfg, store, rcfg=rcfg, store_path=args.store)
     print(f"relax ({s.method}): {s.candidates} candidates, {s.relaxed} relaxed, {s.skipped} reused, "

@@ -7,6 +7,7 @@ from dataclasses import asdict
 from prefect import flow, task
 
 from flows.common import flow_run_id, load, publish_results
+from surfdiff_core.config import with_overrides
 from surfdiff_core.relax_stage import run_relax
 from surfdiff_core.stages import store_for
 
@@ -14,7 +15,7 @@ from surfdiff_core.stages import store_for
 @task(retries=1, retry_delay_seconds=10)
 def relax_task(config_path: str, store_path: str | None, overrides: dict, run_id: str | None) -> dict:
     cfg = load(config_path)
-    rcfg = cfg.relax.model_validate({**cfg.relax.model_dump(), **overrides})
+    rcfg = with_overrides(cfg.relax, overrides)
     with store_for(cfg, store_path) as store:
         s = run_relax(cfg, store, rcfg=rcfg, run_id=run_id, store_path=store_path)
     return asdict(s)
@@ -25,8 +26,8 @@ def relax_flow(config_path: str = "configs/demo.yaml", top_k: int | None = None,
                store_path: str | None = None) -> dict:
     """Relax the best generated candidates with the oracle / DFT (EMT, CHGNet, SevenNet, GPAW, VASP)."""
     cfg = load(config_path)
-    overrides = {k: v for k, v in {"top_k": top_k, "method": method}.items() if v is not None}
-    cfg.relax.model_validate({**cfg.relax.model_dump(), **overrides})  # validate before work
+    overrides = {"top_k": top_k, "method": method}
+    with_overrides(cfg.relax, overrides)  # validate before work
     s = relax_task(config_path, store_path, overrides, flow_run_id())
     with store_for(cfg, store_path) as store:
         publish_results(cfg, store, sources=["relaxed", "dft"], title="Relaxed candidates", store_path=store_path)

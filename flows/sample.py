@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, task
 
 from flows.common import flow_run_id, load, publish_results, show_progress
-from surfdiff_core.config import SampleTarget
+from surfdiff_core.config import SampleTarget, with_overrides
 from surfdiff_core.stages import (
     latest_checkpoint,
     run_sample,
@@ -20,7 +20,7 @@ from surfdiff_core.stages import (
 def sample_task(config_path: str, cell: str, composition: str, checkpoint: str, store_path: str | None,
                 overrides: dict, run_id: str | None) -> dict:
     cfg = load(config_path)
-    scfg = cfg.sample.model_validate({**cfg.sample.model_dump(), **overrides})
+    scfg = with_overrides(cfg.sample, overrides)
     with store_for(cfg, store_path) as store:
         s = run_sample(cfg, store, SampleTarget(cell=cell, composition=composition), checkpoint=checkpoint,
                        scfg=scfg, run_id=run_id, progress=show_progress())
@@ -37,7 +37,8 @@ def sample_flow(config_path: str = "configs/demo.yaml", cells: list[str] | None 
     for t in targets:  # fail fast on an impossible target, before any sampling
         target_system(cfg, t)
     ckpt = checkpoint or str(latest_checkpoint(cfg, store_path))
-    overrides = {k: v for k, v in {"n": n, "steps": steps, "guidance": guidance}.items() if v is not None}
+    overrides = {"n": n, "steps": steps, "guidance": guidance}
+    with_overrides(cfg.sample, overrides)  # validate before work
     run_id = flow_run_id()
     futures = [sample_task.submit(config_path, str(t.cell), t.composition, ckpt, store_path, overrides, run_id)
                for t in targets]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from surfdiff_core.config import with_overrides
 from surfdiff_core.errors import ConfigError
 
 
@@ -32,16 +33,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from surfdiff_core.stages import latest_checkpoint, run_sample, sample_targets, store_for, summary_dict
 
     cfg = _config(args.config)
-    updates = {k: v for k, v in {"n": args.n, "steps": args.steps, "guidance": args.guidance,
-                                 "sampler": args.sampler, "seed": args.seed, "batch_size": args.batch_size,
-                                 "eta_dt": args.eta_dt, "relax": args.relax}.items() if v is not None}
-    from pydantic import ValidationError
-
-    try:
-        scfg = cfg.sample.model_validate({**cfg.sample.model_dump(), **updates})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ConfigError(f"--{err['loc'][0]}: {err['msg']}") from None
+    scfg = with_overrides(cfg.sample, {"n": args.n, "steps": args.steps, "guidance": args.guidance,
+                                       "sampler": args.sampler, "seed": args.seed, "batch_size": args.batch_size,
+                                       "eta_dt": args.eta_dt, "relax": args.relax})
     targets = sample_targets(cfg, [args.cell] if args.cell else None,
                              [args.composition] if args.composition else None)
     from surfdiff_core.stages import target_system

@@ -203,6 +203,17 @@ class SurfdiffConfig(_Strict):
         return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def with_overrides(section: _Strict, updates: dict[str, Any]) -> Any:
+    """A copy of a config section with the non-None `updates` applied and validated; a bad value is one line
+    naming the command-line option (`--eta-dt: ...`)."""
+    given = {k: v for k, v in updates.items() if v is not None}
+    try:
+        return type(section).model_validate({**section.model_dump(), **given})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+
+
 def _format_validation_error(exc: ValidationError, source: str) -> str:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))

@@ -13,7 +13,7 @@ from typing import Any
 from surfdiff_core.config import SampleConfig, SampleTarget, SurfdiffConfig
 from surfdiff_core.errors import ConfigError, SurfdiffError
 from surfdiff_core.store import ResultsStore, open_store
-from surfdiff_core.system import SurfaceSystem, build_system
+from surfdiff_core.system import SurfaceSystem
 
 
 def store_for(cfg: SurfdiffConfig, store_path: str | None = None) -> ResultsStore:
@@ -38,18 +38,14 @@ def checkpoint_dir(cfg: SurfdiffConfig, store_path: str | None = None) -> Path:
     return data_root(cfg, store_path) / "checkpoints"
 
 
-def training_system(cfg: SurfdiffConfig) -> SurfaceSystem:
-    from surfdiff_core.rss import resolve_lattice
-
-    return build_system(cfg.substrate, cfg.confinement, cfg.rss.cell, cfg.rss.compositions[0],
-                        lattice=resolve_lattice(cfg), min_distance_scale=cfg.rss.min_distance_scale)
-
-
 def target_system(cfg: SurfdiffConfig, target: SampleTarget) -> SurfaceSystem:
-    from surfdiff_core.rss import resolve_lattice
+    from surfdiff_core.rss import resolve_lattice, systems_for
 
-    return build_system(cfg.substrate, cfg.confinement, target.cell, target.composition,
-                        lattice=resolve_lattice(cfg), min_distance_scale=cfg.rss.min_distance_scale)
+    return systems_for(cfg, target.cell, [target.composition], resolve_lattice(cfg))[target.composition]
+
+
+def training_system(cfg: SurfdiffConfig) -> SurfaceSystem:
+    return target_system(cfg, SampleTarget(cell=cfg.rss.cell, composition=cfg.rss.compositions[0]))
 
 
 def sample_targets(cfg: SurfdiffConfig, cells: list[str] | None = None,

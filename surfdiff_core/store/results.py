@@ -144,20 +144,9 @@ class ResultsStore:
         d = self.store.query_one({"doc_id": doc_id})
         return _to_doc(d) if d else None
 
-    def find(
-        self,
-        criteria: dict[str, Any] | None = None,
-        *,
-        sort_energy: bool = False,
-        limit: int = 0,
-        properties: list[str] | None = None,
-    ) -> Iterator[StructureDoc]:
+    def find(self, criteria: dict[str, Any] | None = None) -> Iterator[StructureDoc]:
         self.connect()
-        sort = {"energy": 1} if sort_energy else None
-        crit = dict(criteria or {})
-        if sort_energy:
-            crit.setdefault("energy", {"$ne": None})
-        for d in self.store.query(crit, properties=properties, sort=sort, limit=limit):
+        for d in self.store.query(criteria or {}):
             yield _to_doc(d)
 
     def find_raw(self, criteria: dict[str, Any] | None = None, properties: list[str] | None = None) -> list[dict]:
