@@ -33,7 +33,7 @@ def flow_run_id() -> str | None:
     return str(getattr(run, "id", run)) if run else None
 
 
-def _key(text: str) -> str:
+def artifact_key(text: str) -> str:
     """Prefect artifact keys: lowercase letters, digits and dashes."""
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:60]
 
@@ -55,18 +55,18 @@ def publish_results(
     rows = [{"system": s, "composition": c, "source": src, "rank": r + 1, "energy_eV": d.energy,
              "fmax": d.fmax, "doc_id": d.doc_id}
             for (s, c, src), ds in sorted(best.items()) for r, d in enumerate(ds)]
-    create_table_artifact(key=_key(f"{cfg.name}-{title}-best"), table=rows,
+    create_table_artifact(key=artifact_key(f"{cfg.name}-{title}-best"), table=rows,
                           description=f"{title}: lowest energies per system, composition and source")
     figdir = data_root(cfg, store_path) / "figures"
     groups: dict[str, list[float]] = {}
     for d in docs:
         groups.setdefault(f"{d.source} {d.composition} {d.cell}", []).append(d.energy)
-    hist = energy_histogram(groups, f"{cfg.name}: {title}", figdir / f"{_key(title)}-energies.png")
+    hist = energy_histogram(groups, f"{cfg.name}: {title}", figdir / f"{artifact_key(title)}-energies.png")
     leaders = sorted((ds[0] for ds in best.values()), key=lambda d: d.energy)
-    views = structure_views(leaders, figdir / f"{_key(title)}-best.png")
+    views = structure_views(leaders, figdir / f"{artifact_key(title)}-best.png")
     md = (f"# {title}\n\n{markdown_table(rows, list(rows[0]))}\n\n## Energy distribution\n\n"
           f"{png_markdown(hist, 'energies')}\n\n## Best structures (top and side views)\n\n"
           f"{png_markdown(views, 'structures')}\n")
-    create_markdown_artifact(key=_key(f"{cfg.name}-{title}-report"), markdown=md, description=title)
+    create_markdown_artifact(key=artifact_key(f"{cfg.name}-{title}-report"), markdown=md, description=title)
     logger.info("%s: %d structures; figures in %s", title, len(docs), figdir)
     return {"n": len(docs), "histogram": str(hist), "views": str(views), "best": rows}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import _key, load, show_progress
+from flows.common import artifact_key, load, show_progress
 from surfdiff_core.report import loss_curves, png_markdown
 from surfdiff_core.stages import data_root, run_train, store_for, summary_dict
 
@@ -29,7 +29,7 @@ def train_flow(config_path: str = "configs/demo.yaml", store_path: str | None = 
     if res["history"]:
         png = loss_curves(res["history"], data_root(cfg, store_path) / "figures" / f"{res['model_id']}-loss.png")
         create_markdown_artifact(
-            key=_key(f"{cfg.name}-training"),
+            key=artifact_key(f"{cfg.name}-training"),
             markdown=f"# Training {res['model_id']}\n\nepochs {res['epochs']}, best validation loss "
                      f"{res['best_val']:.4f}, {res['n_train']} train / {res['n_val']} validation structures\n\n"
                      f"{png_markdown(png, 'losses')}\n",

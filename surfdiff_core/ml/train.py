@@ -181,6 +181,11 @@ def train(
     provenance = {"system_id": system_id, "fingerprint": fingerprint, "n_structures": len(doc_ids),
                   "doc_ids": doc_ids, "train": tcfg.model_dump(mode="json"), "n_train": len(train_set),
                   "n_val": len(val_set)}
+
+    def save(path: Path, epoch_done: int, bad: int) -> None:
+        _save(path, ema.shadow, model, opt, sched, epoch_done, best_val, bad, history, model_id, mcfg, process,
+              provenance, force_scale)
+
     t0, seen = time.perf_counter(), 0
     bar = tqdm(range(start_epoch, epochs), desc=f"train {model_id}", unit="epoch", disable=not progress,
                initial=start_epoch, total=epochs, dynamic_ncols=True)
@@ -217,19 +222,16 @@ def train(
             on_epoch(epoch + 1, row)
         if val["loss"] < best_val - 1e-6:
             best_val, bad_epochs = val["loss"], 0
-            _save(best_path, ema.shadow, model, opt, sched, epoch + 1, best_val, 0, history, model_id,
-                  mcfg, process, provenance, force_scale)
+            save(best_path, epoch + 1, 0)
         else:
             bad_epochs += 1
-        _save(last_path, ema.shadow, model, opt, sched, epoch + 1, best_val, bad_epochs, history, model_id,
-              mcfg, process, provenance, force_scale)
+        save(last_path, epoch + 1, bad_epochs)
         if bad_epochs >= tcfg.patience:
             break
     bar.close()
     wall = time.perf_counter() - t0
     if not best_path.exists():  # zero epochs left on resume of a finished run: keep the last weights
-        _save(best_path, ema.shadow, model, opt, sched, epoch, best_val, bad_epochs, history, model_id, mcfg,
-              process, provenance, force_scale)
+        save(best_path, epoch, bad_epochs)
     return TrainResult(model_id=model_id, checkpoint=best_path, epochs=len(history), best_val=best_val,
                        history=history, n_train=len(train_set), n_val=len(val_set), wall_time=wall,
                        samples_per_second=seen / wall if wall > 0 else 0.0, resumed_from=start_epoch)
