@@ -34,9 +34,9 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from surfdiff_core.config import ModelConfig, config_from_dict
-    from surfdiff_core.ml.batch import collate
+    from surfdiff_core.geometry.batch import collate
     from surfdiff_core.ml.calculator import MLFFCalculator
-    from surfdiff_core.ml.train import make_model
+    from surfdiff_core.train.trainer import make_model
     from surfdiff_core.system import build_system
 
     cfg = config_from_dict({"substrate": {"element": "Ag", "lattice_constant": 4.09, "layers": 3}})

@@ -26,9 +26,9 @@ def one(batch: int, guided: bool, steps: int, device: str, threads: int, shared:
     from surfdiff_core.config import ModelConfig, SampleConfig, config_from_dict
     from surfdiff_core.diffusion.guidance import ForceFieldGuidance
     from surfdiff_core.diffusion.samplers import euler_maruyama
-    from surfdiff_core.ml.neighbors import neighbor_list
-    from surfdiff_core.ml.train import make_model, make_process
-    from surfdiff_core.sampling import prior_batch
+    from surfdiff_core.geometry.neighbors import neighbor_list
+    from surfdiff_core.train.trainer import make_model, make_process
+    from surfdiff_core.sample.generate import prior_batch
     from surfdiff_core.system import build_system
 
     torch.set_num_threads(threads)

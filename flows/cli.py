@@ -17,7 +17,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args.config)  # one clear line for a broken config, before Prefect starts
     if args.rss_n is not None and args.rss_n < 0:
         raise ConfigError("--rss-n must be >= 0")
-    from surfdiff_core.stages import sample_targets, target_system
+    from surfdiff_core.stages.common import sample_targets, target_system
 
     for t in sample_targets(cfg):
         target_system(cfg, t)
@@ -47,8 +47,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_relax(args: argparse.Namespace) -> int:
-    from surfdiff_core.relax_stage import run_relax
-    from surfdiff_core.stages import store_for
+    from surfdiff_core.stages.relax import run_relax
+    from surfdiff_core.stages.common import store_for
 
     cfg = _config(args.config)
     rcfg = with_overrides(cfg.relax, {"top_k": args.top_k, "method": args.method})
@@ -79,7 +79,7 @@ def _add_relax(sub, name: str) -> None:
 
 
 def _add_serve(sub, name: str) -> None:
-    from flows.serve import add_serve_parser
+    from deploy.serve import add_serve_parser
 
     add_serve_parser(sub, name)
 

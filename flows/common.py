@@ -11,7 +11,7 @@ from prefect.context import get_run_context
 from surfdiff_core.config import SurfdiffConfig, load_config
 from surfdiff_core.query import best_per_group
 from surfdiff_core.report import energy_histogram, markdown_table, png_markdown, structure_views
-from surfdiff_core.stages import data_root
+from surfdiff_core.stages.common import data_root
 from surfdiff_core.store import ResultsStore
 
 

@@ -8,7 +8,7 @@ from prefect import flow, task
 
 from flows.common import flow_run_id, load, publish_results, show_progress
 from surfdiff_core.rss import run_rss
-from surfdiff_core.stages import store_for
+from surfdiff_core.stages.common import store_for
 
 
 @task(retries=2, retry_delay_seconds=5)

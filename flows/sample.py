@@ -6,7 +6,7 @@ from prefect import flow, task
 
 from flows.common import flow_run_id, load, publish_results, show_progress
 from surfdiff_core.config import SampleTarget, with_overrides
-from surfdiff_core.stages import (
+from surfdiff_core.stages.common import (
     latest_checkpoint,
     run_sample,
     sample_targets,

@@ -7,7 +7,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.common import artifact_key, load, show_progress
 from surfdiff_core.report import loss_curves, png_markdown
-from surfdiff_core.stages import data_root, run_train, store_for, summary_dict
+from surfdiff_core.stages.common import data_root, run_train, store_for, summary_dict
 
 
 @task(retries=1, retry_delay_seconds=5)

@@ -11,7 +11,7 @@ from surfdiff_core.errors import ConfigError
 
 def cmd_train(args: argparse.Namespace) -> int:
     from surfdiff_core.cli import _config
-    from surfdiff_core.stages import run_train, store_for
+    from surfdiff_core.stages.common import run_train, store_for
 
     cfg = _config(args.config)
     if args.epochs is not None and args.epochs < 1:
@@ -30,7 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from surfdiff_core.cli import _config
-    from surfdiff_core.stages import latest_checkpoint, run_sample, sample_targets, store_for, summary_dict
+    from surfdiff_core.stages.common import latest_checkpoint, run_sample, sample_targets, store_for, summary_dict
 
     cfg = _config(args.config)
     scfg = with_overrides(cfg.sample, {"n": args.n, "steps": args.steps, "guidance": args.guidance,
@@ -38,7 +38,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                        "eta_dt": args.eta_dt, "relax": args.relax})
     targets = sample_targets(cfg, [args.cell] if args.cell else None,
                              [args.composition] if args.composition else None)
-    from surfdiff_core.stages import target_system
+    from surfdiff_core.stages.common import target_system
 
     for t in targets:  # validate every target (cell, composition, box) before any work
         target_system(cfg, t)

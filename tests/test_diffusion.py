@@ -13,7 +13,8 @@ import torch
 from ase.build import fcc111
 from scipy.stats import kstest
 
-from surfdiff_core.diffusion.guidance import ForceFieldGuidance, Guidance, mlff_relax
+from surfdiff_core.diffusion.guidance import ForceFieldGuidance, Guidance
+from surfdiff_core.relax.mlff import mlff_relax
 from surfdiff_core.diffusion.process import (
     SlabGeometry,
     SurfaceDiffusion,
@@ -26,7 +27,7 @@ from surfdiff_core.diffusion.process import (
 from surfdiff_core.diffusion.samplers import SAMPLERS, euler_maruyama, probability_flow_ode
 from surfdiff_core.diffusion.schedule import VPSchedule, alpha, beta, int_beta, sigma
 from surfdiff_core.diffusion.validity import check_validity
-from surfdiff_core.ml.batch import DenoiserOutput, SlabBatch, collate
+from surfdiff_core.geometry.batch import DenoiserOutput, SlabBatch, collate
 
 BOX = (1.5, 7.5)  # confinement box above the top substrate layer, Å
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from surfdiff_core.config import load_config
-from surfdiff_core.stages import store_for
+from surfdiff_core.stages.common import store_for
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from flows.hpc import (
+from deploy.hpc import (
     HPCConfigError,
     HPCSettings,
     jobflow_remote_project,
@@ -208,7 +208,7 @@ def test_slurm_flow_with_fake_slurm(prefect_harness, tmp_path, monkeypatch):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from flows.hpc import slurm_flow
+    from deploy.hpc import slurm_flow
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -7,8 +7,8 @@ from ase import Atoms
 from ase.build import fcc111
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 
-from surfdiff_core.ml.batch import SlabBatch, collate
-from surfdiff_core.ml.neighbors import neighbor_list, pair_vectors
+from surfdiff_core.geometry.batch import SlabBatch, collate
+from surfdiff_core.geometry.neighbors import neighbor_list, pair_vectors
 
 CUTOFF = 6.0
 

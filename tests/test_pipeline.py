@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from surfdiff_core.config import SampleTarget, load_config
-from surfdiff_core.ml.train import _losses, load_checkpoint, make_model, make_process
-from surfdiff_core.relax_stage import run_relax, select_candidates
+from surfdiff_core.train.trainer import _losses, load_checkpoint, make_model, make_process
+from surfdiff_core.stages.relax import run_relax, select_candidates
 from surfdiff_core.rss import run_rss
-from surfdiff_core.sampling import generate
-from surfdiff_core.stages import run_sample, run_train, store_for, target_system
+from surfdiff_core.sample.generate import generate
+from surfdiff_core.stages.common import run_sample, run_train, store_for, target_system
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_training_writes_a_loadable_checkpoint_with_provenance(trained):
     # checkpoint round trip gives identical outputs
     again = load_checkpoint(summary.checkpoint)
     system = target_system(cfg, SampleTarget(cell="p(2x2)", composition="Ag1O1"))
-    from surfdiff_core.ml.batch import collate
+    from surfdiff_core.geometry.batch import collate
 
     atoms = system.random_structure(np.random.default_rng(0))
     batch = collate([atoms], [system.movable], [system.z_box])
@@ -52,8 +52,8 @@ def test_training_writes_a_loadable_checkpoint_with_provenance(trained):
 
 def test_training_resumes_from_its_checkpoint(trained):
     cfg, store, summary = trained
-    from surfdiff_core.ml.train import train
-    from surfdiff_core.stages import checkpoint_dir, training_system
+    from surfdiff_core.train.trainer import train
+    from surfdiff_core.stages.common import checkpoint_dir, training_system
 
     res = train(store, cfg.model, cfg.train, system_id=training_system(cfg).system_id,
                 checkpoint_dir=checkpoint_dir(cfg), progress=False)
@@ -64,7 +64,7 @@ def test_training_resumes_from_its_checkpoint(trained):
 def test_tiny_dataset_is_overfit(trained):
     """Fixed noise and frames: the combined loss must fall by at least an order of magnitude."""
     cfg, store, _ = trained
-    from surfdiff_core.ml.data import element_reference_energies, load_samples
+    from surfdiff_core.train.data import element_reference_energies, load_samples
 
     samples, _ = load_samples(store, None, cfg.train.model_copy(update={"repeat": 1}))
     samples = samples[:2]
@@ -112,7 +112,7 @@ def test_guided_samples_have_lower_mlff_energy(trained):
     """Guidance follows the MLFF's own forces, so from the same seed it must end lower in MLFF energy.
     An untrained model scaled to forces of order 1 eV/Å (the 3-epoch one is too flat to show it)."""
     cfg, _, summary = trained
-    from surfdiff_core.ml.train import LoadedModel
+    from surfdiff_core.train.trainer import LoadedModel
 
     torch.manual_seed(0)
     model = make_model(cfg.model, [8, 47])

@@ -38,7 +38,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(workdir):
-    from flows.serve import free_port, start_serve
+    from deploy.serve import free_port, start_serve
 
     handles = start_serve(
         port=free_port(), prefect_home=workdir / "prefect", poll_seconds=2, health_timeout=240,
@@ -54,7 +54,7 @@ def stack(workdir):
 
 
 def _client(handles):
-    from flows.serve import _client as client
+    from deploy.serve import _client as client
 
     return client(handles.api_url)
 
@@ -76,7 +76,7 @@ def test_serve_refuses_a_busy_port(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_deployments_registered(stack):
-    from flows.serve import list_deployments
+    from deploy.serve import list_deployments
 
     assert set(FLOWS) <= set(list_deployments(stack.api_url))
     with _client(stack) as c:

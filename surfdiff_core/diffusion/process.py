@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from surfdiff_core.diffusion.schedule import VPSchedule
-from surfdiff_core.ml.batch import SlabBatch
+from surfdiff_core.geometry.batch import SlabBatch
 
 # Gaussian tails beyond this many std in mirrored coordinates are sampled with the exponential-tail
 # approximation: ndtr underflows long before the tail stops mattering (relative error ~ 1/20² there).

@@ -38,7 +38,7 @@ import torch
 
 from surfdiff_core.diffusion.guidance import DenoiserFn, Guidance
 from surfdiff_core.diffusion.process import SlabGeometry, SurfaceDiffusion, truncated_normal
-from surfdiff_core.ml.batch import SlabBatch
+from surfdiff_core.geometry.batch import SlabBatch
 
 Callback = Callable[[int, float, SlabBatch], None]
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from surfdiff_core.ml.batch import SlabBatch
-from surfdiff_core.ml.neighbors import neighbor_list, pair_vectors
+from surfdiff_core.geometry.batch import SlabBatch
+from surfdiff_core.geometry.neighbors import neighbor_list, pair_vectors
 
 
 def check_validity(

@@ -9,7 +9,7 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-from surfdiff_core.ml.batch import SlabBatch
+from surfdiff_core.geometry.batch import SlabBatch
 from surfdiff_core.ml.models import SurfaceModel
 
 __all__ = ["MLFFCalculator"]

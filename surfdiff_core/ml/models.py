@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from surfdiff_core.ml.batch import DenoiserOutput, SlabBatch
-from surfdiff_core.ml.neighbors import neighbor_list, pair_vectors
+from surfdiff_core.geometry.batch import DenoiserOutput, SlabBatch
+from surfdiff_core.geometry.neighbors import neighbor_list, pair_vectors
 from surfdiff_core.ml.painn import CosineCutoff, GaussianRBF, PaiNN
 
 __all__ = ["GatedEquivariantBlock", "ModelSpec", "SurfaceModel", "TimeEmbedding"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from surfdiff_core.ml.batch import SlabBatch
+from surfdiff_core.geometry.batch import SlabBatch
 
 __all__ = ["NeighborList", "neighbor_list", "pair_vectors"]
 

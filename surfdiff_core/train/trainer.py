@@ -28,7 +28,7 @@ from surfdiff_core.config import ModelConfig, TrainConfig
 from surfdiff_core.diffusion.process import SurfaceDiffusion
 from surfdiff_core.diffusion.schedule import VPSchedule
 from surfdiff_core.errors import SurfdiffError
-from surfdiff_core.ml.data import (
+from surfdiff_core.train.data import (
     Sample,
     data_fingerprint,
     element_reference_energies,

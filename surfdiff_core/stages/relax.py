@@ -87,7 +87,7 @@ def run_relax(
         inputs = [(candidate_structure(d), {"parent_id": d.doc_id, "doc_id": ids[d.doc_id]}) for d in todo]
         flow = make_relax_flow(inputs, rcfg.method, settings)
         if jobs_store is None:
-            from surfdiff_core.stages import jobs_store_for
+            from surfdiff_core.stages.common import jobs_store_for
 
             jobs_store = jobs_store_for(cfg, store_path)
         with warnings.catch_warnings():  # jobflow's notes on independent jobs and its own deprecations

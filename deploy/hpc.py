@@ -8,7 +8,7 @@ scripts only name them.
 
 Nothing here imports surfdiff_core (no torch & co. on the login node just to write a script); the Prefect
 flow `slurm_flow` (deployed by deploy/hpc/prefect.yaml on the login-node worker) submits a rendered script
-with `sbatch --wait` and fails when the job fails. `python -m flows.hpc render KIND CONFIG` prints a script.
+with `sbatch --wait` and fails when the job fails. `python -m deploy.hpc render KIND CONFIG` prints a script.
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> HPCSettin
 _SCRIPT = string.Template("""\
 #!/bin/bash
 ${directives}
-# surfdiff ${kind} job, rendered by flows/hpc.py for cluster '${cluster}'.
+# surfdiff ${kind} job, rendered by deploy/hpc.py for cluster '${cluster}'.
 # Secrets (SURFDIFF_MONGO_URI, PREFECT_API_KEY, ...) are inherited from the submitting environment
 # (--export=ALL) and never written into this file.
 set -euo pipefail
@@ -436,8 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []  # arguments of the surfdiff command itself
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(prog="python -m flows.hpc", description="Render surfdiff Slurm job scripts.",
-                                epilog="example: python -m flows.hpc render sample configs/demo.yaml "
+    p = argparse.ArgumentParser(prog="python -m deploy.hpc", description="Render surfdiff Slurm job scripts.",
+                                epilog="example: python -m deploy.hpc render sample configs/demo.yaml "
                                        "--settings deploy/hpc/slurm.yaml -- --n 64")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("render", help="print the sbatch script of one job")
@@ -461,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = render_sbatch(a.kind, load_settings(a.settings), config=a.config, store=a.store, args=extra,
                              job_name=a.job_name)
     except HPCConfigError as exc:
-        print(f"flows.hpc: error: {exc}", file=sys.stderr)
+        print(f"deploy.hpc: error: {exc}", file=sys.stderr)
         return 2
     if a.output:
         out = write_script(text, Path(a.output).parent, Path(a.output).name)

@@ -19,7 +19,7 @@ from ase import Atoms
 from surfdiff_core.composition import parse_composition
 from surfdiff_core.config import TrainConfig
 from surfdiff_core.errors import SurfdiffError
-from surfdiff_core.ml.batch import SlabBatch, collate
+from surfdiff_core.geometry.batch import SlabBatch, collate
 from surfdiff_core.store import ResultsStore, StructureDoc
 
 

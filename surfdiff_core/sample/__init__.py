@@ -1,0 +1,1 @@
+"""Guided generation into any cell and composition."""

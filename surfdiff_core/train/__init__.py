@@ -1,0 +1,1 @@
+"""Training: datasets from the store, the denoiser + MLFF training loop, checkpoints."""
