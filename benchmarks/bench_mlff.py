@@ -36,8 +36,8 @@ def main() -> None:
     from surfdiff_core.config import ModelConfig, config_from_dict
     from surfdiff_core.geometry.batch import collate
     from surfdiff_core.ml.calculator import MLFFCalculator
-    from surfdiff_core.train.trainer import make_model
     from surfdiff_core.system import build_system
+    from surfdiff_core.train.trainer import make_model
 
     cfg = config_from_dict({"substrate": {"element": "Ag", "lattice_constant": 4.09, "layers": 3}})
     system = build_system(cfg.substrate, cfg.confinement, "p(4x4)", "Ag12O6")

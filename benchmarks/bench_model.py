@@ -24,8 +24,8 @@ from ase import Atoms
 from ase.build import fcc111
 
 from surfdiff_core.geometry.batch import SlabBatch, collate
-from surfdiff_core.ml.models import ModelSpec, SurfaceModel
 from surfdiff_core.geometry.neighbors import neighbor_list
+from surfdiff_core.ml.models import ModelSpec, SurfaceModel
 from surfdiff_core.ml.painn import fused_kernels_available
 
 

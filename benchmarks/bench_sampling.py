@@ -27,9 +27,9 @@ def one(batch: int, guided: bool, steps: int, device: str, threads: int, shared:
     from surfdiff_core.diffusion.guidance import ForceFieldGuidance
     from surfdiff_core.diffusion.samplers import euler_maruyama
     from surfdiff_core.geometry.neighbors import neighbor_list
-    from surfdiff_core.train.trainer import make_model, make_process
     from surfdiff_core.sample.generate import prior_batch
     from surfdiff_core.system import build_system
+    from surfdiff_core.train.trainer import make_model, make_process
 
     torch.set_num_threads(threads)
     cfg = config_from_dict({"substrate": {"element": "Ag", "lattice_constant": 4.09, "layers": 3}})

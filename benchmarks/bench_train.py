@@ -13,9 +13,9 @@ import tempfile
 import torch
 
 from surfdiff_core.config import StoreConfig, config_from_dict
-from surfdiff_core.train.trainer import train
 from surfdiff_core.rss import run_rss
 from surfdiff_core.store import open_store
+from surfdiff_core.train.trainer import train
 
 
 def main() -> None:

@@ -47,8 +47,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_relax(args: argparse.Namespace) -> int:
-    from surfdiff_core.stages.relax import run_relax
     from surfdiff_core.stages.common import store_for
+    from surfdiff_core.stages.relax import run_relax
 
     cfg = _config(args.config)
     rcfg = with_overrides(cfg.relax, {"top_k": args.top_k, "method": args.method})

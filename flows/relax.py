@@ -8,8 +8,8 @@ from prefect import flow, task
 
 from flows.common import flow_run_id, load, publish_results
 from surfdiff_core.config import with_overrides
-from surfdiff_core.stages.relax import run_relax
 from surfdiff_core.stages.common import store_for
+from surfdiff_core.stages.relax import run_relax
 
 
 @task(retries=1, retry_delay_seconds=10)

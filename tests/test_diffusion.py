@@ -14,7 +14,6 @@ from ase.build import fcc111
 from scipy.stats import kstest
 
 from surfdiff_core.diffusion.guidance import ForceFieldGuidance, Guidance
-from surfdiff_core.relax.mlff import mlff_relax
 from surfdiff_core.diffusion.process import (
     SlabGeometry,
     SurfaceDiffusion,
@@ -28,6 +27,7 @@ from surfdiff_core.diffusion.samplers import SAMPLERS, euler_maruyama, probabili
 from surfdiff_core.diffusion.schedule import VPSchedule, alpha, beta, int_beta, sigma
 from surfdiff_core.diffusion.validity import check_validity
 from surfdiff_core.geometry.batch import DenoiserOutput, SlabBatch, collate
+from surfdiff_core.relax.mlff import mlff_relax
 
 BOX = (1.5, 7.5)  # confinement box above the top substrate layer, Å
 

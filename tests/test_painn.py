@@ -11,9 +11,9 @@ from ase.constraints import FixAtoms
 from ase.optimize import BFGS
 
 from surfdiff_core.geometry.batch import SlabBatch, collate
+from surfdiff_core.geometry.neighbors import neighbor_list, pair_vectors
 from surfdiff_core.ml.calculator import MLFFCalculator
 from surfdiff_core.ml.models import ModelSpec, SurfaceModel
-from surfdiff_core.geometry.neighbors import neighbor_list, pair_vectors
 from surfdiff_core.ml.painn import PaiNN, fused_kernels_available
 
 SPEC = ModelSpec(n_features=16, n_rbf=8, n_interactions=2, cutoff=4.5, elements=[8, 47], time_features=8)

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from surfdiff_core.config import SampleTarget, load_config
-from surfdiff_core.train.trainer import _losses, load_checkpoint, make_model, make_process
-from surfdiff_core.stages.relax import run_relax, select_candidates
 from surfdiff_core.rss import run_rss
 from surfdiff_core.sample.generate import generate
 from surfdiff_core.stages.common import run_sample, run_train, store_for, target_system
+from surfdiff_core.stages.relax import run_relax, select_candidates
+from surfdiff_core.train.trainer import _losses, load_checkpoint, make_model, make_process
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,8 @@ def test_training_writes_a_loadable_checkpoint_with_provenance(trained):
 
 def test_training_resumes_from_its_checkpoint(trained):
     cfg, store, summary = trained
-    from surfdiff_core.train.trainer import train
     from surfdiff_core.stages.common import checkpoint_dir, training_system
+    from surfdiff_core.train.trainer import train
 
     res = train(store, cfg.model, cfg.train, system_id=training_system(cfg).system_id,
                 checkpoint_dir=checkpoint_dir(cfg), progress=False)

@@ -20,7 +20,6 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from surfdiff_core.diffusion.process import SlabGeometry
 from surfdiff_core.geometry.batch import DenoiserOutput, SlabBatch
 
 

@@ -17,15 +17,15 @@ from tqdm.auto import tqdm
 
 from surfdiff_core.config import SampleConfig
 from surfdiff_core.diffusion.guidance import ForceFieldGuidance
-from surfdiff_core.relax.mlff import mlff_relax
 from surfdiff_core.diffusion.samplers import SAMPLERS
 from surfdiff_core.diffusion.validity import check_validity
 from surfdiff_core.errors import SurfdiffError
 from surfdiff_core.geometry.batch import SlabBatch, collate
-from surfdiff_core.train.trainer import LoadedModel
+from surfdiff_core.relax.mlff import mlff_relax
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
 from surfdiff_core.store.documents import atoms_to_structure_dict
 from surfdiff_core.system import SurfaceSystem
+from surfdiff_core.train.trainer import LoadedModel
 
 
 @dataclass

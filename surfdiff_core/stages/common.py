@@ -84,8 +84,8 @@ class TrainSummary:
 
 def run_train(cfg: SurfdiffConfig, store: ResultsStore, *, store_path: str | None = None,
               epochs: int | None = None, progress: bool = True) -> TrainSummary:
-    from surfdiff_core.train.trainer import train
     from surfdiff_core.store.models import record_model
+    from surfdiff_core.train.trainer import train
 
     system = training_system(cfg)
     res = train(store, cfg.model, cfg.train, system_id=system.system_id,
@@ -119,8 +119,8 @@ class SampleSummary:
 def run_sample(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, *, checkpoint: str | Path,
                scfg: SampleConfig | None = None, run_id: str | None = None, progress: bool = True,
                device: str | None = None) -> SampleSummary:
-    from surfdiff_core.train.trainer import load_checkpoint, pick_device
     from surfdiff_core.sample.generate import sample_into_store
+    from surfdiff_core.train.trainer import load_checkpoint, pick_device
 
     scfg = scfg or cfg.sample
     dev = pick_device(device or scfg.device)

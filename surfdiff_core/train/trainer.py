@@ -28,6 +28,8 @@ from surfdiff_core.config import ModelConfig, TrainConfig
 from surfdiff_core.diffusion.process import SurfaceDiffusion
 from surfdiff_core.diffusion.schedule import VPSchedule
 from surfdiff_core.errors import SurfdiffError
+from surfdiff_core.ml.models import ModelSpec, SurfaceModel
+from surfdiff_core.store import ResultsStore
 from surfdiff_core.train.data import (
     Sample,
     data_fingerprint,
@@ -36,8 +38,6 @@ from surfdiff_core.train.data import (
     load_samples,
     structure_batch,
 )
-from surfdiff_core.ml.models import ModelSpec, SurfaceModel
-from surfdiff_core.store import ResultsStore
 
 CHECKPOINT_FORMAT = "surfdiff-checkpoint-1"
 
