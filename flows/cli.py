@@ -1,24 +1,142 @@
-"""The `surfdiff` console script: the library's commands plus the orchestrated ones (run, relax, serve)."""
+"""The `surfdiff` command line, one module: thin argument parsing over the library's stages and the flows.
+
+User errors: one line on stderr, exit code 2. `--store PATH` means one thing in every command: the embedded
+store at PATH (the config's server or in-memory backend is swapped for the embedded default).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from surfdiff_core.cli import _config
-from surfdiff_core.cli import main as core_main
-from surfdiff_core.config import with_overrides
-from surfdiff_core.errors import ConfigError
+from surfdiff_core.errors import ConfigError, SurfdiffError
+
+STORE_HELP = "the embedded store at PATH (default: store of the config)"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def load_study(config: str, store: str | None = None, *, one_process: bool = False):
+    """The config, parsed once for the whole command, with --store applied."""
+    from surfdiff_core.config import load_config
+    from surfdiff_core.stages.common import with_store_path
+
+    cfg = with_store_path(load_config(config), store)
+    if cfg.store.backend == "memory" and not one_process:
+        raise ConfigError("store.backend 'memory' keeps nothing between commands: use `surfdiff run`, or pass "
+                          "--store PATH for the embedded store")
+    return cfg
+
+
+def _positive(name: str, value: int | None, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise ConfigError(f"--{name} must be >= {minimum} (got {value})")
+
+
+# ---- stages -----------------------------------------------------------------------------------------------
+def cmd_rss(args: argparse.Namespace) -> int:
+    from surfdiff_core.rss import resolve_lattice, systems_for
+    from surfdiff_core.stages import rss
+    from surfdiff_core.stages.common import open_study_store
+
+    cfg = load_study(args.config, args.store)
+    _positive("n", args.n, 0)
+    _positive("workers", args.workers)
+    # Validate the whole search (systems, box, lattice) before the store is opened: nothing half-written.
+    systems_for(cfg, cfg.rss.cell, cfg.rss.compositions, resolve_lattice(cfg))
+    with open_study_store(cfg) as store:
+        r = rss.run(cfg, store, n=args.n, seed=args.seed, workers=args.workers, run_id=args.run_id)
+        label = store.label
+    print(f"RSS: {r.done} relaxed, {r.skipped} already in the store, {r.failed} failed, {r.out_of_box} left the "
+          f"box; {r.per_minute:.1f} relaxations/min")
+    for comp, e in sorted(r.best.items()):
+        print(f"  best {comp}: {e:.4f} eV")
+    print(f"study {r.study}, energy model {r.energy_model}, run {r.run_id}; store: {label}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from surfdiff_core.stages import train
+    from surfdiff_core.stages.common import open_study_store
+
+    cfg = load_study(args.config, args.store)
+    _positive("epochs", args.epochs)
+    with open_study_store(cfg) as store:
+        s = train.run(cfg, store, epochs=args.epochs, device=args.device)
+    last = s.history[-1] if s.history else {}
+    if s.resumed_from:
+        print(f"resumed from its checkpoint at epoch {s.resumed_from}")
+    print(f"model {s.model_id}: {s.epochs} epochs, best validation loss {s.best_val:.4f} "
+          f"(score {last.get('val_score', float('nan')):.4f}, forces {last.get('val_forces', float('nan')):.4f}); "
+          f"{s.n_train} train / {s.n_val} validation structures; {s.samples_per_second:.1f} samples/s")
+    print(f"trained on study {s.study}, system {s.system_id}, energy model {', '.join(s.energy_models)}")
+    print(f"checkpoint: {s.checkpoint}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from surfdiff_core.config import with_overrides
+    from surfdiff_core.stages import sample
+    from surfdiff_core.stages.common import open_study_store, sample_targets, target_system
+
+    if args.checkpoint:
+        raise ConfigError("--checkpoint was replaced by --model-id (see `surfdiff query --config CONFIG --models`)")
+    cfg = load_study(args.config, args.store)
+    scfg = with_overrides(cfg.sample, {"n": args.n, "steps": args.steps, "guidance": args.guidance,
+                                       "sampler": args.sampler, "seed": args.seed, "batch_size": args.batch_size,
+                                       "eta_dt": args.eta_dt, "relax": args.relax})
+    targets = sample_targets(cfg, [args.cell] if args.cell else None,
+                             [args.composition] if args.composition else None)
+    for t in targets:  # validate every target (cell, composition, box) before any work
+        target_system(cfg, t)
+    model = sample.resolve_model(cfg, model_id=args.model_id)
+    with open_study_store(cfg) as store:
+        res = sample.run(cfg, store, targets=targets, scfg=scfg, model_id=model.model_id, run_id=args.run_id,
+                         device=args.device)
+    for s in res.targets:
+        best = f"{s.best_energy:.3f} eV" if s.best_energy is not None else "-"
+        print(f"{s.composition} {s.cell}: {s.n_valid}/{s.n} valid (rejection rate {s.rejection_rate:.1%}), "
+              f"best MLFF energy {best}, {s.structure_steps_per_second:.1f} structure-steps/s")
+    print(f"model {res.model_id}, run {res.run_id}")
+    if args.json:
+        print(json.dumps([t for t in res.as_dict(ids=False)["targets"]], indent=1))
+    return 0
+
+
+def cmd_relax(args: argparse.Namespace) -> int:
+    from surfdiff_core.config import with_overrides
+    from surfdiff_core.stages import relax
+    from surfdiff_core.stages.common import open_study_store
+
+    cfg = load_study(args.config, args.store)
+    rcfg = with_overrides(cfg.relax, {"top_k": args.top_k, "method": args.method})
+    with open_study_store(cfg) as store:
+        s = relax.run(cfg, store, rcfg=rcfg, model_id=args.model_id, run_id=args.run_id)
+    if not s.candidates:
+        raise SurfdiffError(f"nothing to relax: study {cfg.name!r} has no valid generated structures of that model "
+                            f"(run `surfdiff sample CONFIG` first)")
+    print(f"relax ({s.method}): {s.candidates} candidates, {s.relaxed} relaxed, {s.skipped} reused, "
+          f"{s.failed} failed")
+    for key, e in sorted(s.best.items()):
+        print(f"  best {key}: {e:.4f} eV")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = _config(args.config)  # one clear line for a broken config, before Prefect starts
-    if args.rss_n is not None and args.rss_n < 0:
-        raise ConfigError("--rss-n must be >= 0")
-    from surfdiff_core.stages.common import sample_targets, target_system
+    from surfdiff_core.config import with_overrides
+    from surfdiff_core.stages.common import data_root, sample_targets, target_system
 
+    cfg = load_study(args.config, args.store, one_process=True)  # one clear line before Prefect starts
+    _positive("rss-n", args.rss_n, 0)
+    if args.rss_n is not None:
+        cfg = cfg.model_copy(update={"rss": with_overrides(cfg.rss, {"n": args.rss_n})})
     for t in sample_targets(cfg):
         target_system(cfg, t)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -27,68 +145,184 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.discovery import discovery_flow
 
-    result = discovery_flow(config_path=args.config, store_path=args.store, rss_n=args.rss_n)
-    store = args.store or cfg.store.path
+    result = discovery_flow(study=cfg)
     print("\n=== surfdiff discovery finished ===")
-    print(f"RSS: {result['rss']['done']} new + {result['rss']['skipped']} reused structures")
-    print(f"model: {result['model']['model_id']} ({result['model']['checkpoint']})")
-    if result["model"].get("resumed_from"):
-        print(f"resumed training at epoch {result['model']['resumed_from']}")
-    for r in result["samples"]:
+    rss, model = result["rss"], result["model"]
+    print(f"study {cfg.name}: RSS: {rss['done']} new + {rss['skipped']} reused structures")
+    print(f"model: {model['model_id']} ({model['checkpoint']})")
+    if model.get("resumed_from"):
+        print(f"resumed training at epoch {model['resumed_from']}")
+    for r in result["samples"]["targets"]:
         best = f"{r['best_energy']:.4f} eV" if r["best_energy"] is not None else "-"
         print(f"generated {r['composition']} {r['cell']}: {r['n_valid']}/{r['n']} valid, best MLFF energy {best}")
     for key, e in sorted(result["relax"]["best"].items()):
         print(f"relaxed ({result['relax']['method']}) best {key}: {e:.4f} eV")
-    print(f"\nresults store: {store} ({cfg.store.backend}); figures: {os.path.join(os.path.dirname(store), 'figures')}")
+    print(f"\nresults store: {cfg.store.path} ({cfg.store.backend}); figures: {data_root(cfg) / 'figures'}")
     print("query them with, e.g.:")
     print(f"  surfdiff query --config {args.config} --source relaxed --top 5")
     print(f"  surfdiff query --config {args.config} --source generated --top 10 --export best.extxyz")
     return 0
 
 
-def cmd_relax(args: argparse.Namespace) -> int:
-    from surfdiff_core.stages.common import store_for
-    from surfdiff_core.stages.relax import run_relax
+# ---- query ------------------------------------------------------------------------------------------------
+def cmd_query(args: argparse.Namespace) -> int:
+    from surfdiff_core.config import StoreConfig, SurfdiffConfig
+    from surfdiff_core.export import export_docs
+    from surfdiff_core.query import best_per_group, build_criteria, descendants, lineage, print_table, query_docs
+    from surfdiff_core.stages.common import model_registry, open_study_store, with_store_path
 
-    cfg = _config(args.config)
-    rcfg = with_overrides(cfg.relax, {"top_k": args.top_k, "method": args.method})
-    with store_for(cfg, args.store) as store:
-        s = run_relax(cfg, store, rcfg=rcfg, store_path=args.store)
-    print(f"relax ({s.method}): {s.candidates} candidates, {s.relaxed} relaxed, {s.skipped} reused, "
-          f"{s.failed} failed")
-    for key, e in sorted(s.best.items()):
-        print(f"  best {key}: {e:.4f} eV")
+    if args.config:
+        cfg = load_study(args.config, args.store)
+    else:
+        path = args.store or StoreConfig().path
+        if not Path(path).exists():
+            raise ConfigError(f"no results store at {path} (run `surfdiff rss CONFIG` first or pass --store)")
+        cfg = with_store_path(SurfdiffConfig(), path)
+    # With a config, every selection is scoped to its study unless another study is named.
+    study = args.study or (cfg.name if args.config and not args.all_studies else None)
+    crit = build_criteria(
+        study=study, energy_model=args.energy_model, system=args.system, composition=args.composition,
+        cell=args.cell, source=args.source, max_energy=args.max_energy, run_id=args.run_id,
+        model_id=args.model_id, valid_only=args.valid_only,
+    )
+    if args.export and Path(args.export).suffix.lower() not in (".extxyz", ".xyz", ".cif"):
+        raise ConfigError(f"cannot export to {args.export!r}: use a .extxyz, .xyz or .cif file name")
+    _positive("best", args.best)
+    _positive("top", args.top)
+    if args.models:
+        with model_registry(cfg) as registry:
+            records = registry.find(study=study)
+        keys = ["model_id", "study", "system_id", "energy_models", "epochs", "best_val", "n_train", "checkpoint"]
+        rows = [{k: getattr(r, k) for k in keys} for r in records]
+        print(json.dumps(rows, indent=1, default=str) if args.json else
+              "\n".join(" ".join(str(r[k]) for k in keys) for r in rows) or "no trained models")
+        return 0
+    with open_study_store(cfg) as store:
+        if args.lineage:
+            docs = lineage(store, args.lineage)
+            docs += [d for d in descendants(store, args.lineage) if d.doc_id not in {x.doc_id for x in docs}]
+        else:
+            docs = query_docs(store, crit, top=args.top)
+        if args.best:
+            groups = best_per_group(docs, k=args.best)
+            docs = [d for key in sorted(groups) for d in groups[key]]
+    if args.export:
+        out = export_docs(docs, args.export)
+        print(f"exported {len(docs)} structures to {out}", file=sys.stderr)
+    if args.json:
+        print(json.dumps([d.summary() for d in docs], indent=1, default=str))
+    else:
+        print_table(docs, scope=f"study {study}" if study else "all studies")
     return 0
 
 
-def _add_run(sub, name: str) -> None:
-    p = sub.add_parser(name, help="the whole discovery pipeline (Prefect flow, embedded store, no server)")
-    p.add_argument("config")
-    p.add_argument("--store", default=None)
-    p.add_argument("--rss-n", type=int, default=None, help="override rss.n")
-    p.set_defaults(func=cmd_run)
+# ---- parser -----------------------------------------------------------------------------------------------
+def _add_stage_parsers(sub) -> None:
+    r = sub.add_parser("rss", help="random structure search: training data into the store")
+    r.add_argument("config", help="YAML config (see configs/)")
+    r.add_argument("--n", type=int, default=None, help="number of structures (default: rss.n of the config)")
+    r.add_argument("--seed", type=int, default=None, help="run seed (default: rss.seed)")
+    r.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: rss.workers)")
+    r.add_argument("--run-id", default=None, help="label stored with every document")
+    r.set_defaults(func=cmd_rss)
+
+    t = sub.add_parser("train", help="train the denoiser and MLFF on the study's RSS data")
+    t.add_argument("config")
+    t.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="generate structures with the study's trained model into the store")
+    s.add_argument("config")
+    s.add_argument("--cell", default=None, help="e.g. 'p(4x4)' (default: sample.targets of the config)")
+    s.add_argument("--composition", default=None, help="e.g. Ag12O6")
+    s.add_argument("--n", type=int, default=None)
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--sampler", choices=["em", "ode"], default=None)
+    s.add_argument("--guidance", action=argparse.BooleanOptionalAction, default=None,
+                   help="force-field guidance (default: sample.guidance)")
+    s.add_argument("--relax", action=argparse.BooleanOptionalAction, default=None,
+                   help="short MLFF relaxation after sampling")
+    s.add_argument("--eta-dt", type=float, default=None, help="guidance strength ηΔt in Å²/eV (paper: 0.001)")
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--model-id", default=None,
+                   help="registered model (default: the newest for this study, system and energy model)")
+    s.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)  # replaced by --model-id
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    s.add_argument("--run-id", default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_sample)
+
+    x = sub.add_parser("relax", help="relax the study's best generated candidates (jobflow/atomate2)")
+    x.add_argument("config")
+    x.add_argument("--top-k", type=int, default=None)
+    x.add_argument("--method", default=None, help="emt | chgnet | sevennet | gpaw | vasp")
+    x.add_argument("--model-id", default=None, help="candidates of this model (default: the newest)")
+    x.add_argument("--run-id", default=None, help="candidates of this sampling run only")
+    x.set_defaults(func=cmd_relax)
+
+    u = sub.add_parser("run", help="the whole discovery pipeline (Prefect flow, embedded store, no server)")
+    u.add_argument("config")
+    u.add_argument("--rss-n", type=int, default=None, help="override rss.n")
+    u.set_defaults(func=cmd_run)
+    for p in (r, t, s, x, u):
+        p.add_argument("--store", default=None, metavar="PATH", help=STORE_HELP)
 
 
-def _add_relax(sub, name: str) -> None:
-    p = sub.add_parser(name, help="relax the best generated candidates (jobflow/atomate2)")
-    p.add_argument("config")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--method", default=None, help="emt | chgnet | sevennet | gpaw | vasp")
-    p.add_argument("--store", default=None)
-    p.set_defaults(func=cmd_relax)
+def _add_query_parser(sub) -> None:
+    q = sub.add_parser("query", help="list, filter and export structures from the store")
+    q.add_argument("--config", default=None, help="the store and study of this config")
+    q.add_argument("--store", default=None, metavar="PATH", help="the embedded store at PATH (default data/store)")
+    q.add_argument("--study", default=None, help="only this study (default with --config: the config's name)")
+    q.add_argument("--all-studies", action="store_true", help="with --config: every study in its store")
+    q.add_argument("--energy-model", default=None, help="e.g. emt, chgnet")
+    q.add_argument("--system", default=None, help="system id, e.g. 'Ag(fcc111)-c(2x8)-L3'")
+    q.add_argument("--composition", default=None, help="overlayer composition, e.g. Ag6O3")
+    q.add_argument("--cell", default=None, help="cell name, e.g. 'p(4x4)'")
+    q.add_argument("--source", default=None, help="rss | generated | relaxed | dft")
+    q.add_argument("--max-energy", type=float, default=None, help="only energies <= E (eV)")
+    q.add_argument("--run-id", default=None)
+    q.add_argument("--model-id", default=None)
+    q.add_argument("--valid-only", action="store_true", help="skip failed and out-of-box structures")
+    q.add_argument("--top", type=int, default=None, help="the K lowest-energy structures")
+    q.add_argument("--best", type=int, default=None, metavar="K",
+                   help="the K lowest-energy structures per (system, composition, source)")
+    q.add_argument("--lineage", default=None, metavar="DOC_ID",
+                   help="provenance chain of a document: its parents (generated -> relaxed -> dft) and children")
+    q.add_argument("--models", action="store_true", help="list the trained models (the model registry) instead")
+    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    q.add_argument("--export", default=None, help="write the structures to FILE.extxyz or FILE.cif")
+    q.set_defaults(func=cmd_query)
 
 
-def _add_serve(sub, name: str) -> None:
+def build_parser() -> argparse.ArgumentParser:
     from deploy.serve import add_serve_parser
 
-    add_serve_parser(sub, name)
-
-
-COMMANDS = {"relax": _add_relax, "run": _add_run, "serve": _add_serve}
+    p = _Parser(prog="surfdiff", description="Generative diffusion for surface structure discovery.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_stage_parsers(sub)
+    _add_query_parser(sub)
+    add_serve_parser(sub, "serve")
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return core_main(argv, extra=COMMANDS)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SurfdiffError as exc:
+        print(f"surfdiff {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"surfdiff {args.command}: interrupted; finished work is saved, rerun to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001
+        if os.environ.get("SURFDIFF_DEBUG"):
+            raise
+        print(f"surfdiff {args.command}: error: {type(exc).__name__}: {exc} (SURFDIFF_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

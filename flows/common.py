@@ -1,4 +1,4 @@
-"""What every flow shares: the config (validated once, per run), the store, and artifacts."""
+"""What every flow shares: the study (parsed once per run and handed on as a value), and artifacts."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
 
-from surfdiff_core.config import SurfdiffConfig, load_config
+from surfdiff_core.config import SurfdiffConfig, config_from_dict, load_config
+from surfdiff_core.errors import ConfigError
 from surfdiff_core.query import best_per_group
 from surfdiff_core.report import energy_histogram, markdown_table, png_markdown, structure_views
-from surfdiff_core.stages.common import data_root
+from surfdiff_core.stages.common import figure_dir, with_store_path
 from surfdiff_core.store import ResultsStore
 
 
@@ -20,8 +21,18 @@ def show_progress() -> bool:
     return os.environ.get("SURFDIFF_PROGRESS") == "1"
 
 
-def load(config_path: str) -> SurfdiffConfig:
-    return load_config(config_path)
+def resolve_study(study: SurfdiffConfig | None, config_path: str | None,
+                  store_path: str | None = None) -> SurfdiffConfig:
+    """The study of a flow run: the typed form's value (the UI), or a config file (a path stays accepted).
+    An explicit config_path wins: deployments carry a default study, and `-p config_path=...` must replace it.
+    Parsed here once; every stage after this gets the value, so editing the YAML mid-run changes nothing."""
+    if config_path:
+        cfg = load_config(config_path)
+    elif study is not None:
+        cfg = study if isinstance(study, SurfdiffConfig) else config_from_dict(study, source="study")
+    else:
+        raise ConfigError("give the study (the typed form) or a config_path")
+    return with_store_path(cfg, store_path)
 
 
 def flow_run_id() -> str | None:
@@ -38,15 +49,12 @@ def artifact_key(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:60]
 
 
-def publish_results(
-    cfg: SurfdiffConfig, store: ResultsStore, *, sources: list[str], title: str, store_path: str | None = None,
-    criteria: dict | None = None, top: int = 3,
-) -> dict:
-    """Artifacts for the documents of `sources`: best-energy table, energy histogram, top/side views."""
+def publish_results(cfg: SurfdiffConfig, store: ResultsStore, *, doc_ids: list[str], title: str,
+                    top: int = 3) -> dict:
+    """Artifacts for the documents a stage made: best-energy table, energy histogram, top/side views."""
     logger = get_run_logger()
     # Everything with an energy, including structures that relaxed out of the box (flagged in the documents).
-    crit = {"source": {"$in": sources}, "valid": True, "energy": {"$ne": None},
-            **(criteria or {})}
+    crit = {"doc_id": {"$in": list(doc_ids)}, "study": cfg.name, "valid": True, "energy": {"$ne": None}}
     docs = list(store.find(crit))
     if not docs:
         logger.info("no documents to report for %s", title)
@@ -57,7 +65,7 @@ def publish_results(
             for (s, c, src), ds in sorted(best.items()) for r, d in enumerate(ds)]
     create_table_artifact(key=artifact_key(f"{cfg.name}-{title}-best"), table=rows,
                           description=f"{title}: lowest energies per system, composition and source")
-    figdir = data_root(cfg, store_path) / "figures"
+    figdir = figure_dir(cfg)
     groups: dict[str, list[float]] = {}
     for d in docs:
         groups.setdefault(f"{d.source} {d.composition} {d.cell}", []).append(d.energy)

@@ -1,35 +1,32 @@
-"""Relaxation flow: the best K generated candidates per composition/cell through jobflow (atomate2 makers)."""
+"""Relaxation flow: the best K distinct candidates per composition/cell through jobflow (atomate2 makers)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from prefect import flow, task
 
-from flows.common import flow_run_id, load, publish_results
-from surfdiff_core.config import with_overrides
-from surfdiff_core.stages.common import store_for
-from surfdiff_core.stages.relax import run_relax
+from flows.common import flow_run_id, publish_results, resolve_study
+from surfdiff_core.config import RelaxConfig, SurfdiffConfig, with_overrides
+from surfdiff_core.stages import relax
+from surfdiff_core.stages.common import open_study_store
+from surfdiff_core.stages.results import RelaxResult, SampleResult
 
 
 @task(retries=1, retry_delay_seconds=10)
-def relax_task(config_path: str, store_path: str | None, overrides: dict, run_id: str | None) -> dict:
-    cfg = load(config_path)
-    rcfg = with_overrides(cfg.relax, overrides)
-    with store_for(cfg, store_path) as store:
-        s = run_relax(cfg, store, rcfg=rcfg, run_id=run_id, store_path=store_path)
-    return asdict(s)
+def relax_task(cfg: SurfdiffConfig, upstream: SampleResult | None, rcfg: RelaxConfig, model_id: str | None,
+               run_id: str | None) -> RelaxResult:
+    with open_study_store(cfg) as store:
+        return relax.run(cfg, store, upstream, rcfg=rcfg, model_id=model_id, run_id=run_id)
 
 
 @flow(name="relax", log_prints=True)
-def relax_flow(config_path: str = "configs/demo.yaml", top_k: int | None = None, method: str | None = None,
-               store_path: str | None = None) -> dict:
+def relax_flow(study: SurfdiffConfig | None = None, config_path: str | None = None,
+               upstream: SampleResult | None = None, top_k: int | None = None, method: str | None = None,
+               model_id: str | None = None, store_path: str | None = None) -> RelaxResult:
     """Relax the best generated candidates with the oracle / DFT (EMT, CHGNet, SevenNet, GPAW, VASP)."""
-    cfg = load(config_path)
-    overrides = {"top_k": top_k, "method": method}
-    with_overrides(cfg.relax, overrides)  # validate before work
-    s = relax_task(config_path, store_path, overrides, flow_run_id())
-    with store_for(cfg, store_path) as store:
-        publish_results(cfg, store, sources=["relaxed", "dft"], title="Relaxed candidates", store_path=store_path)
-    print(f"relax ({s['method']}): {s['relaxed']} relaxed, {s['skipped']} reused, {s['failed']} failed")
+    cfg = resolve_study(study, config_path, store_path)
+    rcfg = with_overrides(cfg.relax, {"top_k": top_k, "method": method})  # validated before work
+    s = relax_task(cfg, upstream, rcfg, model_id, upstream.run_id if upstream else flow_run_id())
+    with open_study_store(cfg) as store:
+        publish_results(cfg, store, doc_ids=s.doc_ids, title="Relaxed candidates")
+    print(f"relax ({s.method}): {s.relaxed} relaxed, {s.skipped} reused, {s.failed} failed")
     return s

@@ -2,31 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from prefect import flow, task
 
-from flows.common import flow_run_id, load, publish_results, show_progress
-from surfdiff_core.rss import run_rss
-from surfdiff_core.stages.common import store_for
+from flows.common import flow_run_id, publish_results, resolve_study, show_progress
+from surfdiff_core.config import SurfdiffConfig
+from surfdiff_core.stages import rss
+from surfdiff_core.stages.common import open_study_store
+from surfdiff_core.stages.results import RSSResult
 
 
 @task(retries=2, retry_delay_seconds=5)
-def rss_task(config_path: str, n: int | None, seed: int | None, workers: int | None,
-             store_path: str | None, run_id: str | None) -> dict:
-    cfg = load(config_path)
-    with store_for(cfg, store_path) as store:
-        report = run_rss(cfg, store, n=n, seed=seed, workers=workers, run_id=run_id, progress=show_progress())
-    return {**asdict(report), "per_minute": report.per_minute}
+def rss_task(cfg: SurfdiffConfig, n: int | None, seed: int | None, workers: int | None,
+             run_id: str | None) -> RSSResult:
+    with open_study_store(cfg) as store:
+        return rss.run(cfg, store, n=n, seed=seed, workers=workers, run_id=run_id, progress=show_progress())
 
 
 @flow(name="rss", log_prints=True)
-def rss_flow(config_path: str = "configs/demo.yaml", n: int | None = None, seed: int | None = None,
-             workers: int | None = None, store_path: str | None = None) -> dict:
+def rss_flow(study: SurfdiffConfig | None = None, config_path: str | None = None, n: int | None = None,
+             seed: int | None = None, workers: int | None = None, store_path: str | None = None) -> RSSResult:
     """Random structure search: training data for the diffusion model."""
-    cfg = load(config_path)  # validated once, before any work
-    report = rss_task(config_path, n, seed, workers, store_path, flow_run_id())
-    with store_for(cfg, store_path) as store:
-        publish_results(cfg, store, sources=["rss"], title="RSS training data", store_path=store_path)
-    print(f"RSS: {report['done']} relaxed, {report['skipped']} reused, {report['failed']} failed")
-    return report
+    cfg = resolve_study(study, config_path, store_path)
+    result = rss_task(cfg, n, seed, workers, flow_run_id())
+    with open_study_store(cfg) as store:
+        publish_results(cfg, store, doc_ids=result.doc_ids, title="RSS training data")
+    print(f"RSS ({cfg.name}): {result.done} relaxed, {result.skipped} reused, {result.failed} failed")
+    return result

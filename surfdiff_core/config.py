@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from ase.data import atomic_numbers
+from ase.data import atomic_numbers, chemical_symbols
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from surfdiff_core.cells import cell_matrix
@@ -26,8 +26,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Offered as choices in typed forms (the Prefect UI); validated below with a one-line error.
+_ELEMENT_CHOICES = {"enum": [s for s in chemical_symbols if s != "X"]}
+
+
 class SubstrateConfig(_Strict):
-    element: str = "Ag"
+    element: str = Field("Ag", json_schema_extra=_ELEMENT_CHOICES)
     facet: Literal["fcc111", "fcc100", "fcc110", "hcp0001"] = "fcc111"
     # A number (Å), or 'auto' = relaxed bulk lattice constant of the chosen oracle (cached on disk).
     lattice_constant: float | Literal["auto"] = "auto"
@@ -73,9 +77,22 @@ class ConfinementConfig(_Strict):
         return self
 
 
+def energy_model_key(name: str, settings: dict[str, Any] | None = None) -> str:
+    """Which energy model produced an energy: the oracle name, plus a hash of its settings when it has any.
+    Energies of different keys are never compared or mixed unless the config says how."""
+    if not settings:
+        return name
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{name}:{digest}"
+
+
 class OracleConfig(_Strict):
     name: Literal["emt", "chgnet", "sevennet", "gpaw", "vasp"] = "emt"
     settings: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def energy_model(self) -> str:
+        return energy_model_key(self.name, self.settings)
 
 
 class RSSConfig(_Strict):
@@ -129,6 +146,20 @@ class TrainConfig(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_frames_per_structure: int = Field(4, ge=1)  # relaxation frames used for the MLFF loss
+    # Energy models whose documents train the model (None = the study's oracle only). Several models need
+    # `combine: reference_shift`: per-model element reference energies are fitted and removed, so energies
+    # land on the first model's scale.
+    energy_models: list[str] | None = None
+    combine: Literal["none", "reference_shift"] = "none"
+
+    @model_validator(mode="after")
+    def _combine_needed(self) -> TrainConfig:
+        if self.energy_models is not None and not self.energy_models:
+            raise ValueError("train.energy_models: give at least one energy model, or leave it out")
+        if self.energy_models and len(set(self.energy_models)) > 1 and self.combine == "none":
+            raise ValueError("train.energy_models names several energy models: set train.combine: "
+                             "reference_shift to say how their energies are combined")
+        return self
 
 
 class SampleTarget(_Strict):
@@ -158,18 +189,25 @@ class SampleConfig(_Strict):
 class RelaxConfig(_Strict):
     method: Literal["emt", "chgnet", "sevennet", "gpaw", "vasp"] = "emt"
     settings: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def energy_model(self) -> str:
+        return energy_model_key(self.method, self.settings)
     top_k: int = Field(3, ge=1)  # best candidates per composition and cell
     fmax: float = Field(0.05, gt=0)
     steps: int = Field(200, ge=1)
 
 
 class StoreConfig(_Strict):
-    # 'monty' = embedded on-disk MontyStore (default, no server); 'mongo' = MongoStore whose URI comes from the
-    # environment variable SURFDIFF_MONGO_URI (never from this file); 'memory' for tests; 'json' for a file.
-    backend: Literal["monty", "mongo", "memory", "json"] = "monty"
+    # 'sqlite' = embedded SQLite file '<path>/<database>.sqlite3' (default: WAL, indexed, several writers);
+    # 'mongo' = MongoStore whose URI comes from the environment variable SURFDIFF_MONGO_URI (never from this
+    # file); 'memory' for tests; 'json' for a file; 'monty' = the MontyStore of earlier versions (unindexed).
+    backend: Literal["sqlite", "monty", "mongo", "memory", "json"] = "sqlite"
     path: str = "data/store"
     database: str = "surfdiff"
     collection: str = "structures"
+    server_timeout_s: float = Field(5.0, gt=0)  # mongo: an unreachable server fails after this long
+    busy_timeout_s: float = Field(60.0, gt=0)  # sqlite: how long a writer waits for another one
 
 
 class SurfdiffConfig(_Strict):

@@ -12,6 +12,9 @@ from surfdiff_core.store.documents import SOURCES
 
 def build_criteria(
     *,
+    study: str | None = None,
+    energy_model: str | None = None,
+    model_id: str | None = None,
     system: str | None = None,
     composition: str | None = None,
     cell: str | None = None,
@@ -21,6 +24,12 @@ def build_criteria(
     valid_only: bool = False,
 ) -> dict[str, Any]:
     crit: dict[str, Any] = {}
+    if study:
+        crit["study"] = study
+    if energy_model:
+        crit["energy_model"] = energy_model
+    if model_id:
+        crit["model_id"] = model_id
     if system:
         crit["system_id"] = system
     if composition:
@@ -88,3 +97,20 @@ def descendants(store: ResultsStore, doc_id: str) -> list[StructureDoc]:
         out.extend(children)
         frontier = [c.doc_id for c in children]
     return out
+
+
+def print_table(docs: list[StructureDoc], scope: str = "") -> None:
+    if not docs:
+        print(f"no matching structures ({scope})" if scope else "no matching structures")
+        return
+    head = (f"{'doc_id':30} {'source':9} {'study':12} {'system':28} {'composition':11} {'energy/eV':>11} "
+            f"{'fmax':>6} {'steps':>5}")
+    print(head)
+    for d in docs:
+        e = f"{d.energy:11.4f}" if d.energy is not None else f"{'-':>11}"
+        f = f"{d.fmax:6.3f}" if d.fmax is not None else f"{'-':>6}"
+        s = f"{d.steps:5d}" if d.steps is not None else f"{'-':>5}"
+        flag = "" if d.valid and d.in_box else ("  (error)" if d.error else "  (out of box)")
+        print(f"{d.doc_id:30} {d.source:9} {str(d.study)[:12]:12} {d.system_id:28} {d.composition:11} {e} {f} "
+              f"{s}{flag}")
+    print(f"{len(docs)} structures" + (f" ({scope})" if scope else ""))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,8 @@ class RSSReport:
     out_of_box: int = 0
     wall_time: float = 0.0
     best: dict[str, float] = field(default_factory=dict)
+    doc_ids: list[str] = field(default_factory=list)  # every planned structure, finished now or before
+    lost: dict[str, str] = field(default_factory=dict)  # doc_id -> why its worker/job died (not stored)
 
     @property
     def per_minute(self) -> float:
@@ -77,7 +79,8 @@ def systems_for(cfg: SurfdiffConfig, cell: Any, compositions: list[str], lattice
 
 
 def plan_tasks(cfg: SurfdiffConfig, systems: dict[str, SurfaceSystem], n: int, seed: int) -> list[RSSTask]:
-    """n structures spread round-robin over the compositions; ids fixed by (system, oracle, config, seed, i)."""
+    """n structures spread round-robin over the compositions; ids fixed by (study, system, oracle, config, seed,
+    i), so two studies in one store never share or skip each other's structures."""
     comps = list(systems)
     config_hash = cfg.section_hash("substrate", "confinement", "oracle")
     tasks = []
@@ -85,7 +88,7 @@ def plan_tasks(cfg: SurfdiffConfig, systems: dict[str, SurfaceSystem], n: int, s
         comp = comps[i % len(comps)]
         sub_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
         doc_id = make_doc_id(
-            "rss", systems[comp].system_id, comp, config_hash, cfg.rss.min_distance_scale, cfg.rss.fmax,
+            "rss", cfg.name, systems[comp].system_id, comp, config_hash, cfg.rss.min_distance_scale, cfg.rss.fmax,
             cfg.rss.steps, seed, i,
         )
         tasks.append(RSSTask(index=i, composition=comp, seed=sub_seed, doc_id=doc_id))
@@ -96,9 +99,7 @@ def plan_tasks(cfg: SurfdiffConfig, systems: dict[str, SurfaceSystem], n: int, s
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(oracle: str, settings: dict, threads: int) -> None:
-    from surfdiff_core.oracles import get_calculator
-
+def _init_worker(threads: int) -> None:
     try:
         import torch
 
@@ -107,7 +108,17 @@ def _init_worker(oracle: str, settings: dict, threads: int) -> None:
         pass
     # Relaxations of small slabs: multi-threaded BLAS (BFGS's eigh) only adds overhead, ~20x here.
     _WORKER["blas"] = threadpool_limits(1, user_api="blas")
-    _WORKER["calc"] = get_calculator(oracle, **settings)
+
+
+def _worker_calculator(oracle: str, settings: dict):
+    """One calculator per worker process and energy model (loading CHGNet once, not per structure)."""
+    from surfdiff_core.config import energy_model_key
+    from surfdiff_core.oracles import get_calculator
+
+    key = energy_model_key(oracle, settings)
+    if _WORKER.get("calc_key") != key:
+        _WORKER["calc"], _WORKER["calc_key"] = get_calculator(oracle, **settings), key
+    return _WORKER["calc"]
 
 
 def relax_task(
@@ -116,11 +127,12 @@ def relax_task(
     """Place and relax one structure; returns its document (an error is recorded, never raised)."""
     from surfdiff_core.relax.ase_relax import relax_atoms
 
-    calc = calculator if calculator is not None else _WORKER["calc"]
+    calc = calculator if calculator is not None else _worker_calculator(cfg.oracle.name, cfg.oracle.settings)
     rng = np.random.default_rng(task.seed)
     initial = system.random_structure(rng)
     base = dict(
-        doc_id=task.doc_id, source="rss", composition=system.composition, system_id=system.system_id,
+        doc_id=task.doc_id, source="rss", study=cfg.name, energy_model=cfg.oracle.energy_model,
+        composition=system.composition, system_id=system.system_id,
         element=system.element, facet=system.facet, cell=system.cell, n_substrate=system.n_substrate,
         movable=system.movable.tolist(), fixed=system.fixed_indices.tolist(), z_box=list(system.z_box),
         oracle=cfg.oracle.name, oracle_settings=cfg.oracle.settings,
@@ -150,8 +162,10 @@ def relax_task(
     )
 
 
-def _worker_run(system: SurfaceSystem, task: RSSTask, cfg: SurfdiffConfig, run_id: str | None) -> dict:
-    return relax_task(system, task, cfg, run_id=run_id).model_dump(mode="json")
+def relax_remote(system: SurfaceSystem, task: RSSTask, cfg: SurfdiffConfig, run_id: str | None) -> dict:
+    """What an executor runs (a worker process, a Slurm job): one structure, its document as plain JSON."""
+    with threadpool_limits(1, user_api="blas"):
+        return relax_task(system, task, cfg, run_id=run_id).model_dump(mode="json")
 
 
 # ---- driver -----------------------------------------------------------------------------------------------
@@ -165,8 +179,12 @@ def run_rss(
     run_id: str | None = None,
     progress: bool = True,
     on_doc: Callable[[StructureDoc], None] | None = None,
+    executor: Executor | None = None,
 ) -> RSSReport:
-    """Run (or resume) the RSS of `cfg.rss` into `store`. Documents are written as each structure finishes."""
+    """Run (or resume) the RSS of `cfg.rss` into `store`. Documents are written as each structure finishes.
+
+    `executor` (any concurrent.futures.Executor, e.g. the Slurm one of deploy/) runs the relaxations
+    elsewhere; by default they run here, in `workers` local processes."""
     n = cfg.rss.n if n is None else n
     seed = cfg.rss.seed if seed is None else seed
     workers = cfg.rss.workers if workers is None else workers
@@ -179,7 +197,7 @@ def run_rss(
     lattice = resolve_lattice(cfg)
     systems = systems_for(cfg, cfg.rss.cell, cfg.rss.compositions, lattice)
     tasks = plan_tasks(cfg, systems, n, seed)
-    report = RSSReport(planned=len(tasks))
+    report = RSSReport(planned=len(tasks), doc_ids=[t.doc_id for t in tasks])
     store.connect()
     done_ids = store.existing_ids(t.doc_id for t in tasks)
     todo = [t for t in tasks if t.doc_id not in done_ids]
@@ -202,39 +220,50 @@ def run_rss(
         bar.update(1)
         bar.set_postfix(failed=report.failed, out_of_box=report.out_of_box)
 
+    def lost(task: RSSTask, exc: BaseException) -> None:
+        report.failed += 1
+        report.lost[task.doc_id] = f"{type(exc).__name__}: {exc}"[:300]
+        bar.update(1)
+
     try:
-        if workers == 1 or len(todo) <= 1:
+        if executor is not None:
+            _run_on(executor, cfg, systems, todo, run_id, record, lost)
+        elif workers == 1 or len(todo) <= 1:
             calc = get_calculator(cfg.oracle.name, **cfg.oracle.settings) if todo else None
             with threadpool_limits(1, user_api="blas"):
                 for t in todo:
                     record(relax_task(systems[t.composition], t, cfg, run_id=run_id, calculator=calc))
         else:
-            _run_pool(cfg, systems, todo, workers, run_id, record)
+            ctx = mp.get_context("spawn")  # torch-based oracles are not fork-safe
+            threads = max(1, (mp.cpu_count() or 1) // workers)
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                     initargs=(threads,)) as pool:
+                _run_on(pool, cfg, systems, todo, run_id, record, lost)
     finally:
         bar.close()
         report.wall_time = time.perf_counter() - start
+    if todo and len(report.lost) == len(todo):
+        first = next(iter(report.lost.values()))
+        raise SurfdiffError(f"every RSS relaxation was lost ({len(todo)}); the first: {first}")
     return report
 
 
-def _run_pool(cfg, systems, todo, workers, run_id, record) -> None:
-    ctx = mp.get_context("spawn")  # torch-based oracles are not fork-safe
-    threads = max(1, (mp.cpu_count() or 1) // workers)
-    with ProcessPoolExecutor(
-        max_workers=workers, mp_context=ctx, initializer=_init_worker,
-        initargs=(cfg.oracle.name, cfg.oracle.settings, threads),
-    ) as pool:
-        pending = {pool.submit(_worker_run, systems[t.composition], t, cfg, run_id) for t in todo}
-        try:
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    try:
-                        record(StructureDoc.model_validate(fut.result()))
-                    except SurfdiffError:
-                        raise
-                    except Exception as exc:  # noqa: BLE001 - a worker died: surface it, keep what is saved
-                        raise SurfdiffError(f"RSS worker failed: {exc}") from None
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
+def _run_on(executor: Executor, cfg, systems, todo, run_id, record, lost) -> None:
+    """Submit every task; record documents as they finish. A task whose worker or job died (a Slurm job
+    cancelled or out of time) is reported to `lost` and the others go on; a rerun redoes only those."""
+    futures = {executor.submit(relax_remote, systems[t.composition], t, cfg, run_id): t for t in todo}
+    pending = set(futures)
+    try:
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                try:
+                    data = fut.result()
+                except Exception as exc:  # noqa: BLE001 - one lost job must not stop the search
+                    lost(futures[fut], exc)
+                    continue
+                record(StructureDoc.model_validate(data))
+    except BaseException:
+        for fut in pending:
+            fut.cancel()
+        raise

@@ -8,6 +8,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+@pytest.fixture(autouse=True)
+def fresh_memory_stores():
+    """The memory backend lives for one process; each test starts with none."""
+    from surfdiff_core.store import results
+
+    results._MEMORY_STORES.clear()
+    yield
+    results._MEMORY_STORES.clear()
+
+
 @pytest.fixture
 def lattice_cache(tmp_path_factory, monkeypatch):
     """Keep the relaxed-lattice cache out of the user's home directory."""

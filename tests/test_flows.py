@@ -11,7 +11,7 @@ import time
 import pytest
 
 from surfdiff_core.config import load_config
-from surfdiff_core.stages.common import store_for
+from surfdiff_core.stages.common import open_study_store
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def test_discovery_flow_end_to_end(prefect_harness, tiny_config):
 
     result = discovery_flow(config_path=str(tiny_config))
     cfg = load_config(tiny_config)
-    with store_for(cfg) as store:
+    with open_study_store(cfg) as store:
         assert store.count({"source": "rss"}) == 8
         assert store.count({"source": "generated"}) == 4
         relaxed = list(store.find({"source": "relaxed"}))
@@ -34,7 +34,7 @@ def test_discovery_flow_end_to_end(prefect_harness, tiny_config):
     assert result["model"]["model_id"].startswith("model-")
     assert len(relaxed) == 1 and relaxed[0].parent_id.startswith("generated-")
     assert all(d.run_id for d in relaxed)
-    figures = tiny_config.parent / "data" / "figures"
+    figures = tiny_config.parent / "data" / "figures" / "tiny"
     assert any(figures.glob("*.png"))
 
     import anyio
@@ -50,7 +50,7 @@ def test_discovery_flow_end_to_end(prefect_harness, tiny_config):
     # a second run reuses everything: no new documents
     again = discovery_flow(config_path=str(tiny_config))
     assert again["rss"]["done"] == 0 and again["rss"]["skipped"] == 8
-    with store_for(cfg) as store:
+    with open_study_store(cfg) as store:
         assert store.count({}) == 8 + 4 + 1
 
 
@@ -72,12 +72,12 @@ def test_killed_run_resumes_without_duplicates(tmp_path, tiny_config):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     cfg = load_config(tiny_config)
-    with store_for(cfg) as store:
+    with open_study_store(cfg) as store:
         assert store.count({"source": "rss"}) == 8  # RSS finished before the kill
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "RSS: 0 new + 8 reused" in r.stdout
     assert "resumed training at epoch" in r.stdout
-    with store_for(cfg) as store:
+    with open_study_store(cfg) as store:
         ids = [d["doc_id"] for d in store.find_raw({}, properties=["doc_id"])]
         assert len(ids) == len(set(ids)) == 8 + 4 + 1

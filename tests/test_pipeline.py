@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from surfdiff_core.config import SampleTarget, load_config
-from surfdiff_core.rss import run_rss
 from surfdiff_core.sample.generate import generate
-from surfdiff_core.stages.common import run_sample, run_train, store_for, target_system
-from surfdiff_core.stages.relax import run_relax, select_candidates
+from surfdiff_core.stages import relax, rss, sample, train
+from surfdiff_core.stages.common import open_study_store, target_system
 from surfdiff_core.train.trainer import _losses, load_checkpoint, make_model, make_process
 
 
@@ -22,9 +21,9 @@ def trained(tmp_path_factory):
     path = d / "tiny.yaml"
     path.write_text(TINY_CONFIG.replace("STORE", str(d / "data" / "store")))
     cfg = load_config(path)
-    store = store_for(cfg).connect()
-    run_rss(cfg, store, progress=False)
-    summary = run_train(cfg, store, progress=False)
+    store = open_study_store(cfg).connect()
+    rss.run(cfg, store, progress=False)
+    summary = train.run(cfg, store, progress=False)
     yield cfg, store, summary
     store.close()
 
@@ -53,10 +52,11 @@ def test_training_writes_a_loadable_checkpoint_with_provenance(trained):
 def test_training_resumes_from_its_checkpoint(trained):
     cfg, store, summary = trained
     from surfdiff_core.stages.common import checkpoint_dir, training_system
-    from surfdiff_core.train.trainer import train
+    from surfdiff_core.train.data import DataScope
+    from surfdiff_core.train.trainer import train as train_model
 
-    res = train(store, cfg.model, cfg.train, system_id=training_system(cfg).system_id,
-                checkpoint_dir=checkpoint_dir(cfg), progress=False)
+    scope = DataScope(study=cfg.name, system_id=training_system(cfg).system_id, energy_models=("emt",))
+    res = train_model(store, cfg.model, cfg.train, scope=scope, checkpoint_dir=checkpoint_dir(cfg), progress=False)
     assert res.model_id == summary.model_id
     assert res.resumed_from == 3 and res.epochs == 3  # nothing left to do: finished run reused
 
@@ -64,9 +64,11 @@ def test_training_resumes_from_its_checkpoint(trained):
 def test_tiny_dataset_is_overfit(trained):
     """Fixed noise and frames: the combined loss must fall by at least an order of magnitude."""
     cfg, store, _ = trained
-    from surfdiff_core.train.data import element_reference_energies, load_samples
+    from surfdiff_core.stages.common import training_system
+    from surfdiff_core.train.data import DataScope, element_reference_energies, load_samples
 
-    samples, _ = load_samples(store, None, cfg.train.model_copy(update={"repeat": 1}))
+    scope = DataScope(study=cfg.name, system_id=training_system(cfg).system_id, energy_models=("emt",))
+    samples, _ = load_samples(store, scope, cfg.train.model_copy(update={"repeat": 1}))
     samples = samples[:2]
     elements = sorted({int(z) for s in samples for z in s.atoms.numbers})
     torch.manual_seed(0)
@@ -92,8 +94,9 @@ def test_tiny_dataset_is_overfit(trained):
 def test_sampling_into_a_larger_cell(trained):
     cfg, store, summary = trained
     target = SampleTarget(cell="p(3x3)", composition="Ag2O1")
-    s = run_sample(cfg, store, target, checkpoint=summary.checkpoint, run_id="test", progress=False)
-    assert s.n == 4 and 0.0 <= s.rejection_rate <= 1.0
+    res = sample.run(cfg, store, summary, targets=[target], run_id="test", progress=False)
+    s = res.targets[0]
+    assert s.n == 4 and 0.0 <= s.rejection_rate <= 1.0 and res.model_id == summary.model_id
     docs = list(store.find({"source": "generated", "run_id": "test"}))
     assert len(docs) == 4
     system = target_system(cfg, target)
@@ -102,9 +105,11 @@ def test_sampling_into_a_larger_cell(trained):
         np.testing.assert_allclose(atoms.positions[: system.n_substrate], system.template.positions, atol=1e-4)
         assert system.inside_box(atoms, tol=1e-3).all()
         assert d.model_id == summary.model_id and d.meta["sampler"] == "em" and d.meta["diffusion_steps"] == 10
-        assert d.cell == "p(3x3)" and d.composition == "Ag2O1"
-    # sampling again with the same settings reuses the documents (no duplicates)
-    run_sample(cfg, store, target, checkpoint=summary.checkpoint, run_id="test", progress=False)
+        assert d.cell == "p(3x3)" and d.composition == "Ag2O1" and d.study == "tiny"
+    assert sorted(d.doc_id for d in docs) == sorted(s.doc_ids)
+    # sampling again with the same settings reuses the documents (no duplicates); the registry finds the model
+    again = sample.run(cfg, store, targets=[target], run_id="test", progress=False)
+    assert again.model_id == summary.model_id
     assert store.count({"source": "generated"}) == 4
 
 
@@ -131,13 +136,13 @@ def test_guided_samples_have_lower_mlff_energy(trained):
 
 def test_relax_best_candidates_with_emt(trained):
     cfg, store, summary = trained
-    cands = select_candidates(store, top_k=1)
+    cands = relax.select_candidates(cfg, store, top_k=1)
     assert len(cands) == 1
-    s = run_relax(cfg, store, candidates=cands, run_id="test")
+    s = relax.run(cfg, store, candidates=cands, run_id="test")
     assert s.relaxed + s.failed == 1
     rel = list(store.find({"source": "relaxed"}))
     assert len(rel) == 1 and rel[0].parent_id == cands[0].doc_id
     if not rel[0].error:
         assert rel[0].energy is not None and rel[0].oracle == "emt"
-    again = run_relax(cfg, store, candidates=cands, run_id="test")
+    again = relax.run(cfg, store, candidates=cands, run_id="test")
     assert again.skipped == 1 and store.count({"source": "relaxed"}) == 1

@@ -94,7 +94,8 @@ def test_rss_on_another_facet_and_metal():
 
 def test_rss_process_pool_matches_serial(tmp_path):
     cfg = _cfg(n=4)
-    with open_store(StoreConfig(backend="memory")) as serial, open_store(StoreConfig(backend="memory")) as pool:
+    with open_store(StoreConfig(backend="memory", collection="serial")) as serial, \
+            open_store(StoreConfig(backend="memory", collection="pool")) as pool:
         run_rss(cfg, serial, progress=False)
         run_rss(cfg, pool, workers=2, progress=False)
         a = {d.doc_id: d.energy for d in serial.find({})}

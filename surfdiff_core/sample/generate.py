@@ -9,6 +9,7 @@ are rejected and counted). Every sample becomes a `generated` document with full
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +46,11 @@ class GenerationResult:
     def n(self) -> int:
         return len(self.valid)
 
+    def extend(self, other: GenerationResult) -> None:
+        for name in ("positions", "energies", "forces", "fmax", "relax_steps", "valid", "reasons"):
+            getattr(self, name).extend(getattr(other, name))
+        self.structure_steps += other.structure_steps
+
     @property
     def rejection_rate(self) -> float:
         return 1.0 - sum(self.valid) / self.n if self.n else 0.0
@@ -63,6 +69,12 @@ def prior_batch(system: SurfaceSystem, n: int, device, dtype=torch.float32) -> S
     return collate([atoms] * n, [system.movable] * n, [system.z_box] * n, device=device, dtype=dtype)
 
 
+def batch_generator(seed: int, k: int, device) -> torch.Generator:
+    """Batch k has its own random stream, so a resumed run regenerates exactly the batches it lost."""
+    sub = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(sub)
+
+
 def generate(
     loaded: LoadedModel,
     system: SurfaceSystem,
@@ -72,7 +84,11 @@ def generate(
     seed: int | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    batches: list[int] | None = None,
+    on_batch: Callable[[int, GenerationResult], None] | None = None,
 ) -> GenerationResult:
+    """Sample `n` structures in batches of scfg.batch_size (only the batch numbers in `batches` when given);
+    `on_batch(k, result_of_batch_k)` runs as each batch finishes (the store write, for resumable runs)."""
     missing = _unknown_elements(loaded, system)
     if missing:
         raise SurfdiffError(
@@ -83,18 +99,20 @@ def generate(
     model, process = loaded.model.to(device).eval(), loaded.process
     sampler = SAMPLERS[scfg.sampler]
     guidance = ForceFieldGuidance(eta_dt=scfg.eta_dt) if scfg.guidance and scfg.eta_dt > 0 else None
-    gen = torch.Generator(device=device).manual_seed(seed)
     res = GenerationResult(system=system)
     t0 = time.perf_counter()
-    n_batches = -(-n // scfg.batch_size)
-    bar = tqdm(total=n_batches * scfg.steps, desc=f"sample {system.composition} {system.cell}", unit="step",
+    todo = list(range(-(-n // scfg.batch_size))) if batches is None else list(batches)
+    bar = tqdm(total=len(todo) * scfg.steps, desc=f"sample {system.composition} {system.cell}", unit="step",
                disable=not progress, dynamic_ncols=True)
-    for k in range(n_batches):
+    for k in todo:
         size = min(scfg.batch_size, n - k * scfg.batch_size)
+        gen = batch_generator(seed, k, device)
+        part = GenerationResult(system=system)
+        tb = time.perf_counter()
         x = process.sample_prior(prior_batch(system, size, device), generator=gen)
         x = sampler(model.denoise, x, process, steps=scfg.steps, guidance=guidance,
                     callback=lambda i, t, b: bar.update(1), generator=gen)
-        res.structure_steps += size * scfg.steps
+        part.structure_steps = size * scfg.steps
         if scfg.relax and scfg.relax_steps > 0:
             x, info = mlff_relax(model.denoise, x, steps=scfg.relax_steps)
             steps = info.steps.tolist()
@@ -110,13 +128,17 @@ def generate(
         for b in range(size):
             sel = idx == b
             f = forces[sel]
-            res.positions.append(pos[sel])
-            res.energies.append(float(energies[b]))
-            res.forces.append(f)
-            res.fmax.append(float(np.linalg.norm(f[mov[sel]], axis=1).max()) if mov[sel].any() else 0.0)
-            res.relax_steps.append(int(steps[b]))
-            res.valid.append(bool(valid[b]))
-            res.reasons.append(reasons[b])
+            part.positions.append(pos[sel])
+            part.energies.append(float(energies[b]))
+            part.forces.append(f)
+            part.fmax.append(float(np.linalg.norm(f[mov[sel]], axis=1).max()) if mov[sel].any() else 0.0)
+            part.relax_steps.append(int(steps[b]))
+            part.valid.append(bool(valid[b]))
+            part.reasons.append(reasons[b])
+        part.wall_time = time.perf_counter() - tb
+        if on_batch:
+            on_batch(k, part)
+        res.extend(part)
     bar.close()
     res.wall_time = time.perf_counter() - t0
     return res
@@ -130,26 +152,29 @@ def generated_doc_id(loaded: LoadedModel, system: SurfaceSystem, scfg: SampleCon
 
 def generated_docs(
     res: GenerationResult, loaded: LoadedModel, scfg: SampleConfig, *, seed: int, run_id: str | None,
-    checkpoint: str | None = None,
+    checkpoint: str | None = None, study: str | None = None, first_index: int = 0,
 ) -> list[StructureDoc]:
+    """Documents of the samples in `res`, whose first one is sample number `first_index` of the run."""
     system = res.system
     guided = bool(scfg.guidance and scfg.eta_dt > 0)
     docs = []
-    for i in range(res.n):
-        atoms = system.compose(res.positions[i][system.n_substrate :])
-        atoms.positions = res.positions[i]
+    for j in range(res.n):
+        i = first_index + j
+        atoms = system.compose(res.positions[j][system.n_substrate :])
+        atoms.positions = res.positions[j]
         doc_id = generated_doc_id(loaded, system, scfg, seed, i)
         docs.append(StructureDoc(
-            doc_id=doc_id, source="generated", structure=atoms_to_structure_dict(atoms),
+            doc_id=doc_id, source="generated", study=study, energy_model=f"mlff:{loaded.model_id}",
+            structure=atoms_to_structure_dict(atoms),
             composition=system.composition, formula=atoms.get_chemical_formula(), system_id=system.system_id,
             element=system.element, facet=system.facet, cell=system.cell, n_substrate=system.n_substrate,
             movable=system.movable.tolist(), fixed=system.fixed_indices.tolist(), z_box=list(system.z_box),
-            in_box=bool(np.all(system.inside_box(atoms, tol=1e-3))), valid=res.valid[i],
-            error=res.reasons[i] or None, energy=res.energies[i], forces=np.round(res.forces[i], 5).tolist(),
-            fmax=res.fmax[i], steps=res.relax_steps[i], oracle="mlff", model_id=loaded.model_id,
+            in_box=bool(np.all(system.inside_box(atoms, tol=1e-3))), valid=res.valid[j],
+            error=res.reasons[j] or None, energy=res.energies[j], forces=np.round(res.forces[j], 5).tolist(),
+            fmax=res.fmax[j], steps=res.relax_steps[j], oracle="mlff", model_id=loaded.model_id,
             run_id=run_id, seed=seed,
             meta={"sampler": scfg.sampler, "diffusion_steps": scfg.steps, "guidance": guided,
-                  "eta_dt": scfg.eta_dt, "mlff_relax": scfg.relax, "mlff_relax_steps": res.relax_steps[i],
+                  "eta_dt": scfg.eta_dt, "mlff_relax": scfg.relax, "mlff_relax_steps": res.relax_steps[j],
                   "index": i, "checkpoint": checkpoint, "wall_time_batch": res.wall_time},
         ))
     return docs
@@ -158,15 +183,23 @@ def generated_docs(
 def sample_into_store(
     store: ResultsStore, loaded: LoadedModel, system: SurfaceSystem, scfg: SampleConfig, *,
     n: int | None = None, seed: int | None = None, device="cpu", run_id: str | None = None,
-    checkpoint: str | None = None, progress: bool = True,
+    checkpoint: str | None = None, progress: bool = True, study: str | None = None,
 ) -> tuple[GenerationResult | None, list[StructureDoc]]:
+    """Generate into the store batch by batch: each batch is written as it finishes, so a killed run loses at
+    most one batch, and a rerun generates only the batches that are missing."""
     seed = scfg.seed if seed is None else seed
     n = scfg.n if n is None else n
     ids = [generated_doc_id(loaded, system, scfg, seed, i) for i in range(n)]
-    if len(store.existing_ids(ids)) == n:  # finished before (resume): reuse, do not regenerate
-        docs = [store.get(i) for i in ids]
-        return None, docs
-    res = generate(loaded, system, scfg, n=n, seed=seed, device=device, progress=progress)
-    docs = generated_docs(res, loaded, scfg, seed=seed, run_id=run_id, checkpoint=checkpoint)
-    store.put_many(docs)
-    return res, docs
+    have = store.existing_ids(ids)
+    bs = scfg.batch_size
+    missing = [k for k in range(-(-n // bs)) if not all(i in have for i in ids[k * bs : (k + 1) * bs])]
+    res = None
+    if missing:
+        def write(k: int, part: GenerationResult) -> None:
+            store.put_many(generated_docs(part, loaded, scfg, seed=seed, run_id=run_id, checkpoint=checkpoint,
+                                          study=study, first_index=k * bs))
+
+        res = generate(loaded, system, scfg, n=n, seed=seed, device=device, progress=progress,
+                       batches=missing, on_batch=write)
+    by_id = {d.doc_id: d for d in store.find({"doc_id": {"$in": ids}})}
+    return res, [by_id[i] for i in ids if i in by_id]

@@ -1,41 +1,65 @@
-"""The pipeline's stages as plain functions over (config, store): what the CLI and the Prefect flows call.
+"""What every stage shares: the study's store, where its files go, and the systems it works on.
 
-rss -> train -> sample (compositions × cells) -> relax the best K per target. No orchestration here: the
-flows in flows/ wrap these with retries, caching and artifacts.
+`--store PATH` has one meaning everywhere: the embedded store at PATH. `with_store_path` applies it to
+the config once, so every stage after that reads the store location from the config alone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import uuid
 from pathlib import Path
-from typing import Any
 
-from surfdiff_core.config import SampleConfig, SampleTarget, SurfdiffConfig
-from surfdiff_core.errors import ConfigError, SurfdiffError
+from surfdiff_core.config import SampleTarget, StoreConfig, SurfdiffConfig
+from surfdiff_core.errors import ConfigError
 from surfdiff_core.store import ResultsStore, open_store
+from surfdiff_core.store.models import ModelRegistry
 from surfdiff_core.system import SurfaceSystem
 
-
-def store_for(cfg: SurfdiffConfig, store_path: str | None = None) -> ResultsStore:
-    return open_store(cfg.store, path=store_path)
+EMBEDDED_BACKENDS = ("sqlite", "monty", "json")
 
 
-def jobs_store_for(cfg: SurfdiffConfig, store_path: str | None = None):
-    """maggma store for jobflow's JobStore: the project's store, collection '<collection>_jobs'."""
+def with_store_path(cfg: SurfdiffConfig, store_path: str | Path | None) -> SurfdiffConfig:
+    """The config with `--store PATH` applied: the embedded store at PATH (a server or in-memory backend
+    is swapped for the embedded default)."""
+    if not store_path:
+        return cfg
+    backend = cfg.store.backend
+    if backend not in EMBEDDED_BACKENDS:
+        backend = StoreConfig.model_fields["backend"].default
+    store = cfg.store.model_copy(update={"backend": backend, "path": str(store_path)})
+    return cfg.model_copy(update={"store": store})
+
+
+def open_study_store(cfg: SurfdiffConfig) -> ResultsStore:
+    return open_store(cfg.store)
+
+
+def model_registry(cfg: SurfdiffConfig) -> ModelRegistry:
+    return ModelRegistry(cfg.store)
+
+
+def jobs_store_for(cfg: SurfdiffConfig):
+    """maggma store for jobflow's JobStore: the study's store, collection '<collection>_jobs'."""
     from surfdiff_core.store.results import make_maggma_store
 
-    return make_maggma_store(cfg.store.model_copy(update={"collection": f"{cfg.store.collection}_jobs"}),
-                             path=store_path)
+    return make_maggma_store(cfg.store.model_copy(update={"collection": f"{cfg.store.collection}_jobs"}))
 
 
-def data_root(cfg: SurfdiffConfig, store_path: str | None = None) -> Path:
-    """Directory beside the store for checkpoints and pictures."""
-    base = Path(store_path or cfg.store.path)
-    return base.parent if cfg.store.backend in ("monty", "json") else Path("data")
+def data_root(cfg: SurfdiffConfig) -> Path:
+    """Directory beside an embedded store for checkpoints and pictures (./data for a server store)."""
+    return Path(cfg.store.path).parent if cfg.store.backend in EMBEDDED_BACKENDS else Path("data")
 
 
-def checkpoint_dir(cfg: SurfdiffConfig, store_path: str | None = None) -> Path:
-    return data_root(cfg, store_path) / "checkpoints"
+def checkpoint_dir(cfg: SurfdiffConfig) -> Path:
+    return data_root(cfg) / "checkpoints"
+
+
+def figure_dir(cfg: SurfdiffConfig) -> Path:
+    return data_root(cfg) / "figures" / cfg.name
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
 
 
 def target_system(cfg: SurfdiffConfig, target: SampleTarget) -> SurfaceSystem:
@@ -60,89 +84,5 @@ def sample_targets(cfg: SurfdiffConfig, cells: list[str] | None = None,
     return list(cfg.sample.targets)
 
 
-def latest_checkpoint(cfg: SurfdiffConfig, store_path: str | None = None) -> Path:
-    d = checkpoint_dir(cfg, store_path)
-    cands = sorted((p for p in d.glob("model-*.pt") if not p.name.endswith("-last.pt")),
-                   key=lambda p: p.stat().st_mtime) if d.exists() else []
-    if not cands:
-        raise SurfdiffError(f"no trained model in {d}: run `surfdiff train CONFIG` first")
-    return cands[-1]
-
-
-@dataclass
-class TrainSummary:
-    model_id: str
-    checkpoint: str
-    epochs: int
-    best_val: float
-    n_train: int
-    n_val: int
-    samples_per_second: float
-    resumed_from: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-
-
-def run_train(cfg: SurfdiffConfig, store: ResultsStore, *, store_path: str | None = None,
-              epochs: int | None = None, progress: bool = True) -> TrainSummary:
-    from surfdiff_core.store.models import record_model
-    from surfdiff_core.train.trainer import train
-
-    system = training_system(cfg)
-    res = train(store, cfg.model, cfg.train, system_id=system.system_id,
-                checkpoint_dir=checkpoint_dir(cfg, store_path), progress=progress, max_epochs=epochs)
-    record_model(cfg.store, store_path, {
-        "model_id": res.model_id, "checkpoint": str(res.checkpoint), "system_id": system.system_id,
-        "epochs": res.epochs, "best_val": res.best_val, "n_train": res.n_train, "n_val": res.n_val,
-        "model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
-        "config_name": cfg.name,
-    })
-    return TrainSummary(model_id=res.model_id, checkpoint=str(res.checkpoint), epochs=res.epochs,
-                        best_val=res.best_val, n_train=res.n_train, n_val=res.n_val,
-                        samples_per_second=res.samples_per_second, resumed_from=res.resumed_from,
-                        history=res.history)
-
-
-@dataclass
-class SampleSummary:
-    cell: str
-    composition: str
-    system_id: str
-    n: int
-    n_valid: int
-    rejection_rate: float
-    best_energy: float | None
-    wall_time: float
-    structure_steps_per_second: float
-    doc_ids: list[str]
-
-
-def run_sample(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, *, checkpoint: str | Path,
-               scfg: SampleConfig | None = None, run_id: str | None = None, progress: bool = True,
-               device: str | None = None) -> SampleSummary:
-    from surfdiff_core.sample.generate import sample_into_store
-    from surfdiff_core.train.trainer import load_checkpoint, pick_device
-
-    scfg = scfg or cfg.sample
-    dev = pick_device(device or scfg.device)
-    loaded = load_checkpoint(checkpoint, device=dev)
-    system = target_system(cfg, target)
-    res, docs = sample_into_store(store, loaded, system, scfg, device=dev, run_id=run_id,
-                                  checkpoint=str(checkpoint), progress=progress)
-    valid = [d for d in docs if d.valid and d.in_box and d.energy is not None]
-    wall = res.wall_time if res else 0.0
-    return SampleSummary(
-        cell=system.cell, composition=system.composition, system_id=system.system_id, n=len(docs),
-        n_valid=len(valid), rejection_rate=1 - len(valid) / len(docs) if docs else 0.0,
-        best_energy=min((d.energy for d in valid), default=None), wall_time=wall,
-        structure_steps_per_second=(res.structure_steps / wall) if res and wall > 0 else 0.0,
-        doc_ids=[d.doc_id for d in docs],
-    )
-
-
-def summary_dict(obj: Any) -> dict:
-    from dataclasses import asdict
-
-    d = asdict(obj)
-    d.pop("history", None)
-    d.pop("doc_ids", None)
-    return d
+def training_energy_models(cfg: SurfdiffConfig) -> tuple[str, ...]:
+    return tuple(cfg.train.energy_models or [cfg.oracle.energy_model])

@@ -1,4 +1,5 @@
-"""Relax the best K generated candidates per (system, composition) with an oracle or DFT through jobflow.
+"""Relaxation stage: the best K distinct generated candidates per (system, composition), relaxed with an
+oracle or DFT through jobflow.
 
 Candidates are already MLFF-relaxed by the sampler; here they go through atomate2 makers (EMT, CHGNet,
 SevenNet, GPAW locally; VASP under custodian on HPC) with the bottom substrate layers fixed via selective
@@ -10,46 +11,50 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from surfdiff_core.config import RelaxConfig, SurfdiffConfig
+from surfdiff_core.stages.common import jobs_store_for, new_run_id, sample_targets, target_system
+from surfdiff_core.stages.results import RelaxResult, SampleResult
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
 from surfdiff_core.store.documents import now
 
 DFT_METHODS = ("gpaw", "vasp")
 
 
-@dataclass
-class RelaxSummary:
-    method: str
-    candidates: int = 0
-    skipped: int = 0
-    relaxed: int = 0
-    failed: int = 0
-    best: dict[str, float] = field(default_factory=dict)  # "composition cell" -> lowest relaxed energy
-    doc_ids: list[str] = field(default_factory=list)
+def top_candidates(docs: list[StructureDoc], top_k: int) -> list[StructureDoc]:
+    """The K lowest-MLFF-energy valid samples per (system, composition), K distinct structures when the
+    evaluation package can tell duplicates apart."""
+    groups: dict[tuple[str, str], list[StructureDoc]] = {}
+    for d in sorted(docs, key=lambda d: (d.energy, d.doc_id)):
+        if d.valid and d.in_box and d.energy is not None:
+            groups.setdefault((d.system_id, d.composition), []).append(d)
+    return [d for g in groups.values() for d in distinct_lowest(g, top_k)]
 
 
-def select_candidates(
-    store: ResultsStore, *, top_k: int, model_id: str | None = None, run_id: str | None = None,
-    system_ids: list[str] | None = None,
-) -> list[StructureDoc]:
-    """The K lowest-MLFF-energy valid generated structures per (system, composition)."""
-    crit: dict = {"source": "generated", "valid": True, "in_box": True, "energy": {"$ne": None}}
-    if model_id:
-        crit["model_id"] = model_id
+def distinct_lowest(docs: list[StructureDoc], k: int) -> list[StructureDoc]:
+    from surfdiff_core.evaluate.matching import deduplicate
+
+    return deduplicate(docs, k=k)
+
+
+def select_candidates(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None = None, *,
+                      top_k: int, model_id: str | None = None, run_id: str | None = None) -> list[StructureDoc]:
+    """Candidates of this study only: the sample stage's documents, or (standalone) the samples of the
+    study's model (a named one, or the newest registered) for the config's targets."""
+    if upstream is not None:
+        docs = list(store.find({"doc_id": {"$in": upstream.doc_ids}, "study": cfg.name}))
+        return top_candidates(docs, top_k)
+    from surfdiff_core.stages.sample import resolve_model
+
+    model = resolve_model(cfg, model_id=model_id)
+    crit: dict = {"source": "generated", "study": cfg.name, "model_id": model.model_id, "valid": True,
+                  "in_box": True, "energy": {"$ne": None},
+                  "system_id": {"$in": sorted({target_system(cfg, t).system_id for t in sample_targets(cfg)})}}
     if run_id:
         crit["run_id"] = run_id
-    if system_ids:
-        crit["system_id"] = {"$in": system_ids}
-    groups: dict[tuple[str, str], list[StructureDoc]] = {}
-    for d in sorted(store.find(crit), key=lambda d: (d.energy, d.doc_id)):
-        g = groups.setdefault((d.system_id, d.composition), [])
-        if len(g) < top_k:
-            g.append(d)
-    return [d for g in groups.values() for d in g]
+    return top_candidates(list(store.find(crit)), top_k)
 
 
 def relaxed_doc_id(parent: StructureDoc, rcfg: RelaxConfig) -> str:
@@ -66,17 +71,19 @@ def candidate_structure(doc: StructureDoc):
     return s
 
 
-def run_relax(
-    cfg: SurfdiffConfig, store: ResultsStore, *, rcfg: RelaxConfig | None = None,
-    candidates: list[StructureDoc] | None = None, run_id: str | None = None, jobs_store=None,
-    store_path: str | None = None,
-) -> RelaxSummary:
+def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None = None, *,
+        rcfg: RelaxConfig | None = None, candidates: list[StructureDoc] | None = None, run_id: str | None = None,
+        model_id: str | None = None, jobs_store=None) -> RelaxResult:
+    """Relax the best candidates (of `upstream`, or selected for this study) with the oracle or DFT."""
     from surfdiff_core.relax.jobflow_relax import make_relax_flow, run_relax_flow
 
     rcfg = rcfg or cfg.relax
+    run_id = run_id or (upstream.run_id if upstream else new_run_id())
     if candidates is None:
-        candidates = select_candidates(store, top_k=rcfg.top_k)
-    summary = RelaxSummary(method=rcfg.method, candidates=len(candidates))
+        candidates = select_candidates(cfg, store, upstream, top_k=rcfg.top_k, model_id=model_id)
+    summary = RelaxResult(study=cfg.name, run_id=run_id, config_hash=cfg.section_hash("relax"),
+                          method=rcfg.method, energy_model=rcfg.energy_model, candidates=len(candidates),
+                          candidate_ids=[d.doc_id for d in candidates])
     ids = {d.doc_id: relaxed_doc_id(d, rcfg) for d in candidates}
     done = store.existing_ids(ids.values())
     todo = [d for d in candidates if ids[d.doc_id] not in done]
@@ -87,9 +94,7 @@ def run_relax(
         inputs = [(candidate_structure(d), {"parent_id": d.doc_id, "doc_id": ids[d.doc_id]}) for d in todo]
         flow = make_relax_flow(inputs, rcfg.method, settings)
         if jobs_store is None:
-            from surfdiff_core.stages.common import jobs_store_for
-
-            jobs_store = jobs_store_for(cfg, store_path)
+            jobs_store = jobs_store_for(cfg)
         with warnings.catch_warnings():  # jobflow's notes on independent jobs and its own deprecations
             warnings.filterwarnings("ignore", message="Some jobs are not connected")
             warnings.filterwarnings("ignore", category=FutureWarning, module="jobflow")
@@ -97,7 +102,7 @@ def run_relax(
         by_parent = {d.doc_id: d for d in todo}
         for out in outcomes:
             parent = by_parent[out.metadata["parent_id"]]
-            doc = _relaxed_doc(parent, out, rcfg, ids[parent.doc_id], run_id)
+            doc = _relaxed_doc(parent, out, rcfg, ids[parent.doc_id], run_id, cfg.name)
             store.put(doc)
             if doc.error:
                 summary.failed += 1
@@ -110,13 +115,15 @@ def run_relax(
     return summary
 
 
-def _relaxed_doc(parent: StructureDoc, out, rcfg: RelaxConfig, doc_id: str, run_id: str | None) -> StructureDoc:
+def _relaxed_doc(parent: StructureDoc, out, rcfg: RelaxConfig, doc_id: str, run_id: str | None,
+                 study: str) -> StructureDoc:
     from pymatgen.io.ase import AseAtomsAdaptor
 
     from surfdiff_core.store.documents import atoms_to_structure_dict
 
     source = "dft" if rcfg.method in DFT_METHODS else "relaxed"
-    base = parent.model_dump(exclude={"doc_id", "source", "structure", "energy", "forces", "fmax", "steps",
+    base = parent.model_dump(exclude={"doc_id", "source", "study", "energy_model", "structure", "energy",
+                                      "forces", "fmax", "steps",
                                       "converged", "wall_time", "oracle", "oracle_settings", "initial_structure",
                                       "trajectory", "parent_id", "run_id", "error", "meta", "created_at",
                                       "updated_at", "valid", "in_box"})
@@ -135,6 +142,7 @@ def _relaxed_doc(parent: StructureDoc, out, rcfg: RelaxConfig, doc_id: str, run_
             doc_id=doc_id, source=source, structure=atoms_to_structure_dict(atoms), energy=out.energy,
             forces=np.round(forces, 6).tolist() if forces is not None else None, fmax=movable_fmax,
             steps=out.steps, converged=out.converged, oracle=rcfg.method, oracle_settings=rcfg.settings,
+            study=study, energy_model=rcfg.energy_model,
             initial_structure=parent.structure, parent_id=parent.doc_id, run_id=run_id, in_box=in_box,
             meta={"jobflow_uuid": out.uuid, "parent_energy": parent.energy, "relaxed_at": now().isoformat()},
             **base,
@@ -142,5 +150,6 @@ def _relaxed_doc(parent: StructureDoc, out, rcfg: RelaxConfig, doc_id: str, run_
     return StructureDoc(
         doc_id=doc_id, source=source, structure=parent.structure, energy=None, valid=False,
         error=(out.error or "relaxation failed")[:500], oracle=rcfg.method, oracle_settings=rcfg.settings,
+        study=study, energy_model=rcfg.energy_model,
         parent_id=parent.doc_id, run_id=run_id, meta={"jobflow_uuid": out.uuid}, **base,
     )

@@ -45,6 +45,8 @@ class StructureDoc(BaseModel):
 
     doc_id: str
     source: Source
+    study: str | None = None  # the config name of the study that made it: every selection is scoped to one
+    energy_model: str | None = None  # what computed `energy` (energy_model_key; 'mlff:<model_id>' for samples)
     structure: dict  # pymatgen Structure.as_dict()
     composition: str  # overlayer composition, e.g. 'Ag6O3'
     formula: str  # full slab formula
@@ -93,7 +95,8 @@ class StructureDoc(BaseModel):
 
     def summary(self) -> dict[str, Any]:
         return {
-            "doc_id": self.doc_id, "source": self.source, "system_id": self.system_id, "cell": self.cell,
+            "doc_id": self.doc_id, "source": self.source, "study": self.study, "system_id": self.system_id,
+            "energy_model": self.energy_model, "cell": self.cell,
             "composition": self.composition, "energy": self.energy, "fmax": self.fmax, "steps": self.steps,
             "oracle": self.oracle, "in_box": self.in_box, "valid": self.valid, "parent_id": self.parent_id,
             "model_id": self.model_id, "run_id": self.run_id, "error": self.error,

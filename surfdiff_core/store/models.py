@@ -1,38 +1,111 @@
-"""Trained-model records beside the structures (collection '<collection>_models'): checkpoint id, path,
-training data and settings, so generated documents can be traced back to what produced them."""
+"""The model registry: trained-model records beside the structures (collection '<collection>_models').
+
+`sample` resolves its model here (a model id, or the newest model trained for a study, system and energy
+model), never from file times. Each record holds the checkpoint's SHA-256, so a checkpoint replaced or
+corrupted after training is an error, not a silent switch of models.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from surfdiff_core.config import StoreConfig
+from surfdiff_core.errors import SurfdiffError
 from surfdiff_core.store.documents import now
 from surfdiff_core.store.results import make_maggma_store
 
 
-def _models_store(cfg: StoreConfig, store_path: str | Path | None):
-    return make_maggma_store(cfg.model_copy(update={"collection": f"{cfg.collection}_models"}),
-                             path=store_path)
+class ModelRecord(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model_id: str
+    checkpoint: str
+    sha256: str
+    study: str | None = None
+    system_id: str
+    energy_models: list[str] = Field(default_factory=list)
+    epochs: int = 0
+    best_val: float | None = None
+    n_train: int = 0
+    n_val: int = 0
+    model: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+    round: int | None = None  # active-learning round, None for a model trained on RSS data alone
+    created_at: str = Field(default_factory=lambda: now().isoformat())
 
 
-def record_model(cfg: StoreConfig, store_path: str | Path | None, record: dict[str, Any]) -> None:
-    if cfg.backend == "memory":  # a memory store lives in one process only: nothing to share
-        return
-    store = _models_store(cfg, store_path)
-    store.connect()
-    try:
-        store.update([{**record, "updated_at": now().isoformat()}], key="model_id")
-    finally:
-        store.close()
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def list_models(cfg: StoreConfig, store_path: str | Path | None) -> list[dict[str, Any]]:
-    if cfg.backend == "memory":
-        return []
-    store = _models_store(cfg, store_path)
-    store.connect()
-    try:
-        return [{k: v for k, v in d.items() if k != "_id"} for d in store.query({})]
-    finally:
-        store.close()
+class ModelRegistry:
+    """Records of trained models in the study's store (any maggma backend)."""
+
+    def __init__(self, cfg: StoreConfig, path: str | Path | None = None) -> None:
+        self._store = make_maggma_store(cfg.model_copy(update={"collection": f"{cfg.collection}_models"}),
+                                        path=path)
+
+    def __enter__(self) -> ModelRegistry:
+        self._store.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._store.close()
+
+    def record(self, rec: ModelRecord) -> None:
+        old = self._store.query_one({"model_id": rec.model_id}, properties=["created_at"])
+        data = rec.model_dump(mode="json")
+        if old and old.get("created_at"):  # retraining the same model id keeps its first date
+            data["created_at"] = old["created_at"]
+        self._store.update([{**data, "updated_at": now().isoformat()}], key="model_id")
+
+    def get(self, model_id: str) -> ModelRecord | None:
+        d = self._store.query_one({"model_id": model_id})
+        return ModelRecord.model_validate(d) if d else None
+
+    def find(self, *, study: str | None = None, system_id: str | None = None,
+             energy_model: str | None = None) -> list[ModelRecord]:
+        crit: dict[str, Any] = {}
+        if study is not None:
+            crit["study"] = study
+        if system_id is not None:
+            crit["system_id"] = system_id
+        recs = [ModelRecord.model_validate(d) for d in self._store.query(crit)]
+        if energy_model is not None:
+            recs = [r for r in recs if r.energy_models and r.energy_models[0] == energy_model]
+        return sorted(recs, key=lambda r: (r.created_at, r.model_id))
+
+    def resolve(self, *, study: str | None, system_id: str, energy_model: str,
+                model_id: str | None = None) -> ModelRecord:
+        """The named model, or the newest one of this study, system and energy model; its checkpoint verified."""
+        if model_id:
+            rec = self.get(model_id)
+            if rec is None:
+                raise SurfdiffError(f"no model {model_id!r} in the model registry (see `surfdiff query --models`)")
+            if study is not None and rec.study not in (None, study):
+                raise SurfdiffError(f"model {model_id} belongs to study {rec.study!r}, not {study!r}")
+        else:
+            recs = self.find(study=study, system_id=system_id, energy_model=energy_model)
+            if not recs:
+                raise SurfdiffError(f"no trained model for study {study!r}, system {system_id}, energy model "
+                                    f"{energy_model}: run `surfdiff train CONFIG` first")
+            rec = recs[-1]
+        verify_checkpoint(rec)
+        return rec
+
+
+def verify_checkpoint(rec: ModelRecord) -> None:
+    path = Path(rec.checkpoint)
+    if not path.is_file():
+        raise SurfdiffError(f"checkpoint of model {rec.model_id} is missing: {path}")
+    if file_sha256(path) != rec.sha256:
+        raise SurfdiffError(f"checkpoint {path} does not match the record of model {rec.model_id} "
+                            f"(SHA-256 differs): it was replaced after training; retrain or restore it")

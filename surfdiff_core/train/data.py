@@ -1,9 +1,10 @@
 """Training data from the results store: dataset selection as in the paper, and periodic-repetition augmentation.
 
-Selection: documents of one system (the training cell), valid and inside the box, within an energy window
-above the per-composition minimum (D: 2 eV, D_lowE: 0.5 eV), optionally restricted to compositions or to
-the oxidised / reduced side of an element ratio (D_lowE^ox / D_lowE^red). Augmentation: r×r×1 periodic
-repetition of each structure (energies × r²) so the denoiser sees many more atoms at no DFT cost.
+Selection: documents of one study and system (the training cell) computed with the study's energy model,
+valid and inside the box, within an energy window above the per-(energy model, composition) minimum
+(D: 2 eV, D_lowE: 0.5 eV), optionally restricted to compositions or to the oxidised / reduced side of an
+element ratio (D_lowE^ox / D_lowE^red). Augmentation: r×r×1 periodic repetition of each structure
+(energies × r²) so the denoiser sees many more atoms at no DFT cost.
 """
 
 from __future__ import annotations
@@ -35,16 +36,33 @@ class Sample:
     frames: list[tuple[np.ndarray, float, np.ndarray]]
     doc_id: str
     composition: str
+    group: str  # structures of one group (tiles, relaxations of one candidate) stay on one side of the split
 
 
-def select_documents(store: ResultsStore, system_id: str | None, cfg: TrainConfig) -> list[StructureDoc]:
-    crit: dict = {"source": {"$in": ["rss", "relaxed", "dft"]}, "valid": True, "in_box": True,
-                  "energy": {"$ne": None}}
-    if system_id:
-        crit["system_id"] = system_id
+@dataclass(frozen=True)
+class DataScope:
+    """Which documents may train a model: one study's structures of one system, computed with the listed
+    energy models (the first sets the energy scale)."""
+
+    study: str | None
+    system_id: str
+    energy_models: tuple[str, ...]
+
+    def criteria(self) -> dict:
+        crit: dict = {"source": {"$in": ["rss", "relaxed", "dft"]}, "valid": True, "in_box": True,
+                      "energy": {"$ne": None}, "system_id": self.system_id,
+                      "energy_model": {"$in": list(self.energy_models)}}
+        if self.study is not None:
+            crit["study"] = self.study
+        return crit
+
+
+def select_documents(store: ResultsStore, scope: DataScope, cfg: TrainConfig) -> list[StructureDoc]:
+    """The training set of `scope`: windows and references are per energy model, never across them."""
+    crit = scope.criteria()
     if cfg.compositions:
         crit["composition"] = {"$in": list(cfg.compositions)}
-    docs = list(store.find(crit))
+    docs = list(store.find(crit, with_frames=True))
     if cfg.oxygen_ratio is not None and cfg.ratio_side != "any":
         num, den, ratio = cfg.oxygen_ratio
         keep = []
@@ -55,15 +73,40 @@ def select_documents(store: ResultsStore, system_id: str | None, cfg: TrainConfi
                 keep.append(d)
         docs = keep
     if cfg.energy_window is not None:
-        emin: dict[str, float] = {}
+        emin: dict[tuple[str | None, str], float] = {}
         for d in docs:
-            emin[d.composition] = min(emin.get(d.composition, np.inf), d.energy)
-        docs = [d for d in docs if d.energy <= emin[d.composition] + cfg.energy_window]
+            key = (d.energy_model, d.composition)
+            emin[key] = min(emin.get(key, np.inf), d.energy)
+        docs = [d for d in docs if d.energy <= emin[(d.energy_model, d.composition)] + cfg.energy_window]
     docs.sort(key=lambda d: d.doc_id)
     return docs
 
 
-def doc_to_sample(doc: StructureDoc, max_frames: int) -> Sample:
+def reference_shifts(docs: Sequence[StructureDoc], energy_models: Sequence[str]) -> dict[str, dict[int, float]]:
+    """Per energy model, per-element energies Δμ_Z that move its energies onto the first model's scale
+    (E' = E − Σ n_Z Δμ_Z), from least-squares element references fitted to each model's own data."""
+    elements = sorted({int(z) for d in docs for z in d.to_atoms().numbers})
+    index = {z: k for k, z in enumerate(elements)}
+
+    def fit(model: str) -> np.ndarray:
+        rows, y = [], []
+        for d in docs:
+            if d.energy_model == model:
+                counts = np.zeros(len(elements))
+                for z in d.to_atoms().numbers:
+                    counts[index[int(z)]] += 1
+                rows.append(counts)
+                y.append(d.energy)
+        if not rows:
+            raise SurfdiffError(f"no training data for energy model {model!r}")
+        return np.linalg.lstsq(np.asarray(rows), np.asarray(y), rcond=None)[0]
+
+    ref = fit(energy_models[0])
+    return {m: dict(zip(elements, (fit(m) - ref).tolist(), strict=True)) for m in energy_models[1:]}
+
+
+def doc_to_sample(doc: StructureDoc, max_frames: int, shift: dict[int, float] | None = None) -> Sample:
+    """A document as training sample; `shift` (per-element eV) moves its energies onto another model's scale."""
     atoms = doc.to_atoms()
     frames = [(np.asarray(f.positions), f.energy, np.asarray(f.forces)) for f in doc.trajectory]
     if len(frames) > max_frames:  # keep the last frame (relaxed) and evenly spaced earlier ones
@@ -72,9 +115,13 @@ def doc_to_sample(doc: StructureDoc, max_frames: int) -> Sample:
     forces = np.asarray(doc.forces) if doc.forces is not None else np.zeros((len(atoms), 3))
     if not frames:
         frames = [(atoms.positions.copy(), float(doc.energy), forces)]
+    offset = sum(shift.get(int(z), 0.0) for z in atoms.numbers) if shift else 0.0
+    frames = [(p, e - offset, f) for p, e, f in frames]
+    # A relaxation (relaxed, dft) groups with its generated parent: near-identical geometries of one candidate.
+    group = doc.parent_id if doc.source in ("relaxed", "dft") and doc.parent_id else doc.doc_id
     return Sample(atoms=atoms, movable=np.asarray(doc.movable, bool), z_box=(doc.z_box[0], doc.z_box[1]),
-                  energy=float(doc.energy), forces=forces, frames=frames, doc_id=doc.doc_id,
-                  composition=doc.composition)
+                  energy=float(doc.energy) - offset, forces=forces, frames=frames, doc_id=doc.doc_id,
+                  composition=doc.composition, group=group)
 
 
 def repeat_sample(s: Sample, r: int) -> Sample:
@@ -94,17 +141,18 @@ def repeat_sample(s: Sample, r: int) -> Sample:
     assert len(big) == n * tile
     return Sample(atoms=big, movable=np.tile(s.movable, tile), z_box=s.z_box, energy=s.energy * tile,
                   forces=np.tile(s.forces, (tile, 1)), frames=frames, doc_id=f"{s.doc_id}x{r}",
-                  composition=s.composition)
+                  composition=s.composition, group=s.group)
 
 
-def load_samples(store: ResultsStore, system_id: str | None, cfg: TrainConfig) -> tuple[list[Sample], list[str]]:
-    docs = select_documents(store, system_id, cfg)
+def load_samples(store: ResultsStore, scope: DataScope, cfg: TrainConfig) -> tuple[list[Sample], list[str]]:
+    docs = select_documents(store, scope, cfg)
     if len(docs) < 2:
-        where = f" for system {system_id}" if system_id else ""
         raise SurfdiffError(
-            f"only {len(docs)} usable training structures in the store{where}: run `surfdiff rss` first"
+            f"only {len(docs)} usable training structures for study {scope.study!r}, system {scope.system_id}, "
+            f"energy model {', '.join(scope.energy_models)}: run `surfdiff rss` first"
         )
-    samples = [doc_to_sample(d, cfg.max_frames_per_structure) for d in docs]
+    shifts = reference_shifts(docs, scope.energy_models) if len(scope.energy_models) > 1 else {}
+    samples = [doc_to_sample(d, cfg.max_frames_per_structure, shifts.get(d.energy_model)) for d in docs]
     if cfg.repeat > 1:
         samples = samples + [repeat_sample(s, cfg.repeat) for s in samples]
     return samples, [d.doc_id for d in docs]

@@ -31,6 +31,7 @@ from surfdiff_core.errors import SurfdiffError
 from surfdiff_core.ml.models import ModelSpec, SurfaceModel
 from surfdiff_core.store import ResultsStore
 from surfdiff_core.train.data import (
+    DataScope,
     Sample,
     data_fingerprint,
     element_reference_energies,
@@ -62,7 +63,7 @@ def make_model(mcfg: ModelConfig, elements: list[int]) -> SurfaceModel:
 
 
 @dataclass
-class TrainResult:
+class TrainingRun:
     model_id: str
     checkpoint: Path
     epochs: int
@@ -73,6 +74,7 @@ class TrainResult:
     wall_time: float = 0.0
     samples_per_second: float = 0.0
     resumed_from: int = 0
+    doc_ids: list[str] = field(default_factory=list)
 
 
 class EMA:
@@ -92,10 +94,20 @@ class EMA:
             s.copy_(b)
 
 
-def model_id_for(mcfg: ModelConfig, tcfg: TrainConfig, fingerprint: str, system_id: str | None) -> str:
+def model_id_for(mcfg: ModelConfig, tcfg: TrainConfig, fingerprint: str, scope: DataScope) -> str:
     payload = json.dumps([mcfg.model_dump(mode="json"), tcfg.model_dump(mode="json", exclude={"device"}),
-                          fingerprint, system_id], sort_keys=True)
+                          fingerprint, scope.system_id, list(scope.energy_models), scope.study], sort_keys=True)
     return "model-" + hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+
+def split_by_group(samples: list[Sample], val_fraction: float,
+                   rng: np.random.Generator) -> tuple[list[Sample], list[Sample]]:
+    """Validation split by group: tiles of a structure, and relaxations of one candidate, never straddle it."""
+    groups = sorted({s.group for s in samples})
+    order = rng.permutation(len(groups))
+    n_val = int(round(val_fraction * len(groups))) if len(groups) >= 5 else 0
+    val_groups = {groups[i] for i in order[:n_val]}
+    return ([s for s in samples if s.group not in val_groups], [s for s in samples if s.group in val_groups])
 
 
 def _losses(
@@ -124,30 +136,24 @@ def train(
     mcfg: ModelConfig,
     tcfg: TrainConfig,
     *,
-    system_id: str | None,
+    scope: DataScope,
     checkpoint_dir: str | Path,
     progress: bool = True,
     max_epochs: int | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-) -> TrainResult:
-    """Train (or resume) the denoiser + MLFF on the store's data for `system_id`; returns the checkpoint."""
+) -> TrainingRun:
+    """Train (or resume) the denoiser + MLFF on the documents of `scope`; returns the checkpoint."""
     torch.manual_seed(tcfg.seed)
     rng = np.random.default_rng(tcfg.seed)
     device = pick_device(tcfg.device)
-    samples, doc_ids = load_samples(store, system_id, tcfg)
+    samples, doc_ids = load_samples(store, scope, tcfg)
     fingerprint = data_fingerprint(doc_ids)
-    model_id = model_id_for(mcfg, tcfg, fingerprint, system_id)
+    model_id = model_id_for(mcfg, tcfg, fingerprint, scope)
     ckdir = Path(checkpoint_dir)
     ckdir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = ckdir / f"{model_id}-last.pt", ckdir / f"{model_id}.pt"
 
-    # split by source structure so repeated tiles of a validation structure never leak into training
-    base_ids = sorted({s.doc_id.split("x")[0] for s in samples})
-    order = rng.permutation(len(base_ids))
-    n_val = int(round(tcfg.val_fraction * len(base_ids))) if len(base_ids) >= 5 else 0
-    val_ids = {base_ids[i] for i in order[:n_val]}
-    train_set = [s for s in samples if s.doc_id.split("x")[0] not in val_ids]
-    val_set = [s for s in samples if s.doc_id.split("x")[0] in val_ids]
+    train_set, val_set = split_by_group(samples, tcfg.val_fraction, rng)
 
     elements = sorted({int(z) for s in samples for z in s.atoms.numbers})
     model = make_model(mcfg, elements).to(device)
@@ -178,7 +184,8 @@ def train(
         rng = np.random.default_rng([tcfg.seed, start_epoch])
 
     gen = torch.Generator(device=device).manual_seed(tcfg.seed + start_epoch)
-    provenance = {"system_id": system_id, "fingerprint": fingerprint, "n_structures": len(doc_ids),
+    provenance = {"system_id": scope.system_id, "study": scope.study,
+                  "energy_models": list(scope.energy_models), "fingerprint": fingerprint, "n_structures": len(doc_ids),
                   "doc_ids": doc_ids, "train": tcfg.model_dump(mode="json"), "n_train": len(train_set),
                   "n_val": len(val_set)}
 
@@ -232,9 +239,10 @@ def train(
     wall = time.perf_counter() - t0
     if not best_path.exists():  # zero epochs left on resume of a finished run: keep the last weights
         save(best_path, epoch, bad_epochs)
-    return TrainResult(model_id=model_id, checkpoint=best_path, epochs=len(history), best_val=best_val,
+    return TrainingRun(model_id=model_id, checkpoint=best_path, epochs=len(history), best_val=best_val,
                        history=history, n_train=len(train_set), n_val=len(val_set), wall_time=wall,
-                       samples_per_second=seen / wall if wall > 0 else 0.0, resumed_from=start_epoch)
+                       samples_per_second=seen / wall if wall > 0 else 0.0, resumed_from=start_epoch,
+                       doc_ids=list(doc_ids))
 
 
 @torch.no_grad()

@@ -1,0 +1,94 @@
+"""What the stages hand each other: plain values with explicit ids (run, config hash, model, documents)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class StageResult:
+    study: str
+    run_id: str
+    config_hash: str
+
+    def as_dict(self, *, ids: bool = True) -> dict[str, Any]:
+        """JSON-ready; ids=False drops the long id lists and histories (for tables and logs)."""
+        d = asdict(self)
+        if not ids:
+            for key in ("doc_ids", "history", "candidate_ids", "training_doc_ids"):
+                d.pop(key, None)
+            for t in d.get("targets", []):
+                t.pop("doc_ids", None)
+        return d
+
+
+@dataclass
+class RSSResult(StageResult):
+    system_id: str
+    energy_model: str
+    planned: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    out_of_box: int = 0
+    per_minute: float = 0.0
+    wall_time: float = 0.0
+    best: dict[str, float] = field(default_factory=dict)
+    lost: dict[str, str] = field(default_factory=dict)
+    doc_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult(StageResult):
+    model_id: str
+    checkpoint: str
+    sha256: str
+    system_id: str
+    energy_models: list[str]
+    epochs: int = 0
+    best_val: float = 0.0
+    n_train: int = 0
+    n_val: int = 0
+    samples_per_second: float = 0.0
+    resumed_from: int = 0
+    training_doc_ids: list[str] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class TargetSamples:
+    cell: str
+    composition: str
+    system_id: str
+    n: int
+    n_valid: int
+    rejection_rate: float
+    best_energy: float | None
+    wall_time: float
+    structure_steps_per_second: float
+    doc_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SampleResult(StageResult):
+    model_id: str
+    checkpoint: str
+    targets: list[TargetSamples] = field(default_factory=list)
+
+    @property
+    def doc_ids(self) -> list[str]:
+        return [i for t in self.targets for i in t.doc_ids]
+
+
+@dataclass
+class RelaxResult(StageResult):
+    method: str
+    energy_model: str
+    candidates: int = 0
+    skipped: int = 0
+    relaxed: int = 0
+    failed: int = 0
+    best: dict[str, float] = field(default_factory=dict)  # "composition cell" -> lowest relaxed energy
+    candidate_ids: list[str] = field(default_factory=list)
+    doc_ids: list[str] = field(default_factory=list)

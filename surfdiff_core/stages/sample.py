@@ -1,0 +1,70 @@
+"""Sampling stage: guided generation for every (cell, composition) target with one registered model."""
+
+from __future__ import annotations
+
+from surfdiff_core.config import SampleConfig, SampleTarget, SurfdiffConfig
+from surfdiff_core.stages.common import (
+    model_registry,
+    new_run_id,
+    sample_targets,
+    target_system,
+    training_energy_models,
+    training_system,
+)
+from surfdiff_core.stages.results import SampleResult, TargetSamples, TrainResult
+from surfdiff_core.store import ResultsStore
+from surfdiff_core.store.models import ModelRecord, verify_checkpoint
+
+
+def resolve_model(cfg: SurfdiffConfig, upstream: TrainResult | None = None,
+                  model_id: str | None = None) -> ModelRecord:
+    """The model to sample with: the training stage's result, a named model, or the newest one registered for
+    this study's training system and energy model. Its checkpoint must match the record."""
+    with model_registry(cfg) as registry:
+        if upstream is not None:
+            rec = registry.get(upstream.model_id)
+            if rec is None:  # a result handed over without a registry entry: trust its own hash
+                rec = ModelRecord(model_id=upstream.model_id, checkpoint=upstream.checkpoint, sha256=upstream.sha256,
+                                  study=upstream.study, system_id=upstream.system_id,
+                                  energy_models=upstream.energy_models)
+            verify_checkpoint(rec)
+            return rec
+        return registry.resolve(study=cfg.name, system_id=training_system(cfg).system_id,
+                                energy_model=training_energy_models(cfg)[0], model_id=model_id)
+
+
+def sample_one(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, model: ModelRecord, *,
+               scfg: SampleConfig | None = None, run_id: str, progress: bool = True,
+               device: str | None = None) -> TargetSamples:
+    from surfdiff_core.sample.generate import sample_into_store
+    from surfdiff_core.train.trainer import load_checkpoint, pick_device
+
+    scfg = scfg or cfg.sample
+    dev = pick_device(device or scfg.device)
+    loaded = load_checkpoint(model.checkpoint, device=dev)
+    system = target_system(cfg, target)
+    res, docs = sample_into_store(store, loaded, system, scfg, device=dev, run_id=run_id,
+                                  checkpoint=model.checkpoint, progress=progress, study=cfg.name)
+    valid = [d for d in docs if d.valid and d.in_box and d.energy is not None]
+    wall = res.wall_time if res else 0.0
+    return TargetSamples(
+        cell=system.cell, composition=system.composition, system_id=system.system_id, n=len(docs),
+        n_valid=len(valid), rejection_rate=1 - len(valid) / len(docs) if docs else 0.0,
+        best_energy=min((d.energy for d in valid), default=None), wall_time=wall,
+        structure_steps_per_second=(res.structure_steps / wall) if res and wall > 0 else 0.0,
+        doc_ids=[d.doc_id for d in docs],
+    )
+
+
+def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: TrainResult | None = None, *,
+        targets: list[SampleTarget] | None = None, scfg: SampleConfig | None = None, model_id: str | None = None,
+        run_id: str | None = None, progress: bool = True, device: str | None = None) -> SampleResult:
+    model = resolve_model(cfg, upstream, model_id)
+    run_id = run_id or new_run_id()
+    scfg = scfg or cfg.sample
+    result = SampleResult(study=cfg.name, run_id=run_id, config_hash=cfg.section_hash("sample"),
+                          model_id=model.model_id, checkpoint=model.checkpoint)
+    for target in targets or sample_targets(cfg):
+        result.targets.append(sample_one(cfg, store, target, model, scfg=scfg, run_id=run_id, progress=progress,
+                                         device=device))
+    return result

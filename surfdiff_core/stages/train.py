@@ -1,0 +1,52 @@
+"""Training stage: the denoiser + MLFF on the study's data of one system and energy model, registered."""
+
+from __future__ import annotations
+
+from surfdiff_core.config import SurfdiffConfig
+from surfdiff_core.errors import SurfdiffError
+from surfdiff_core.stages.common import (
+    checkpoint_dir,
+    model_registry,
+    new_run_id,
+    training_energy_models,
+    training_system,
+)
+from surfdiff_core.stages.results import RSSResult, TrainResult
+from surfdiff_core.store import ResultsStore
+from surfdiff_core.store.models import ModelRecord, file_sha256
+
+
+def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = None, *,
+        epochs: int | None = None, device: str | None = None, run_id: str | None = None, progress: bool = True,
+        round_index: int | None = None) -> TrainResult:
+    """Train (or resume) on the documents of this study, training system and energy model(s).
+
+    `upstream` (the RSS stage's result) fixes the system and energy model; without it they come from the
+    config. Relaxed/dft documents of the same scope (active-learning rounds) join the training set."""
+    from surfdiff_core.train.data import DataScope
+    from surfdiff_core.train.trainer import train
+
+    system_id = training_system(cfg).system_id
+    models = training_energy_models(cfg)
+    if upstream is not None and (upstream.system_id, upstream.energy_model) != (system_id, models[0]):
+        raise SurfdiffError(f"the RSS result ({upstream.system_id}, {upstream.energy_model}) is not this "
+                            f"study's training system and energy model ({system_id}, {models[0]})")
+    tcfg = cfg.train if device is None else cfg.train.model_copy(update={"device": device})
+    scope = DataScope(study=cfg.name, system_id=system_id, energy_models=models)
+    res = train(store, cfg.model, tcfg, scope=scope, checkpoint_dir=checkpoint_dir(cfg), progress=progress,
+                max_epochs=epochs)
+    sha = file_sha256(res.checkpoint)
+    with model_registry(cfg) as registry:
+        registry.record(ModelRecord(
+            model_id=res.model_id, checkpoint=str(res.checkpoint), sha256=sha, study=cfg.name,
+            system_id=system_id, energy_models=list(models), epochs=res.epochs, best_val=res.best_val,
+            n_train=res.n_train, n_val=res.n_val, model=cfg.model.model_dump(mode="json"),
+            train=cfg.train.model_dump(mode="json"), round=round_index,
+        ))
+    return TrainResult(
+        study=cfg.name, run_id=run_id or new_run_id(), config_hash=cfg.section_hash("model", "train"),
+        model_id=res.model_id, checkpoint=str(res.checkpoint), sha256=sha, system_id=system_id,
+        energy_models=list(models), epochs=res.epochs, best_val=res.best_val, n_train=res.n_train,
+        n_val=res.n_val, samples_per_second=res.samples_per_second, resumed_from=res.resumed_from,
+        training_doc_ids=res.doc_ids, history=res.history,
+    )
