@@ -9,8 +9,15 @@ One command for the whole local orchestration stack:
 4. `prefect worker start` for the pool (unless --no-worker);
 5. the UI URL, then it waits until Ctrl-C and stops worker, flow runs and server.
 
+The API asks for a password (Prefect's basic auth): `SURFDIFF_PREFECT_AUTH`, else a secret generated on first
+start into PREFECT_HOME/api-auth (mode 0600). Server, deploy step, worker and flow runs get it through their
+environment; it is never printed or logged.
+
 Every Prefect process runs in its own process group and their descendants are tracked, so `stop()` leaves
-nothing behind, even on failure. Tests use `start_serve()` / `ServeHandles.stop()` directly.
+nothing behind, even on failure. A hard kill of `serve` leaves nothing either: the children get a parent-death
+signal, a small guard process kills whatever is left (flow runs included), and the next `serve` of the same
+Prefect home cleans up after an earlier one it finds in PREFECT_HOME/serve.pids.
+Tests use `start_serve()` / `ServeHandles.stop()` directly.
 Analytics are off and no Prefect Cloud settings reach the children; secrets stay in the environment.
 """
 
@@ -18,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -26,6 +36,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -36,8 +47,11 @@ from surfdiff_core.errors import ConfigError, SurfdiffError
 
 DEFAULT_PORT = 4200
 DEFAULT_POOL = "surfdiff-local"
-HOST = "127.0.0.1"  # never anything wider: the server has no authentication
+HOST = "127.0.0.1"  # never anything wider: loopback plus a password, reach it from elsewhere through SSH
 PREFECT_FILE = Path("deploy") / "prefect.yaml"
+AUTH_ENV = "SURFDIFF_PREFECT_AUTH"  # the API password ('user:password'); wins over the generated file
+AUTH_FILE = "api-auth"  # under PREFECT_HOME, mode 0600
+PIDS_FILE = "serve.pids"  # under PREFECT_HOME: the running serve, its guard and children (pid + start time)
 # Settings that could point the children at another server, profile or Prefect Cloud account.
 _FOREIGN_SETTINGS = (
     "PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH",
@@ -163,6 +177,168 @@ def _alive(pid: int) -> bool:
         return False
 
 
+# ---- the API password ----------------------------------------------------------------------------------
+def resolve_auth(home: Path) -> str:
+    """The API password: $SURFDIFF_PREFECT_AUTH, else PREFECT_HOME/api-auth (generated on first start, 0600)."""
+    if given := os.environ.get(AUTH_ENV, "").strip():
+        return given
+    path = home / AUTH_FILE
+    home.mkdir(parents=True, exist_ok=True)
+    try:
+        # O_EXCL: never follow or reuse a file someone else planted; 0600 from the first byte.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _read_auth_file(path)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"surfdiff:{secrets.token_urlsafe(32)}\n")
+    return _read_auth_file(path)
+
+
+def _read_auth_file(path: Path) -> str:
+    st = path.lstat()
+    if not path.is_file() or path.is_symlink() or st.st_uid != os.getuid():
+        raise ConfigError(f"{path} must be a regular file owned by you: remove it (a new one is generated)")
+    if st.st_mode & 0o077:
+        path.chmod(0o600)  # readable by others: the password is not secret any more, but tighten it at least
+    secret = path.read_text().strip()
+    if not secret:
+        raise ConfigError(f"{path} is empty: remove it (a new one is generated) or set {AUTH_ENV}")
+    return secret
+
+
+# ---- children tied to this process --------------------------------------------------------------------------
+_PR_SET_PDEATHSIG = 1
+
+
+def _pdeathsig_setter() -> Callable[[], None] | None:
+    """A preexec_fn: the child gets SIGTERM when this process dies, even by SIGKILL (Linux only)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork: no dlsym in the child
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _start_time(pid: int) -> int | None:
+    """Start time of `pid` in clock ticks since boot: with the pid, it names one process (pids get reused)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _same_process(entry: dict[str, Any]) -> bool:
+    return entry.get("start") is not None and _start_time(int(entry["pid"])) == entry["start"] \
+        and _alive(int(entry["pid"]))
+
+
+def _write_pids(home: Path, entries: dict[str, int]) -> None:
+    """PREFECT_HOME/serve.pids: what a later serve (or the guard) may kill, each pid with its start time."""
+    data = {name: {"pid": pid, "start": _start_time(pid)} for name, pid in entries.items()}
+    tmp = home / f".{PIDS_FILE}.tmp"
+    tmp.write_text(json.dumps(data))
+    tmp.replace(home / PIDS_FILE)
+
+
+def _read_pids(home: Path) -> dict[str, dict[str, Any]]:
+    try:
+        data = json.loads((home / PIDS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _kill_trees(roots: list[int], extra: set[int] | None = None, grace: float = 3.0) -> int:
+    """SIGTERM `roots`, their process groups and descendants (plus `extra`), SIGKILL what is left after `grace`."""
+    tree = set(extra or ()) | set(roots)
+    for pid in roots:
+        tree |= set(_descendants(pid))
+    for pid in roots:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(pid) == pid:  # leaders of their own group (start_new_session): the whole group
+                os.killpg(pid, signal.SIGTERM)
+    _signal(sorted(tree), signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in tree):
+        time.sleep(0.1)
+    left = [p for p in tree if _alive(p)]
+    _signal(left, signal.SIGKILL)
+    return len(tree)
+
+
+def clean_stale(home: Path, log: Callable[[str], None] = print) -> int:
+    """Stop what an earlier, hard-killed serve of this Prefect home left running; refuse if it still runs."""
+    entries = _read_pids(home)
+    if not entries:
+        return 0
+    serve = entries.get("serve")
+    if serve and serve.get("pid") != os.getpid() and _same_process(serve):
+        raise ConfigError(f"another surfdiff serve (pid {serve['pid']}) uses {home}: stop it, or pass "
+                          "--prefect-home")
+    stale = [int(e["pid"]) for name, e in entries.items() if name != "serve" and _same_process(e)]
+    killed = _kill_trees(stale) if stale else 0
+    (home / PIDS_FILE).unlink(missing_ok=True)
+    if killed:
+        log(f"stopped {killed} processes left behind by an earlier surfdiff serve of {home}")
+    return killed
+
+
+def _spawn_guard(home: Path, root: Path, logdir: Path) -> subprocess.Popen:
+    """The guard: a tiny process that outlives a hard-killed serve just long enough to stop its children."""
+    log = (logdir / "guard.log").open("ab")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-c", "import sys; from deploy.serve import guard_main; guard_main(*sys.argv[1:])",
+             str(os.getpid()), str(home)],
+            cwd=root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # a kill of serve's group must not take the guard with it
+            preexec_fn=_pdeathsig_setter())
+    finally:
+        log.close()
+
+
+class _Stop(Exception):
+    pass
+
+
+def guard_main(parent: str, home: str) -> None:
+    """Body of the guard: wait for serve to die, then kill the children listed in serve.pids and every
+    descendant seen while they ran (flow runs leave the worker's process tree when the worker dies first)."""
+    parent_pid, home_path = int(parent), Path(home)
+
+    def _on_term(_signum: int, _frame: object) -> None:
+        raise _Stop
+
+    signal.signal(signal.SIGTERM, _on_term)  # the parent-death signal, or serve stopping us on a clean exit
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    seen: dict[int, int | None] = {}
+    try:
+        while os.getppid() == parent_pid:
+            for name, e in _read_pids(home_path).items():
+                if name not in ("serve", "guard") and _same_process(e):
+                    for pid in [int(e["pid"]), *_descendants(int(e["pid"]))]:
+                        seen.setdefault(pid, _start_time(pid))
+            time.sleep(1.0)
+    except _Stop:
+        pass
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    entries = _read_pids(home_path)  # gone after a clean stop: nothing to do
+    serve = entries.get("serve")
+    if not entries or (serve and _same_process(serve)):
+        return
+    roots = [int(e["pid"]) for name, e in entries.items() if name not in ("serve", "guard") and _same_process(e)]
+    extra = {pid for pid, start in seen.items() if start is not None and _start_time(pid) == start}
+    _kill_trees(roots, extra)
+    (home_path / PIDS_FILE).unlink(missing_ok=True)
+
+
 @dataclass
 class _Child:
     name: str
@@ -192,8 +368,9 @@ def _spawn(name: str, cmd: list[str], env: dict[str, str], cwd: Path, logdir: Pa
     fh = log.open("ab")
     # A new session: Ctrl-C in the terminal reaches only `surfdiff serve`, which then stops the children in
     # order (worker before server), and killpg reaches everything the child starts in its group.
+    # The parent-death signal stops the child even when `surfdiff serve` is killed with SIGKILL.
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_pdeathsig_setter())
     return _Child(name, proc, log, fh)
 
 
@@ -207,9 +384,23 @@ class ServeHandles:
     pool: str
     root: Path
     env: dict[str, str] = field(repr=False)  # holds the caller's secrets (e.g. SURFDIFF_MONGO_URI): never print it
+    auth: str = field(repr=False, default="")  # the API password ('user:password')
     deployments: list[str] = field(default_factory=list)
     server: _Child | None = None
     worker: _Child | None = None
+    guard: subprocess.Popen | None = field(default=None, repr=False)
+
+    def client(self) -> Any:
+        """A SyncPrefectClient of this server, logged in."""
+        return _client(self.api_url, self.auth)
+
+    def record_pids(self) -> None:
+        """serve.pids: this process, its guard and children, for the guard and for a later serve."""
+        entries = {"serve": os.getpid()}
+        if self.guard is not None:
+            entries["guard"] = self.guard.pid
+        entries |= {c.name: c.proc.pid for c in (self.server, self.worker) if c is not None}
+        _write_pids(self.home, entries)
 
     @property
     def processes(self) -> list[subprocess.Popen]:
@@ -229,6 +420,14 @@ class ServeHandles:
             if child is not None:
                 child.stop(timeout)
                 setattr(self, attr, None)
+        # Children gone: no list for the guard to act on, so it exits quietly.
+        (self.home / PIDS_FILE).unlink(missing_ok=True)
+        if self.guard is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.guard.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.guard.wait(timeout=10)
+            self.guard = None
 
     def __enter__(self) -> ServeHandles:
         return self
@@ -254,19 +453,19 @@ def wait_healthy(handles: ServeHandles, timeout: float = 180.0) -> None:
                      f"see {handles.server.log if handles.server else handles.home}")
 
 
-def _client(api_url: str):
+def _client(api_url: str, auth: str | None = None):
     from prefect.client.orchestration import SyncPrefectClient
 
-    return SyncPrefectClient(api_url)
+    return SyncPrefectClient(api_url, auth_string=auth or None)
 
 
-def ensure_pool(api_url: str, name: str) -> bool:
+def ensure_pool(api_url: str, name: str, auth: str | None = None) -> bool:
     """Create the `process` work pool `name` unless it exists; True if it was created."""
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
     from prefect.workers.process import ProcessWorker
 
-    with _client(api_url) as client:
+    with _client(api_url, auth) as client:
         try:
             pool = client.read_work_pool(name)
         except ObjectNotFound:
@@ -280,12 +479,30 @@ def ensure_pool(api_url: str, name: str) -> bool:
     return False
 
 
+def study_parameters(parameters: dict[str, Any] | None, root: Path, where: str) -> dict[str, Any]:
+    """A deployment's `config_path: configs/X.yaml` as the typed study it names, so the UI's run form shows
+    (and prefills) every field; `config_path` itself stays a parameter that, when given, wins."""
+    from surfdiff_core.config import load_config
+
+    params = dict(parameters or {})
+    path = params.pop("config_path", None)
+    if path is None or "study" in params:
+        return parameters or {}
+    try:
+        params["study"] = load_config(root / path).model_dump(mode="json")
+    except SurfdiffError as exc:
+        raise ServeError(f"{where}: {exc}") from None
+    return params
+
+
 def deploy(handles: ServeHandles, prefect_file: Path | None = None, timeout: float = 600.0) -> list[str]:
-    """`prefect deploy --all` from the repository root, with the pool name of `handles` substituted."""
+    """`prefect deploy --all` from the repository root, on a copy of deploy/prefect.yaml with the pool name of
+    `handles` substituted and each default config file expanded into the typed study."""
     src = prefect_file or handles.root / PREFECT_FILE
     spec = yaml.safe_load(src.read_text())
     for d in spec.get("deployments", []):
         d.setdefault("work_pool", {})["name"] = handles.pool
+        d["parameters"] = study_parameters(d.get("parameters"), handles.root, f"{src}: deployment {d['name']}")
     effective = handles.home / "prefect.yaml"  # a copy: --pool must not rewrite the tracked file
     effective.write_text(yaml.safe_dump(spec, sort_keys=False))
     log = handles.home / "logs" / "deploy.log"
@@ -296,7 +513,7 @@ def deploy(handles: ServeHandles, prefect_file: Path | None = None, timeout: flo
                                 stderr=subprocess.STDOUT, timeout=timeout, start_new_session=True).returncode
         except subprocess.TimeoutExpired:
             raise ServeError(f"`prefect deploy` took longer than {timeout:.0f} s; see {log}") from None
-    names = list_deployments(handles.api_url)
+    names = list_deployments(handles.api_url, handles.auth)
     wanted = {f"{_flow_name(handles.root, d['entrypoint'])}/{d['name']}" for d in spec.get("deployments", [])}
     if rc != 0 or not wanted <= set(names):
         raise ServeError(f"`prefect deploy` failed (exit {rc}; missing {sorted(wanted - set(names))}); "
@@ -320,9 +537,9 @@ def _flow_name(root: Path, entrypoint: str) -> str:
     return func.replace("_", "-")
 
 
-def list_deployments(api_url: str) -> list[str]:
+def list_deployments(api_url: str, auth: str | None = None) -> list[str]:
     """'flow/deployment' names registered on the server."""
-    with _client(api_url) as client:
+    with _client(api_url, auth) as client:
         deps = client.read_deployments()
         flows = {f.id: f.name for f in client.read_flows()}
     return sorted(f"{flows.get(d.flow_id, '?')}/{d.name}" for d in deps)
@@ -345,19 +562,27 @@ def start_serve(*, port: int = DEFAULT_PORT, pool: str = DEFAULT_POOL, prefect_h
         raise ConfigError(f"--port must be between 1 and 65535 (got {port})")
     if not pool.strip():
         raise ConfigError("--pool must not be empty")
+    home = resolve_home(prefect_home, root)
+    clean_stale(home, log)  # an earlier serve killed hard may still hold the port
     if not _port_free(port):
         raise ConfigError(f"port {port} on {HOST} is in use (another Prefect server?): pass --port")
-    home = resolve_home(prefect_home, root)
     (home / "logs").mkdir(parents=True, exist_ok=True)
-    env = prefect_env(home, port, poll_seconds=poll_seconds, extra=extra_env)
+    auth = resolve_auth(home)
+    # Clients (deploy step, worker, flow runs) log in with the password; only the server checks it.
+    env = prefect_env(home, port, poll_seconds=poll_seconds, extra={**(extra_env or {}),
+                                                                    "PREFECT_API_AUTH_STRING": auth})
     url = f"http://{HOST}:{port}"
-    h = ServeHandles(url=url, api_url=f"{url}/api", home=home, pool=pool, root=root, env=env)
+    h = ServeHandles(url=url, api_url=f"{url}/api", home=home, pool=pool, root=root, env=env, auth=auth)
     try:
+        h.guard = _spawn_guard(home, root, home / "logs")
+        h.record_pids()
         log(f"starting the Prefect server on {url} (PREFECT_HOME={home}) ...")
         h.server = _spawn("server", _prefect_cmd("server", "start", "--host", HOST, "--port", str(port),
-                                                  "--analytics-off"), env, root, home / "logs")
+                                                  "--analytics-off"),
+                          {**env, "PREFECT_SERVER_API_AUTH_STRING": auth}, root, home / "logs")
+        h.record_pids()
         wait_healthy(h, health_timeout)
-        if ensure_pool(h.api_url, pool):
+        if ensure_pool(h.api_url, pool, auth):
             log(f"created the process work pool {pool!r}")
         if register:
             log(f"registering the deployments of {PREFECT_FILE} ...")
@@ -366,6 +591,7 @@ def start_serve(*, port: int = DEFAULT_PORT, pool: str = DEFAULT_POOL, prefect_h
         if worker:
             h.worker = _spawn("worker", _prefect_cmd("worker", "start", "--pool", pool, "--type", "process"),
                               env, root, home / "logs")
+            h.record_pids()
             time.sleep(1.0)
             if msg := h.failed():
                 raise ServeError(msg)
@@ -396,9 +622,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   f"worker {'running' if handles.worker else 'off'}")
             return 0
         print(f"\nPrefect UI: {handles.url}   (API {handles.api_url}; logs in {handles.home / 'logs'})")
+        secret_from = f"${AUTH_ENV}" if os.environ.get(AUTH_ENV, "").strip() else handles.home / AUTH_FILE
+        print(f"login: the UI and the API ask for the password in {secret_from} (the whole line, user:password)")
         print(f"worker: {'running on pool ' + handles.pool if handles.worker else 'off (--no-worker)'}")
         print("run a deployment from the UI, or e.g.:")
-        print(f"  PREFECT_API_URL={handles.api_url} prefect deployment run rss/demo -p n=10")
+        auth_cmd = (f'"${AUTH_ENV}"' if isinstance(secret_from, str) else f'"$(cat {secret_from})"')
+        print(f"  PREFECT_API_URL={handles.api_url} PREFECT_API_AUTH_STRING={auth_cmd} "
+              "prefect deployment run rss/demo -p n=10")
         print("Ctrl-C stops worker and server.", flush=True)
         while not (msg := handles.failed()):
             time.sleep(1.0)

@@ -198,6 +198,27 @@ class RelaxConfig(_Strict):
     steps: int = Field(200, ge=1)
 
 
+class EvaluateConfig(_Strict):
+    """Discovery power against RSS in each target cell, with the same energy model and relaxer."""
+
+    # oracle relaxations of the generative arm per target: the best distinct samples in MLFF rank order
+    budget: int = Field(16, ge=1)
+    rss_budget: int = Field(32, ge=0)  # RSS relaxations directly in each target cell: the baseline (0 = none)
+    tol: float = Field(0.05, gt=0)  # eV: an arm has "reached" an energy within this
+    seed: int = 1_000_003  # the baseline RSS seed, apart from the training RSS seeds
+    # known minima to look for: "Ag12O6 p(4x4)" -> structure file (extxyz, cif, POSCAR, ...)
+    references: dict[str, str] = Field(default_factory=dict)
+    adsorbate: str = "O"  # gas-phase element of the γ(Δμ) phase diagram (skipped when no target holds it)
+    molecule: str = "O2"  # its reference molecule (ASE g2 name)
+    dmu_range: tuple[float, float] = (-2.0, 0.5)  # eV, Δμ of the adsorbate
+
+    @model_validator(mode="after")
+    def _range(self) -> EvaluateConfig:
+        if not self.dmu_range[0] < self.dmu_range[1]:
+            raise ValueError(f"evaluate.dmu_range {list(self.dmu_range)} must be increasing")
+        return self
+
+
 class StoreConfig(_Strict):
     # 'sqlite' = embedded SQLite file '<path>/<database>.sqlite3' (default: WAL, indexed, several writers);
     # 'mongo' = MongoStore whose URI comes from the environment variable SURFDIFF_MONGO_URI (never from this
@@ -220,6 +241,7 @@ class SurfdiffConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     relax: RelaxConfig = Field(default_factory=RelaxConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
 
     @model_validator(mode="after")

@@ -41,7 +41,7 @@ sample:
   relax_steps: 5
   batch_size: 4
 relax: {method: emt, top_k: 1, steps: 30, fmax: 0.2}
-store: {backend: monty, path: STORE}
+store: {backend: sqlite, path: STORE}
 """
 
 

@@ -18,10 +18,10 @@ from tests.conftest import TINY_CONFIG
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _study(tmp_path: Path, name: str, compositions: str, store: Path, backend: str = "monty") -> Path:
+def _study(tmp_path: Path, name: str, compositions: str, store: Path, backend: str = "sqlite") -> Path:
     text = (TINY_CONFIG.replace("STORE", str(store)).replace("name: tiny", f"name: {name}")
             .replace("compositions: [Ag1O1, Ag2O1]", f"compositions: [{compositions}]")
-            .replace("backend: monty", f"backend: {backend}"))
+            .replace("backend: sqlite", f"backend: {backend}"))
     path = tmp_path / f"{name}.yaml"
     path.write_text(text)
     return path
@@ -58,25 +58,29 @@ def test_two_studies_share_an_embedded_store_without_mixing(prefect_harness, tmp
     store = tmp_path / "data" / "store"
     cfg_a = load_config(_study(tmp_path, "study-a", "Ag1O1, Ag2O1", store))
     cfg_b = load_config(_study(tmp_path, "study-b", "Ag1O1, Ag1O2", store))  # same system, same oracle
-    result_a = discovery_flow(study=cfg_a)
-    result_b = discovery_flow(study=cfg_b)
+    result_a = discovery_flow(study=cfg_a, evaluate=False)
+    result_b = discovery_flow(study=cfg_b, evaluate=False)
     _check_two_studies(cfg_a, cfg_b, result_a, result_b)
 
 
 @pytest.mark.slow
 def test_two_studies_share_a_mongo_store_without_mixing(prefect_harness, tmp_path, monkeypatch):
-    import mongomock
+    import maggma.stores.mongolike as mongolike
+    import mongomock_ng
+    from mongomock_ng.store import ServerStore
 
     from flows.discovery import discovery_flow
 
+    # The production backend (maggma MongoStore from SURFDIFF_MONGO_URI) over one in-process mongomock server.
+    server = ServerStore()
+    monkeypatch.setattr(mongolike, "MongoClient", lambda *a, **k: mongomock_ng.MongoClient(_store=server))
     monkeypatch.setenv("SURFDIFF_MONGO_URI", "mongodb://surfdiff-test.invalid:27017")
-    with mongomock.patch(servers=(("surfdiff-test.invalid", 27017),)):
-        store = tmp_path / "unused"
-        cfg_a = load_config(_study(tmp_path, "study-a", "Ag1O1, Ag2O1", store, backend="mongo"))
-        cfg_b = load_config(_study(tmp_path, "study-b", "Ag1O1, Ag1O2", store, backend="mongo"))
-        result_a = discovery_flow(study=cfg_a)
-        result_b = discovery_flow(study=cfg_b)
-        _check_two_studies(cfg_a, cfg_b, result_a, result_b)
+    store = tmp_path / "unused"
+    cfg_a = load_config(_study(tmp_path, "study-a", "Ag1O1, Ag2O1", store, backend="mongo"))
+    cfg_b = load_config(_study(tmp_path, "study-b", "Ag1O1, Ag1O2", store, backend="mongo"))
+    result_a = discovery_flow(study=cfg_a, evaluate=False)
+    result_b = discovery_flow(study=cfg_b, evaluate=False)
+    _check_two_studies(cfg_a, cfg_b, result_a, result_b)
 
 
 def _emt_and_other_model_docs(tmp_path):

@@ -56,7 +56,7 @@ def test_rss_invariants_and_resume():
     with open_store(StoreConfig(backend="memory")) as store:
         report = run_rss(cfg, store, progress=False)
         assert (report.done, report.skipped, report.failed) == (4, 0, 0)
-        docs = list(store.find({"source": "rss"}))
+        docs = list(store.find({"source": "rss"}, with_frames=True))
         assert sorted(d.composition for d in docs) == ["Ag4O2", "Ag4O2", "Ag5O3", "Ag5O3"]
         _check_invariants(cfg, docs)
         # the same seed again: nothing redone, nothing duplicated; a larger n only adds the new ones
@@ -89,7 +89,7 @@ def test_rss_on_another_facet_and_metal():
     with open_store(StoreConfig(backend="memory")) as store:
         report = run_rss(cfg, store, progress=False)
         assert report.done == 2
-        _check_invariants(cfg, list(store.find({})))
+        _check_invariants(cfg, list(store.find({}, with_frames=True)))
 
 
 def test_rss_process_pool_matches_serial(tmp_path):
@@ -108,7 +108,7 @@ def test_rss_process_pool_matches_serial(tmp_path):
 CONFIG = """
 substrate: {element: Ag, facet: fcc111, lattice_constant: 4.06, layers: 2, fixed_layers: 1}
 rss: {cell: p(2x2), compositions: [Ag1O1, Ag2O1], n: 3, fmax: 0.2, steps: 40}
-store: {backend: monty, path: STORE}
+store: {backend: sqlite, path: STORE}
 """
 
 
@@ -151,7 +151,7 @@ def test_cli_rss_then_query(tmp_path):
 def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, yaml_text, args, fragment):
     store = tmp_path / "store"
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text(yaml_text + f"store: {{backend: monty, path: {store}}}\n")
+    cfg.write_text(yaml_text + f"store: {{backend: sqlite, path: {store}}}\n")
     r = _surfdiff("rss", str(cfg), *args, cwd=".")
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()

@@ -28,7 +28,7 @@ def _doc(i: int, energy: float | None = -1.0, source: str = "rss") -> StructureD
     )
 
 
-@pytest.fixture(params=["memory", "monty", "json"])
+@pytest.fixture(params=["sqlite", "memory", "monty", "json"])
 def store(request, tmp_path):
     path = tmp_path / ("store.json" if request.param == "json" else "store")
     s = open_store(StoreConfig(backend=request.param), path=path)
@@ -124,3 +124,120 @@ def test_monty_direct_inserts_never_duplicate_across_connections(tmp_path):
         assert c.get(d.doc_id).energy == -9.0
     a.close()
     b.close()
+
+
+# ---- issue 10: SQLite default, frames out of the documents, MongoStore (mongomock), migration ---------------
+
+
+@pytest.fixture
+def mongomock_store():
+    import mongomock_ng as mongomock
+    from maggma.stores import MongoStore
+
+    from surfdiff_core.store import ResultsStore
+
+    db = mongomock.MongoClient().surfdiff
+    s = ResultsStore(MongoStore.from_collection(db.structures), frames=MongoStore.from_collection(db.structures_frames))
+    with s:
+        yield s
+
+
+def test_sqlite_is_the_default_backend():
+    assert StoreConfig().backend == "sqlite"
+
+
+def test_mongomock_round_trip_with_frames(mongomock_store):
+    docs = [_doc(i, energy=-float(i)) for i in range(4)]
+    mongomock_store.put_many(docs)
+    assert mongomock_store.count() == 4
+    back = mongomock_store.get(docs[1].doc_id)
+    assert back.model_dump(exclude={"created_at", "updated_at"}) == docs[1].model_dump(
+        exclude={"created_at", "updated_at"})
+    lean = next(mongomock_store.find({"doc_id": docs[1].doc_id}))
+    assert lean.trajectory == [] and lean.forces is None
+    assert "trajectory" not in mongomock_store.store.query_one({"doc_id": docs[1].doc_id})
+    info = mongomock_store.store._collection.index_information()
+    indexed = {k for spec in info.values() for k, _ in spec["key"]}
+    assert {"doc_id", "system_id", "composition", "energy", "study", "energy_model"} <= indexed
+
+
+def test_frames_round_trip_and_find_options(store):
+    docs = [_doc(i, energy=-float(i)) for i in range(5)]
+    store.put_many(docs)
+    lean = list(store.find({"source": "rss"}, sort=[("energy", 1)], limit=2))
+    assert [d.energy for d in lean] == [-4.0, -3.0]
+    assert all(d.trajectory == [] for d in lean)
+    full = {d.doc_id: d for d in store.find({}, with_frames=True)}
+    for d in docs:
+        assert full[d.doc_id].trajectory == d.trajectory
+        assert full[d.doc_id].forces == d.forces
+    frames = store.load_frames([docs[0].doc_id, "rss-missing"])
+    assert list(frames) == [docs[0].doc_id] and frames[docs[0].doc_id] == docs[0].trajectory
+
+
+def test_sqlite_query_uses_the_indexes(tmp_path):
+    with open_store(StoreConfig(), path=tmp_path / "s") as s:
+        s.put_many([_doc(i, energy=-float(i)) for i in range(3)])
+        conn = s.store._collection
+        crit = {"system_id": "x", "source": "rss", "composition": "Ag1O1"}
+        from surfdiff_core.store.sqlite_query import order_by, translate
+
+        where = translate(crit, s.store._census())
+        plan = conn.execute(f"EXPLAIN QUERY PLAN SELECT doc FROM structures WHERE {where.sql}"
+                            f"{order_by({'energy': 1})} LIMIT 10", where.params).fetchall()
+        text = " ".join(str(r) for r in plan)
+        assert "USING INDEX" in text and "TEMP B-TREE" not in text
+        assert (tmp_path / "s" / "surfdiff.sqlite3").is_file()
+
+
+def test_unreachable_mongo_fails_fast_in_one_line_without_password(monkeypatch):
+    import time
+
+    from surfdiff_core.errors import SurfdiffError
+
+    monkeypatch.setenv("SURFDIFF_MONGO_URI", "mongodb://alice:s3cr3t-pw@127.0.0.1:9/surfdiff?authSource=admin")
+    t = time.perf_counter()
+    with pytest.raises(SurfdiffError) as err:
+        open_store(StoreConfig(backend="mongo", server_timeout_s=0.5)).connect()
+    assert time.perf_counter() - t < 5
+    msg = str(err.value)
+    assert "\n" not in msg and "127.0.0.1:9" in msg
+    assert "s3cr3t" not in msg and "alice" not in msg
+
+
+def _old_monty_store(path, docs):
+    """A MontyStore as earlier versions wrote it: frames inside the documents, no frames collection."""
+    from maggma.stores import MontyStore
+
+    old = MontyStore(collection_name="structures", database_path=str(path), database_name="surfdiff",
+                     storage="sqlite", key="doc_id")
+    old.connect()
+    old.update([d.model_dump(mode="json") for d in docs], key="doc_id")
+    models = MontyStore(collection_name="structures_models", database_path=str(path), database_name="surfdiff",
+                        storage="sqlite", key="model_id")
+    models.connect()
+    models.update([{"model_id": "m1", "system_id": "s"}], key="model_id")
+    old.close()
+    models.close()
+
+
+def test_old_monty_store_is_refused_then_migrated(tmp_path):
+    from surfdiff_core.errors import SurfdiffError
+    from surfdiff_core.store.migrate import migrate_store
+
+    docs = [_doc(i, energy=-float(i)) for i in range(3)]
+    _old_monty_store(tmp_path / "old", docs)
+    with pytest.raises(SurfdiffError, match=f"surfdiff store migrate {tmp_path / 'old'}") as err:
+        open_store(StoreConfig(), path=tmp_path / "old").connect()
+    assert "\n" not in str(err.value)
+    assert migrate_store(tmp_path / "old", StoreConfig()) == 3 + 1
+    assert migrate_store(tmp_path / "old", StoreConfig()) == 1  # idempotent: structures skipped
+    with open_store(StoreConfig(), path=tmp_path / "old") as s:
+        assert s.count() == 3
+        assert "trajectory" not in s.store.query_one({"doc_id": docs[0].doc_id})
+        back = s.get(docs[0].doc_id)
+        assert back.trajectory == docs[0].trajectory and back.created_at == docs[0].created_at
+    from surfdiff_core.store.models import ModelRegistry
+
+    with ModelRegistry(StoreConfig(), tmp_path / "old") as reg:
+        assert reg._store.count() == 1
