@@ -198,6 +198,17 @@ class RelaxConfig(_Strict):
     steps: int = Field(200, ge=1)
 
 
+class ActiveLearningConfig(_Strict):
+    """Rounds of: sample with the current model, relax the best distinct samples with the oracle, fine-tune
+    on them (relaxed structures for the denoiser, their relaxation frames for the MLFF). 0 rounds = off."""
+
+    rounds: int = Field(0, ge=0)
+    relax_per_round: int = Field(8, ge=1)  # oracle relaxations per target and round
+    max_relaxations: int | None = Field(None, ge=1)  # budget over all rounds and targets (None: rounds decide)
+    samples: int | None = Field(None, ge=1)  # samples per target and round (None: sample.n)
+    epochs: int = Field(20, ge=1)  # fine-tuning epochs per round
+
+
 class EvaluateConfig(_Strict):
     """Discovery power against RSS in each target cell, with the same energy model and relaxer."""
 
@@ -241,6 +252,7 @@ class SurfdiffConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     relax: RelaxConfig = Field(default_factory=RelaxConfig)
+    active_learning: ActiveLearningConfig = Field(default_factory=ActiveLearningConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
 

@@ -18,11 +18,13 @@ from surfdiff_core.store.models import ModelRecord, file_sha256
 
 def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = None, *,
         epochs: int | None = None, device: str | None = None, run_id: str | None = None, progress: bool = True,
-        round_index: int | None = None) -> TrainResult:
+        round_index: int | None = None, learned_systems: tuple[str, ...] = (),
+        init_from: str | None = None) -> TrainResult:
     """Train (or resume) on the documents of this study, training system and energy model(s).
 
     `upstream` (the RSS stage's result) fixes the system and energy model; without it they come from the
-    config. Relaxed/dft documents of the same scope (active-learning rounds) join the training set."""
+    config. Active learning passes `learned_systems` (its relaxed samples in those cells join the data),
+    `init_from` (the previous round's checkpoint) and `round_index`."""
     from surfdiff_core.train.data import DataScope
     from surfdiff_core.train.trainer import train
 
@@ -32,9 +34,10 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = N
         raise SurfdiffError(f"the RSS result ({upstream.system_id}, {upstream.energy_model}) is not this "
                             f"study's training system and energy model ({system_id}, {models[0]})")
     tcfg = cfg.train if device is None else cfg.train.model_copy(update={"device": device})
-    scope = DataScope(study=cfg.name, system_id=system_id, energy_models=models)
+    scope = DataScope(study=cfg.name, system_id=system_id, energy_models=models, learned_systems=learned_systems,
+                      learned_rounds=round_index)
     res = train(store, cfg.model, tcfg, scope=scope, checkpoint_dir=checkpoint_dir(cfg), progress=progress,
-                max_epochs=epochs)
+                max_epochs=epochs, init_from=init_from)
     sha = file_sha256(res.checkpoint)
     with model_registry(cfg) as registry:
         registry.record(ModelRecord(

@@ -47,11 +47,23 @@ class DataScope:
     study: str | None
     system_id: str
     energy_models: tuple[str, ...]
+    # Active learning: oracle relaxations of samples in these (target) systems join the training set, but
+    # never other documents of those cells (the RSS baseline of the evaluation stays unseen).
+    learned_systems: tuple[str, ...] = ()
+    learned_rounds: int | None = None  # labels of rounds 1..k only (None: all), so a rerun of round k matches
 
     def criteria(self) -> dict:
-        crit: dict = {"source": {"$in": ["rss", "relaxed", "dft"]}, "valid": True, "in_box": True,
-                      "energy": {"$ne": None}, "system_id": self.system_id,
+        crit: dict = {"valid": True, "in_box": True, "energy": {"$ne": None},
                       "energy_model": {"$in": list(self.energy_models)}}
+        training = {"system_id": self.system_id, "source": {"$in": ["rss", "relaxed", "dft"]}}
+        if self.learned_systems:
+            learned = {"system_id": {"$in": list(self.learned_systems)}, "source": {"$in": ["relaxed", "dft"]},
+                       "meta.active_learning": True}
+            if self.learned_rounds is not None:
+                learned["meta.round"] = {"$lte": self.learned_rounds}
+            crit["$or"] = [training, learned]
+        else:
+            crit.update(training)
         if self.study is not None:
             crit["study"] = self.study
         return crit

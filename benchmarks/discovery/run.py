@@ -1,0 +1,227 @@
+"""Discovery benchmark: surfdiff against random structure search, at equal oracle budget in the target cell.
+
+One command regenerates the report (markdown + PNGs) for one energy model:
+
+    .venv/bin/python benchmarks/discovery/run.py --energy-model emt --seeds 101 202 303
+
+Per seed: RSS training data on c(2x8) Ag4O2..Ag6O5, models trained on D (2 eV window) and D_lowE (0.5 eV),
+guided samples of every target, then the evaluation stage: the best distinct samples in MLFF rank order and
+`--rss-budget` RSS structures in the same cell, both relaxed with the same oracle and relaxer. Also: guided
+against unguided unrelaxed energies, and quality against the number of diffusion steps. Evaluation seeds
+are not the seeds used to develop (0); nothing here is tuned on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+
+from surfdiff_core.config import SampleTarget, config_from_dict  # noqa: E402
+from surfdiff_core.stages import evaluate, rss, sample, train  # noqa: E402
+from surfdiff_core.stages.common import open_study_store, target_system  # noqa: E402
+
+COMPOSITIONS = ["Ag4O2", "Ag4O3", "Ag4O4", "Ag5O2", "Ag5O3", "Ag5O4", "Ag5O5", "Ag6O2", "Ag6O3", "Ag6O4", "Ag6O5"]
+WINDOWS = {"D": 2.0, "D_lowE": 0.5}
+MODELS = {"demo": {"n_features": 32, "n_rbf": 20, "n_interactions": 3, "cutoff": 5.0},
+          "paper": {"n_features": 64, "n_rbf": 30, "n_interactions": 4, "cutoff": 6.0}}
+
+
+def study_config(args, seed: int, window: str, store: Path) -> dict:
+    return {
+        "name": f"bench-{args.energy_model}-s{seed}",
+        "substrate": {"element": "Ag", "facet": "fcc111", "lattice_constant": "auto", "layers": 3,
+                      "fixed_layers": 1, "vacuum": 10.0},
+        "oracle": {"name": args.energy_model},
+        "rss": {"cell": "c(2x8)", "compositions": COMPOSITIONS, "n": args.rss_train, "seed": seed,
+                "fmax": 0.05, "steps": 300, "workers": args.workers},
+        "model": MODELS[args.model],
+        "train": {"energy_window": WINDOWS[window], "repeat": 2, "epochs": args.epochs, "batch_size": 8,
+                  "lr": 1e-3, "patience": 25, "seed": seed},
+        "sample": {"targets": [{"cell": t.split()[1], "composition": t.split()[0]} for t in args.targets],
+                   "n": args.samples, "steps": args.steps, "guidance": True, "eta_dt": 0.001, "relax_steps": 50,
+                   "batch_size": 32, "seed": seed},
+        "evaluate": {"budget": args.budget, "rss_budget": args.rss_budget, "seed": seed + 7919},
+        "store": {"backend": "sqlite", "path": str(store)},
+    }
+
+
+def oracle_single_points(cfg, docs) -> list[float]:
+    """Oracle energies of unrelaxed samples (guided against unguided)."""
+    from surfdiff_core.oracles import get_calculator
+
+    calc = get_calculator(cfg.oracle.name, **cfg.oracle.settings)
+    out = []
+    for d in docs:
+        atoms = d.to_atoms()
+        atoms.calc = calc
+        out.append(float(atoms.get_potential_energy()))
+    return out
+
+
+def guidance_effect(cfg, store, model, target: SampleTarget, n: int) -> dict:
+    """Median oracle energy of unrelaxed samples with and without force-field guidance (no MLFF relaxation)."""
+    res = {}
+    for guided in (True, False):
+        scfg = cfg.sample.model_copy(update={"guidance": guided, "relax": False, "n": n, "seed": cfg.sample.seed + 1})
+        s = sample.run(cfg, store, model, targets=[target], scfg=scfg, progress=False)
+        docs = [d for d in store.find({"doc_id": {"$in": s.doc_ids}}) if d.valid]
+        res["guided" if guided else "unguided"] = float(np.median(oracle_single_points(cfg, docs))) if docs else None
+    if None not in res.values():
+        res["lowered_by_eV"] = res["unguided"] - res["guided"]
+    return res
+
+
+def steps_quality(cfg, store, model, target: SampleTarget, steps_list: list[int], n: int) -> dict:
+    """Energy against diffusion steps, before (oracle single point) and after oracle relaxation (Fig. 4b)."""
+    from surfdiff_core.oracles import get_calculator
+    from surfdiff_core.relax.ase_relax import relax_atoms
+
+    calc = get_calculator(cfg.oracle.name, **cfg.oracle.settings)
+    before, after = {}, {}
+    for steps in steps_list:
+        scfg = cfg.sample.model_copy(update={"steps": steps, "n": n, "relax": False, "seed": cfg.sample.seed + 2})
+        s = sample.run(cfg, store, model, targets=[target], scfg=scfg, progress=False)
+        docs = [d for d in store.find({"doc_id": {"$in": s.doc_ids}}) if d.valid]
+        before[steps] = oracle_single_points(cfg, docs)
+        after[steps] = [relax_atoms(d.to_atoms(), calc, fmax=cfg.rss.fmax, steps=cfg.rss.steps,
+                                    fixed=d.fixed).energy for d in docs]
+    return {"before": before, "after": after}
+
+
+def run_seed(args, seed: int, out: Path) -> list[dict]:
+    rows = []
+    store_path = out / "stores" / f"s{seed}"
+    base = config_from_dict(study_config(args, seed, "D", store_path))
+    with open_study_store(base) as store:
+        t0 = time.perf_counter()
+        r = rss.run(base, store, progress=True)
+        rss_wall = time.perf_counter() - t0
+        print(f"[seed {seed}] RSS: {r.done} new, {r.skipped} reused ({rss_wall:.0f} s)", flush=True)
+        for window in args.windows:
+            cfg = config_from_dict(study_config(args, seed, window, store_path))
+            t0 = time.perf_counter()
+            model = train.run(cfg, store, r, progress=True)
+            t_train = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            samples = sample.run(cfg, store, model, progress=True)
+            t_sample = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ev = evaluate.run(cfg, store, samples, progress=True)
+            t_eval = time.perf_counter() - t0
+            for t, row in zip(ev.targets, ev.rows(), strict=True):
+                rows.append({**row, "seed": seed, "window": window, "model_id": model.model_id,
+                             "n_train": model.n_train, "training_cost": ev.training_cost,
+                             "generative_energies": t.generative_energies, "rss_energies": t.rss_energies,
+                             "wall_s": {"rss": rss_wall, "train": t_train, "sample": t_sample, "evaluate": t_eval}})
+                print(f"[seed {seed} {window}] {row}", flush=True)
+            if window == args.windows[-1] and args.extras:
+                target = SampleTarget(cell=args.targets[0].split()[1], composition=args.targets[0].split()[0])
+                target_system(cfg, target)
+                rows.append({"seed": seed, "window": window, "guidance": guidance_effect(cfg, store, model, target,
+                                                                                            args.extras_n),
+                             "steps_quality": steps_quality(cfg, store, model, target, [25, 100, args.steps],
+                                                            args.extras_n)})
+    return rows
+
+
+def summarise(rows: list[dict], args, out: Path, wall: float) -> Path:
+    from surfdiff_core.evaluate.plots import best_energy_curves, energy_distributions, energy_vs_diffusion_steps
+
+    evals = [r for r in rows if "target" in r]
+    lines = [f"# Discovery benchmark: surfdiff against RSS ({args.energy_model})\n",
+             f"Command: `{' '.join(sys.argv)}`  ",
+             f"Machine: {platform.node()} ({platform.machine()}, {platform.processor() or 'cpu'}), "
+             f"{len(args.seeds)} seeds {args.seeds}, total wall time {wall / 60:.1f} min.  ",
+             f"Training data: RSS on c(2x8) {COMPOSITIONS[0]}..{COMPOSITIONS[-1]}, {args.rss_train} structures per "
+             f"seed; model '{args.model}', {args.epochs} epochs; {args.samples} guided samples of {args.steps} "
+             f"steps per target; generative arm: the best {args.budget} distinct samples in MLFF rank order; "
+             f"RSS arm: {args.rss_budget} relaxations in the target cell. Both relaxed by the same ASE "
+             f"BFGS to 0.05 eV/Å, bottom layer fixed.\n",
+             "| target | window | seed | best surfdiff (eV) | best RSS (eV) | surfdiff relaxations to reach RSS best "
+             "(±0.05 eV) | RSS expected | ratio | median steps surfdiff / RSS | training force calls |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in evals:
+        lines.append(f"| {r['target']} | {r['window']} | {r['seed']} | {r['best_generative_eV']} | {r['best_rss_eV']} "
+                     f"| {r['generative_to_reach_rss_best'] or 'not reached'} | {r['rss_expected_to_reach']} | "
+                     f"{r['speedup'] or '-'} | {r['steps_generative_median']} / {r['steps_rss_median']} | "
+                     f"{r['training_cost']['force_calls']} |")
+    lines.append("\n## Median over seeds (ratio = RSS relaxations / surfdiff relaxations to reach RSS's best)\n")
+    lines.append("| target | window | median ratio | min | max | reached in |")
+    lines.append("|---|---|---|---|---|---|")
+    figs = out / "figures"
+    for key in sorted({(r["target"], r["window"]) for r in evals}):
+        group = [r for r in evals if (r["target"], r["window"]) == key]
+        # not reached within the budget counts as ratio rss_expected / (budget + 1): an upper bound
+        ratios = [r["speedup"] if r["speedup"] else (r["rss_expected_to_reach"] or 0) / (args.budget + 1)
+                  for r in group]
+        reached = sum(1 for r in group if r["speedup"])
+        lines.append(f"| {key[0]} | {key[1]} | {statistics.median(ratios):.2f} | {min(ratios):.2f} | "
+                     f"{max(ratios):.2f} | {reached}/{len(group)} seeds |")
+        slug = f"{key[0]}-{key[1]}".replace(" ", "-").replace("(", "").replace(")", "")
+        first = group[0]
+        best_energy_curves(first["rss_energies"], {f"surfdiff {key[1]} seed {r['seed']}": r["generative_energies"]
+                                                   for r in group}, figs / f"{slug}-budget.png",
+                           title=f"{key[0]} ({args.energy_model}), best energy against oracle relaxations")
+        energy_distributions({"surfdiff (relaxed)": sum((r["generative_energies"] for r in group), []),
+                              "RSS": sum((r["rss_energies"] for r in group), [])}, figs / f"{slug}-energies.png",
+                             title=f"{key[0]} {key[1]} ({args.energy_model})")
+        lines.append(f"\n![{slug} budget](figures/{slug}-budget.png) ![{slug} energies](figures/{slug}-energies.png)\n")
+    extras = [r for r in rows if "guidance" in r]
+    if extras:
+        lines.append("\n## Guidance and diffusion steps\n")
+        for r in extras:
+            lines.append(f"- seed {r['seed']}: median oracle energy of unrelaxed samples, guided "
+                         f"{r['guidance'].get('guided')} eV against unguided {r['guidance'].get('unguided')} eV "
+                         f"(lowered by {r['guidance'].get('lowered_by_eV')} eV)")
+            sq = r["steps_quality"]
+            p = energy_vs_diffusion_steps({int(k): v for k, v in sq["before"].items()},
+                                          {int(k): v for k, v in sq["after"].items()},
+                                          figs / f"steps-s{r['seed']}.png", title="energy against diffusion steps")
+            lines.append(f"\n![steps]({p.relative_to(out)})\n")
+    report = out / "REPORT.md"
+    report.write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps(rows, indent=1, default=str))
+    return report
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--energy-model", default="emt", choices=["emt", "chgnet", "sevennet"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[101, 202, 303])
+    p.add_argument("--rss-train", type=int, default=300)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--model", choices=list(MODELS), default="demo")
+    p.add_argument("--samples", type=int, default=96)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--budget", type=int, default=24)
+    p.add_argument("--rss-budget", type=int, default=256)
+    p.add_argument("--targets", nargs="+", default=["Ag12O6 p(4x4)", "Ag6O3 p(3x3)"])
+    p.add_argument("--windows", nargs="+", default=list(WINDOWS), choices=list(WINDOWS))
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
+                   help="guidance effect and energy against diffusion steps (first target)")
+    p.add_argument("--extras-n", type=int, default=16)
+    p.add_argument("--out", default=None, help="default benchmarks/discovery/<energy model>")
+    args = p.parse_args()
+    out = Path(args.out or HERE / args.energy_model)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    rows = []
+    for seed in args.seeds:
+        rows += run_seed(args, seed, out)
+        summarise(rows, args, out, time.perf_counter() - t0)  # a partial report after every seed
+    print(f"report: {summarise(rows, args, out, time.perf_counter() - t0)}")
+
+
+if __name__ == "__main__":
+    main()

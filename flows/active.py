@@ -1,0 +1,52 @@
+"""Active-learning flow: one task per round (sample, label with the oracle, fine-tune), up to its budget."""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+
+from flows.common import artifact_key, flow_run_id, resolve_study, show_progress
+from surfdiff_core.config import SurfdiffConfig
+from surfdiff_core.stages import active
+from surfdiff_core.stages.common import new_run_id, open_study_store
+from surfdiff_core.stages.results import TrainResult
+
+
+@task(retries=1, retry_delay_seconds=10)
+def round_task(cfg: SurfdiffConfig, model: TrainResult, k: int, spent: int, run_id: str) -> tuple[TrainResult, dict]:
+    with open_study_store(cfg) as store:
+        return active.run_round(cfg, store, model, k, spent=spent, run_id=run_id, progress=show_progress())
+
+
+@flow(name="active-learning", log_prints=True)
+def active_learning_flow(study: SurfdiffConfig | None = None, config_path: str | None = None,
+                         upstream: TrainResult | None = None, store_path: str | None = None,
+                         rounds: int | None = None) -> active.ActiveLearningResult:
+    """Rounds of sampling, oracle labels for the best distinct samples, and fine-tuning (resumable)."""
+    cfg = resolve_study(study, config_path, store_path)
+    if rounds is not None:
+        cfg = cfg.model_copy(update={"active_learning": cfg.active_learning.model_copy(update={"rounds": rounds})})
+    if upstream is None:
+        from surfdiff_core.stages.sample import resolve_model
+
+        rec = resolve_model(cfg)
+        upstream = TrainResult(study=cfg.name, run_id="registry", config_hash="", model_id=rec.model_id,
+                               checkpoint=rec.checkpoint, sha256=rec.sha256, system_id=rec.system_id,
+                               energy_models=rec.energy_models)
+    run_id = flow_run_id() or new_run_id()
+    result = active.ActiveLearningResult(study=cfg.name, run_id=run_id,
+                                         config_hash=cfg.section_hash("active_learning"), model=upstream)
+    for k in range(1, cfg.active_learning.rounds + 1):
+        if not active.budget_left(cfg, result.relaxations):
+            print(f"active learning: budget of {cfg.active_learning.max_relaxations} relaxations reached")
+            break
+        result.model, record = round_task(cfg, result.model, k, result.relaxations, run_id)
+        result.rounds.append(record)
+        result.relaxations += record["labels"]
+        print(f"round {k}: {record['labels']} labels, model {record['model_id']}, best {record['best_labelled']}")
+    if result.rounds:
+        create_table_artifact(key=artifact_key(f"{cfg.name}-active-learning"),
+                              table=[{k: v for k, v in r.items() if k != "best_labelled"} | {
+                                  "best_labelled": str(r["best_labelled"])} for r in result.rounds],
+                              description="Active-learning rounds")
+    return result

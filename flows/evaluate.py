@@ -1,0 +1,42 @@
+"""Evaluation flow: discovery power against RSS in each target cell, stoichiometries compared (γ(Δμ))."""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from flows.common import artifact_key, flow_run_id, resolve_study, show_progress
+from surfdiff_core.config import SurfdiffConfig
+from surfdiff_core.stages import evaluate
+from surfdiff_core.stages.common import open_study_store
+from surfdiff_core.stages.evaluate_report import EvaluationResult, markdown_report
+from surfdiff_core.stages.results import SampleResult
+
+
+@task(retries=1, retry_delay_seconds=10)
+def evaluate_task(cfg: SurfdiffConfig, upstream: SampleResult | None, model_id: str | None,
+                  run_id: str | None) -> EvaluationResult:
+    with open_study_store(cfg) as store:
+        return evaluate.run(cfg, store, upstream, model_id=model_id, run_id=run_id, progress=show_progress())
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(study: SurfdiffConfig | None = None, config_path: str | None = None,
+                  upstream: SampleResult | None = None, model_id: str | None = None,
+                  store_path: str | None = None) -> EvaluationResult:
+    """Generative arm against RSS at equal oracle budget, sample quality, and the γ(Δμ) phase diagram."""
+    cfg = resolve_study(study, config_path, store_path)
+    result = evaluate_task(cfg, upstream, model_id, upstream.run_id if upstream else flow_run_id())
+    rows = result.rows()
+    if rows:
+        create_table_artifact(key=artifact_key(f"{cfg.name}-evaluation"), table=rows,
+                              description="Generative arm against RSS in the same cell, per target")
+    if result.phase_diagram:
+        create_table_artifact(key=artifact_key(f"{cfg.name}-phase-diagram"), table=result.phase_diagram,
+                              description="Most stable phase per Δμ range")
+    create_markdown_artifact(key=artifact_key(f"{cfg.name}-evaluation-report"), markdown=markdown_report(result),
+                             description=f"Evaluation of {cfg.name}")
+    for r in rows:
+        print(f"{r['target']}: best generative {r['best_generative_eV']}, best RSS {r['best_rss_eV']}, "
+              f"speedup {r['speedup']}")
+    return result

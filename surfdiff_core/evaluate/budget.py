@@ -1,0 +1,159 @@
+"""Best energy against the number of oracle relaxations, for random structure search and the generative arm.
+
+RSS relaxes independent random structures, so its order is arbitrary: its curve is the expected best of k
+relaxations over all orderings of the n it made, computed exactly from order statistics (drawing k of n
+without replacement). The generative arm relaxes its samples in the order the product ranks them (MLFF
+energy, lowest first): its curve is the running minimum in that order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from surfdiff_core.store.documents import StructureDoc
+
+
+def _log_factorials(n: int) -> np.ndarray:
+    return np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1)))])
+
+
+def expected_best_curve(energies: Sequence[float]) -> np.ndarray:
+    """E[min of k energies drawn without replacement from `energies`], for k = 1..n.
+
+    With e_(1) <= ... <= e_(n) sorted, the minimum of a random k-subset is e_(i) with probability
+    C(n-i, k-1) / C(n, k); evaluated in log space so n in the thousands is exact and stable.
+    """
+    e = np.sort(np.asarray(energies, float))
+    n = len(e)
+    if n == 0:
+        return np.array([])
+    lf = _log_factorials(n)
+    rest = n - np.arange(1, n + 1)  # n - i for the rank i = 1..n of the minimum
+    curve = np.empty(n)
+    for k in range(1, n + 1):  # one row at a time: O(n) memory for n in the thousands
+        feasible = rest >= k - 1  # C(n - i, k - 1) is zero otherwise
+        r = rest[feasible]
+        log_p = lf[r] - lf[k - 1] - lf[r - (k - 1)] - (lf[n] - lf[k] - lf[n - k])
+        curve[k - 1] = np.exp(log_p) @ e[feasible]
+    return curve
+
+
+def bootstrap_band(
+    energies: Sequence[float], *, n_boot: int = 200, level: float = 0.9, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) pointwise `level` band of the expected-best curve over bootstrap resamples of `energies`:
+    how much the curve would move with another RSS run of the same size.
+    """
+    e = np.asarray(energies, float)
+    if len(e) == 0:
+        return np.array([]), np.array([])
+    rng = np.random.default_rng(seed)
+    curves = np.stack([expected_best_curve(rng.choice(e, size=len(e), replace=True)) for _ in range(n_boot)])
+    alpha = (1 - level) / 2
+    return np.quantile(curves, alpha, axis=0), np.quantile(curves, 1 - alpha, axis=0)
+
+
+def running_best(energies_in_order: Sequence[float]) -> np.ndarray:
+    """Best energy after each relaxation, in the order given (NaN entries, e.g. failures, are skipped)."""
+    e = np.asarray(energies_in_order, float)
+    return np.fmin.accumulate(np.where(np.isnan(e), np.inf, e)) if len(e) else e
+
+
+def ranked_energies(rank_energies: Sequence[float], oracle_energies: Sequence[float]) -> np.ndarray:
+    """Oracle energies in the order of `rank_energies` (lowest first; stable for ties)."""
+    order = np.argsort(np.asarray(rank_energies, float), kind="stable")
+    return np.asarray(oracle_energies, float)[order]
+
+
+def generative_ranked_energies(
+    generated: Sequence[StructureDoc], relaxed: Sequence[StructureDoc]
+) -> np.ndarray:
+    """Oracle energies of the relaxed children of `generated`, ordered by the parents' MLFF energy.
+
+    Parents without a relaxed child (not in the top-K) are left out; a failed relaxation keeps its place in
+    the order with a NaN energy, since it cost a relaxation too.
+    """
+    child = {d.parent_id: d for d in relaxed if d.parent_id is not None}
+    pairs = [(p.energy, child[p.doc_id].energy) for p in generated if p.doc_id in child and p.energy is not None]
+    if not pairs:
+        return np.array([])
+    mlff, oracle = zip(*pairs, strict=True)
+    return ranked_energies(mlff, [np.nan if e is None else e for e in oracle])
+
+
+def relaxations_to_reach(curve_or_energies: Sequence[float], target: float, tol: float = 0.05) -> int | None:
+    """Fewest relaxations (1-based) after which the best energy is within `tol` eV of `target`; None if never.
+
+    Takes energies in relaxation order or an already non-increasing curve (the running minimum of a curve
+    is the curve itself).
+    """
+    best = running_best(curve_or_energies)
+    hits = np.flatnonzero(best <= target + tol)
+    return int(hits[0]) + 1 if len(hits) else None
+
+
+def expected_relaxations_to_reach(energies: Sequence[float], target: float, tol: float = 0.05) -> float | None:
+    """Expected number of RSS relaxations, in random order, until one lands within `tol` of `target`.
+
+    With m of the n structures within tol, the first hit in a random permutation is at (n + 1) / (m + 1)
+    on average. None when none is within tol.
+    """
+    e = np.asarray(energies, float)
+    m = int(np.sum(e <= target + tol))
+    return (len(e) + 1) / (m + 1) if m else None
+
+
+@dataclass(frozen=True)
+class Speedup:
+    target: float  # eV: the energy both arms must reach (within tol)
+    tol: float
+    rss_relaxations: float | None  # expected, over random orders of the RSS structures
+    generative_relaxations: int | None  # in the generative arm's ranking order
+    ratio: float | None  # rss / generative: > 1 means the generative arm needs fewer relaxations
+
+
+def speedup(
+    rss_energies: Sequence[float],
+    gen_ranked_energies: Sequence[float],
+    tol: float = 0.05,
+    target: float | None = None,
+) -> Speedup:
+    """Relaxations each arm needs to come within `tol` of `target` (default: the best energy RSS found with
+    its full budget), and their ratio. Pass the lowest known energy as `target` to ask the harder question.
+    """
+    rss = np.asarray(rss_energies, float)
+    rss = rss[np.isfinite(rss)]
+    goal = float(rss.min()) if target is None else float(target)
+    rss_cost = expected_relaxations_to_reach(rss, goal, tol)
+    gen_cost = relaxations_to_reach(gen_ranked_energies, goal, tol)
+    ratio = rss_cost / gen_cost if rss_cost is not None and gen_cost is not None else None
+    return Speedup(goal, tol, rss_cost, gen_cost, ratio)
+
+
+@dataclass(frozen=True)
+class TrainingCost:
+    structures: int
+    force_calls: int  # oracle energy+force evaluations: relaxation steps + 1 per structure
+    atom_steps: int  # force calls weighted by the atoms in each structure (cost scales with size)
+
+
+def training_cost(docs: Sequence[StructureDoc]) -> TrainingCost:
+    """Oracle cost of making the training documents; a document without `steps` counts as one call."""
+    calls = atom_steps = 0
+    for d in docs:
+        n_calls = (d.steps or 0) + 1
+        calls += n_calls
+        atom_steps += n_calls * len(d.structure["sites"])
+    return TrainingCost(len(docs), calls, atom_steps)
+
+
+def steps_summary(docs: Sequence[StructureDoc]) -> dict[str, float]:
+    """Relaxation steps per structure: count, mean, median, p90 (documents with `steps` only)."""
+    steps = np.array([d.steps for d in docs if d.steps is not None], float)
+    if not len(steps):
+        return {"n": 0, "mean": float("nan"), "median": float("nan"), "p90": float("nan")}
+    return {"n": len(steps), "mean": float(steps.mean()), "median": float(np.median(steps)),
+            "p90": float(np.quantile(steps, 0.9))}

@@ -1,0 +1,81 @@
+"""Active learning: sample, label the best distinct samples with the oracle, fine-tune, and sample again.
+
+Each round k: guided samples of every target with the current model (seeded by k), the best
+`relax_per_round` distinct ones per target relaxed with the oracle as RSS relaxes (their relaxed structures
+train the denoiser, their relaxation frames the MLFF), then the model fine-tuned from its own weights on RSS
+data plus every labelled sample so far. Rounds are recorded in the model registry; every id is
+deterministic, so a killed loop resumes where it stopped, and the loop stops at its relaxation budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from surfdiff_core.config import SurfdiffConfig
+from surfdiff_core.stages import sample, train
+from surfdiff_core.stages.common import new_run_id, sample_targets, target_system
+from surfdiff_core.stages.oracle_relax import relax_samples
+from surfdiff_core.stages.results import StageResult, TrainResult
+from surfdiff_core.store import ResultsStore
+
+
+@dataclass
+class ActiveLearningResult(StageResult):
+    model: TrainResult  # the model after the last round (the input model when no round ran)
+    rounds: list[dict] = field(default_factory=list)  # per round: model, samples, labels, best labelled energy
+    relaxations: int = 0  # oracle relaxations spent on labels (training-data cost, in the target cells)
+
+
+def run_round(cfg: SurfdiffConfig, store: ResultsStore, model: TrainResult, k: int, *, spent: int = 0,
+              run_id: str, progress: bool = True) -> tuple[TrainResult, dict]:
+    """Round k from `model`: sample, label the best distinct samples (within the budget left after `spent`
+    relaxations), fine-tune. Returns the new model and the round's record."""
+    from surfdiff_core.evaluate.matching import deduplicate
+    from surfdiff_core.oracles import get_calculator
+
+    al = cfg.active_learning
+    targets = sample_targets(cfg)
+    systems = {(s.composition, s.cell): s for s in (target_system(cfg, t) for t in targets)}
+    left = None if al.max_relaxations is None else al.max_relaxations - spent
+    calculator = get_calculator(cfg.oracle.name, **cfg.oracle.settings)
+    scfg = cfg.sample.model_copy(update={"n": al.samples or cfg.sample.n, "seed": cfg.sample.seed + 7919 * k})
+    drawn = sample.run(cfg, store, model, targets=targets, scfg=scfg, run_id=f"{run_id}-al{k}", progress=progress)
+    labels, best = 0, {}
+    for t in drawn.targets:
+        quota = al.relax_per_round if left is None else min(al.relax_per_round, left - labels)
+        if quota <= 0:
+            break
+        docs = [d for d in store.find({"doc_id": {"$in": t.doc_ids}}) if d.valid and d.in_box and d.energy]
+        relaxed = relax_samples(cfg, store, systems[(t.composition, t.cell)], deduplicate(docs, k=quota),
+                                calculator, tag=f"active-learning-{k}",
+                                meta={"active_learning": True, "round": k, "model_id": model.model_id},
+                                progress=progress)
+        labels += len(relaxed)
+        energies = [d.energy for d in relaxed if d.energy is not None and not d.error]
+        best[f"{t.composition} {t.cell}"] = min(energies) if energies else None
+    learned = tuple(sorted({s.system_id for s in systems.values()}))
+    new = train.run(cfg, store, epochs=al.epochs, run_id=run_id, progress=progress, round_index=k,
+                    learned_systems=learned, init_from=model.checkpoint)
+    return new, {"round": k, "model_id": new.model_id, "samples": len(drawn.doc_ids), "labels": labels,
+                 "n_train": new.n_train, "best_labelled": best, "best_val": new.best_val}
+
+
+def budget_left(cfg: SurfdiffConfig, spent: int) -> bool:
+    limit = cfg.active_learning.max_relaxations
+    return limit is None or spent < limit
+
+
+def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: TrainResult, *, run_id: str | None = None,
+        progress: bool = True) -> ActiveLearningResult:
+    """Every round in turn, from the trained model `upstream`, until the rounds or the budget run out."""
+    run_id = run_id or upstream.run_id or new_run_id()
+    result = ActiveLearningResult(study=cfg.name, run_id=run_id, config_hash=cfg.section_hash("active_learning"),
+                                  model=upstream)
+    for k in range(1, cfg.active_learning.rounds + 1):
+        if not budget_left(cfg, result.relaxations):
+            break
+        result.model, record = run_round(cfg, store, result.model, k, spent=result.relaxations, run_id=run_id,
+                                         progress=progress)
+        result.rounds.append(record)
+        result.relaxations += record["labels"]
+    return result

@@ -1,0 +1,146 @@
+"""Evaluation stage: how much cheaper the generative arm finds low-energy structures than RSS.
+
+Per target (cell, composition), both arms are relaxed with the study's oracle and the RSS relaxer settings
+(`rss.fmax`, `rss.steps`, `rss.optimizer`), so only the starting structures differ:
+- generative arm: the best `evaluate.budget` distinct samples in MLFF rank order;
+- RSS arm: `evaluate.rss_budget` random structures relaxed directly in the target cell.
+The budget counts oracle relaxations in the target cell; the training data's cost is reported beside it.
+Also: validity, uniqueness and novelty of the samples, relaxation steps, a known reference's rank, and the
+γ(Δμ) phase diagram of the best structure of every composition and cell.
+"""
+
+from __future__ import annotations
+
+from surfdiff_core.config import SampleTarget, SurfdiffConfig
+from surfdiff_core.errors import ConfigError, SurfdiffError
+from surfdiff_core.stages.common import (
+    new_run_id,
+    sample_targets,
+    target_system,
+    training_energy_models,
+    training_system,
+)
+from surfdiff_core.stages.evaluate_report import (
+    EvaluationResult,
+    TargetEvaluation,
+    phase_lines_for,
+    phase_rows,
+    write_figures,
+)
+from surfdiff_core.stages.oracle_relax import relax_samples
+from surfdiff_core.stages.results import SampleResult
+from surfdiff_core.store import ResultsStore, StructureDoc
+from surfdiff_core.system import SurfaceSystem
+
+
+def target_key(target: SampleTarget | TargetEvaluation, system: SurfaceSystem | None = None) -> str:
+    cell = system.cell if system is not None else target.cell
+    return f"{target.composition} {cell}"
+
+
+def generated_docs(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem, upstream: SampleResult | None,
+                   model_id: str) -> list[StructureDoc]:
+    """The samples being judged: the sample stage's documents, or all of this study's model's samples."""
+    crit: dict = {"source": "generated", "study": cfg.name, "system_id": system.system_id,
+                  "composition": system.composition}
+    if upstream is not None:
+        crit["doc_id"] = {"$in": upstream.doc_ids}
+    else:
+        crit["model_id"] = model_id
+    return list(store.find(crit))
+
+
+def rss_arm(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, progress: bool) -> list[StructureDoc]:
+    """RSS run directly in the target cell with the study's oracle (resumable; its own seed)."""
+    from surfdiff_core.rss import run_rss
+
+    ev = cfg.evaluate
+    if ev.rss_budget == 0:
+        return []
+    rss = cfg.rss.model_copy(update={"cell": target.cell, "compositions": [target.composition],
+                                     "n": ev.rss_budget, "seed": ev.seed})
+    report = run_rss(cfg.model_copy(update={"rss": rss}), store, progress=progress)
+    return list(store.find({"doc_id": {"$in": report.doc_ids}}))
+
+
+def _reference_rank(cfg: SurfdiffConfig, key: str, relaxed: list[StructureDoc]) -> int | None:
+    from ase.io import read
+
+    from surfdiff_core.evaluate.matching import find_reference
+
+    path = cfg.evaluate.references.get(key)
+    if not path:
+        return None
+    try:
+        ref = read(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is one clear line
+        raise ConfigError(f"evaluate.references[{key!r}]: cannot read {path}: {exc}") from None
+    found = [d for d in sorted(relaxed, key=lambda d: d.energy) if d.energy is not None]
+    return find_reference(found, ref)
+
+
+def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, upstream: SampleResult | None,
+                    model_id: str, calculator, training_docs: list[StructureDoc], progress: bool) -> TargetEvaluation:
+    from surfdiff_core.evaluate.budget import generative_ranked_energies, speedup, steps_summary
+    from surfdiff_core.evaluate.matching import deduplicate, novelty
+    from surfdiff_core.evaluate.validity import validity_counts
+
+    system = target_system(cfg, target)
+    key = target_key(target, system)
+    docs = generated_docs(cfg, store, system, upstream, model_id)
+    if not docs:
+        raise SurfdiffError(f"no generated structures of {key} for study {cfg.name!r} (run `surfdiff sample`)")
+    counts = validity_counts(docs)[(system.system_id, system.composition)]
+    valid = sorted((d for d in docs if d.valid and d.in_box and d.energy is not None),
+                   key=lambda d: (d.energy, d.doc_id))
+    distinct = deduplicate(valid)
+    relaxed = relax_samples(cfg, store, system, distinct[: cfg.evaluate.budget], calculator,
+                            tag="evaluate", progress=progress)
+    gen_ranked = generative_ranked_energies(distinct, relaxed)
+    rss_docs = [d for d in rss_arm(cfg, store, target, progress) if d.energy is not None and d.in_box]
+    rss_energies = [d.energy for d in rss_docs]
+    sp = speedup(rss_energies, gen_ranked, tol=cfg.evaluate.tol) if rss_energies and len(gen_ranked) else None
+    same_cell = [d for d in training_docs if d.cell == system.cell and d.composition == system.composition]
+    return TargetEvaluation(
+        cell=system.cell, composition=system.composition, system_id=system.system_id, validity=counts.__dict__,
+        n_valid=len(valid), n_distinct=len(distinct), uniqueness=len(distinct) / len(valid) if valid else 0.0,
+        novelty=novelty(distinct, same_cell) if same_cell else None,
+        generative_energies=[float(e) for e in gen_ranked], rss_energies=[float(e) for e in rss_energies],
+        speedup=None if sp is None else sp.__dict__,
+        steps_generative=steps_summary([d for d in relaxed if not d.error]), steps_rss=steps_summary(rss_docs),
+        reference_rank=_reference_rank(cfg, key, relaxed),
+        relaxed_ids=[d.doc_id for d in relaxed], rss_ids=[d.doc_id for d in rss_docs],
+    )
+
+
+def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None = None, *,
+        model_id: str | None = None, targets: list[SampleTarget] | None = None, run_id: str | None = None,
+        progress: bool = True) -> EvaluationResult:
+    from surfdiff_core.evaluate.budget import training_cost
+    from surfdiff_core.oracles import get_calculator
+    from surfdiff_core.stages.sample import resolve_model
+
+    if cfg.oracle.name == "vasp":
+        raise ConfigError("evaluation relaxes both arms with the oracle here: choose a local oracle (not vasp)")
+    model = upstream.model_id if upstream is not None else resolve_model(cfg, model_id=model_id).model_id
+    if targets is None and upstream is not None:
+        targets = [SampleTarget(cell=t.cell, composition=t.composition) for t in upstream.targets]
+    targets = targets or sample_targets(cfg)
+    # what the model learned from: RSS data of the training cell, and active-learning labels in target cells
+    training_docs = list(store.find({"study": cfg.name, "energy_model": {"$in": list(training_energy_models(cfg))},
+                                     "$or": [{"system_id": training_system(cfg).system_id,
+                                              "source": {"$in": ["rss", "relaxed", "dft"]}},
+                                             {"meta.active_learning": True}]}))
+    calculator = get_calculator(cfg.oracle.name, **cfg.oracle.settings)
+    result = EvaluationResult(study=cfg.name, run_id=run_id or (upstream.run_id if upstream else new_run_id()),
+                              config_hash=cfg.section_hash("evaluate", "rss", "oracle"), model_id=model,
+                              energy_model=cfg.oracle.energy_model,
+                              training_cost={**training_cost(training_docs).__dict__,
+                                             "active_learning_labels": sum(bool(d.meta.get("active_learning"))
+                                                                           for d in training_docs)})
+    for t in targets:
+        result.targets.append(evaluate_target(cfg, store, t, upstream, model, calculator, training_docs, progress))
+    lines = phase_lines_for(cfg, store, result, calculator)
+    result.phase_diagram = phase_rows(lines, cfg.evaluate.dmu_range)
+    result.figures = write_figures(cfg, result, lines)
+    return result

@@ -1,0 +1,181 @@
+"""What the evaluation stage hands on: per-target numbers, the phase diagram, figures and a markdown report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from surfdiff_core.composition import parse_composition
+from surfdiff_core.config import SurfdiffConfig
+from surfdiff_core.errors import ConfigError
+from surfdiff_core.stages.common import figure_dir, target_system
+from surfdiff_core.stages.results import StageResult
+from surfdiff_core.store import ResultsStore
+
+
+@dataclass
+class TargetEvaluation:
+    cell: str
+    composition: str
+    system_id: str
+    validity: dict[str, Any]
+    n_valid: int
+    n_distinct: int
+    uniqueness: float
+    novelty: float | None  # against training structures of the same cell and composition (None: none exist)
+    generative_energies: list[float]  # oracle energies in the product's ranking order (MLFF energy)
+    rss_energies: list[float]  # oracle energies of RSS in the same cell, in run order
+    speedup: dict[str, Any] | None
+    steps_generative: dict[str, float]
+    steps_rss: dict[str, float]
+    reference_rank: int | None = None
+    relaxed_ids: list[str] = field(default_factory=list)
+    rss_ids: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.composition} {self.cell}"
+
+    def best(self) -> tuple[float | None, float | None]:
+        def low(e: list[float]) -> float | None:
+            finite = [x for x in e if np.isfinite(x)]
+            return min(finite) if finite else None
+
+        return low(self.generative_energies), low(self.rss_energies)
+
+
+@dataclass
+class EvaluationResult(StageResult):
+    model_id: str
+    energy_model: str
+    training_cost: dict[str, int]
+    targets: list[TargetEvaluation] = field(default_factory=list)
+    phase_diagram: list[dict[str, Any]] = field(default_factory=list)
+    figures: dict[str, str] = field(default_factory=dict)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One table row per target: what a user reads first."""
+        out = []
+        for t in self.targets:
+            gen, rss = t.best()
+            sp = t.speedup or {}
+            def r4(x: float | None) -> float | None:
+                return None if x is None else round(float(x), 4)
+
+            out.append({
+                "target": t.key, "valid": f"{t.validity['valid']}/{t.validity['total']}",
+                "unique": round(t.uniqueness, 3), "novel": None if t.novelty is None else round(t.novelty, 3),
+                "best_generative_eV": r4(gen), "best_rss_eV": r4(rss), "rss_relaxations": len(t.rss_energies),
+                "generative_relaxations": len(t.generative_energies),
+                "generative_to_reach_rss_best": sp.get("generative_relaxations"),
+                "rss_expected_to_reach": r4(sp.get("rss_relaxations")), "speedup": r4(sp.get("ratio")),
+                "steps_generative_median": t.steps_generative.get("median"),
+                "steps_rss_median": t.steps_rss.get("median"), "reference_rank": t.reference_rank,
+            })
+        return out
+
+
+def phase_lines_for(cfg: SurfdiffConfig, store: ResultsStore, result: EvaluationResult, calculator) -> list:
+    """γ(Δμ) lines of the best structure (either arm) of every evaluated composition and cell, plus the clean
+    surface; [] when no target holds the adsorbate. References use the same energy model."""
+    from surfdiff_core.evaluate.phase import (
+        bulk_energy_per_atom,
+        clean_line,
+        clean_slab_energy,
+        molecule_energy,
+        phase_line,
+        surface_area,
+    )
+    from surfdiff_core.rss import resolve_lattice
+
+    ev = cfg.evaluate
+    if not any(ev.adsorbate in parse_composition(t.composition) for t in result.targets):
+        return []
+    lattice = resolve_lattice(cfg) or {"a": float(cfg.substrate.lattice_constant)}
+    crystal = "hcp" if cfg.substrate.facet == "hcp0001" else "fcc"
+    bulk = {cfg.substrate.element: bulk_energy_per_atom(cfg.substrate.element, calculator, crystal=crystal,
+                                                         a=lattice["a"], c=lattice.get("c"))}
+    for t in result.targets:
+        for el in parse_composition(t.composition):
+            if el not in bulk and el != ev.adsorbate:
+                bulk[el] = bulk_energy_per_atom(el, calculator)
+    per_molecule = parse_composition(ev.molecule).get(ev.adsorbate, 0)
+    if not per_molecule:
+        raise ConfigError(f"evaluate.molecule {ev.molecule!r} holds no {ev.adsorbate}")
+    ads_ref = molecule_energy(calculator, ev.molecule) / per_molecule
+    lines, clean = [], {}
+    for t in result.targets:
+        docs = list(store.find({"doc_id": {"$in": t.relaxed_ids + t.rss_ids}, "energy": {"$ne": None}}))
+        docs = [d for d in docs if d.in_box and not d.error]
+        if not docs:
+            continue
+        best = min(docs, key=lambda d: d.energy)
+        if t.system_id not in clean:
+            from surfdiff_core.config import SampleTarget
+
+            system = target_system(cfg, SampleTarget(cell=t.cell, composition=t.composition))
+            clean[t.system_id] = clean_slab_energy(system, calculator, fmax=cfg.rss.fmax, steps=cfg.rss.steps)
+        lines.append(phase_line(best.energy, clean[t.system_id], surface_area(best.to_atoms()), t.composition,
+                                adsorbate=ev.adsorbate, adsorbate_reference=ads_ref, bulk_references=bulk,
+                                cell=t.cell))
+    return [*lines, clean_line()] if lines else []
+
+
+def phase_rows(lines: list, dmu_range: tuple[float, float]) -> list[dict[str, Any]]:
+    """The lowest line per Δμ range, its phase named."""
+    from surfdiff_core.evaluate.phase import phase_diagram
+
+    if not lines:
+        return []
+    return [{"phase": s.label, "dmu_min": s.dmu_min, "dmu_max": s.dmu_max,
+             "gamma_at_0_eV_per_A2": s.line.intercept, "slope": s.line.slope}
+            for s in phase_diagram(lines, dmu_range)]
+
+
+def write_figures(cfg: SurfdiffConfig, result: EvaluationResult, lines: list) -> dict[str, str]:
+    from surfdiff_core.evaluate.phase import PhaseSegment
+    from surfdiff_core.evaluate.plots import best_energy_curves, energy_distributions, phase_diagram_plot
+
+    out: dict[str, str] = {}
+    d = figure_dir(cfg) / "evaluation"
+    for t in result.targets:
+        slug = f"{t.composition}-{t.cell}".replace("(", "").replace(")", "").replace(" ", "")
+        gen = [e for e in t.generative_energies if np.isfinite(e)]
+        if gen or t.rss_energies:
+            out[f"{t.key} energies"] = str(energy_distributions(
+                {"generated + relaxed": gen, "RSS": t.rss_energies}, d / f"{slug}-energies.png",
+                title=f"{cfg.name}: {t.key}, {result.energy_model}"))
+        if t.rss_energies and gen:
+            out[f"{t.key} budget"] = str(best_energy_curves(
+                t.rss_energies, {"surfdiff": t.generative_energies}, d / f"{slug}-best-vs-budget.png",
+                title=f"{cfg.name}: {t.key}", tol=cfg.evaluate.tol))
+    if result.phase_diagram and lines:
+        segments = [PhaseSegment(s["phase"], s["dmu_min"], s["dmu_max"],
+                                 next(ln for ln in lines if ln.label == s["phase"])) for s in result.phase_diagram]
+        out["phase diagram"] = str(phase_diagram_plot(lines, segments, d / "phase-diagram.png",
+                                                      adsorbate=cfg.evaluate.adsorbate,
+                                                      title=f"{cfg.name}: γ(Δμ_{cfg.evaluate.adsorbate})"))
+    return out
+
+
+def markdown_report(result: EvaluationResult) -> str:
+    from surfdiff_core.report import markdown_table, png_markdown
+
+    rows = result.rows()
+    cost = result.training_cost
+    parts = [f"# Evaluation of {result.study} (model {result.model_id}, {result.energy_model})\n",
+             f"Training data cost: {cost['structures']} structures, {cost['force_calls']} oracle force calls, "
+             f"{cost['atom_steps']} atom-steps ({cost.get('active_learning_labels', 0)} of the structures are "
+             f"active-learning labels in the target cells). The budgets below count oracle relaxations in the "
+             f"target cell.\n",
+             markdown_table(rows, list(rows[0])) if rows else "no targets"]
+    if result.phase_diagram:
+        parts.append("\n## Phase diagram γ(Δμ)\n")
+        parts.append(markdown_table(result.phase_diagram, list(result.phase_diagram[0])))
+    for name, path in result.figures.items():
+        if Path(path).exists():
+            parts.append(f"\n## {name}\n\n{png_markdown(Path(path), name)}\n")
+    return "\n".join(parts)

@@ -1,0 +1,55 @@
+"""Oracle relaxation of generated samples, as RSS relaxes: the evaluation's generative arm and the labels of
+active learning."""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from surfdiff_core.config import SurfdiffConfig
+from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
+from surfdiff_core.store.documents import atoms_to_structure_dict, frames_from_arrays
+from surfdiff_core.system import SurfaceSystem
+
+
+def relax_samples(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem, candidates: list[StructureDoc],
+                  calculator, *, tag: str, meta: dict | None = None, progress: bool = True) -> list[StructureDoc]:
+    """Each candidate relaxed with the oracle exactly as RSS relaxes (rss.fmax, rss.steps, rss.optimizer),
+    into `relaxed` documents with frames (resumable: ids from the candidate, `tag` and the settings)."""
+    from surfdiff_core.relax.ase_relax import relax_atoms
+
+    r = cfg.rss
+    ids = [make_doc_id("relaxed", c.doc_id, tag, cfg.oracle.energy_model, r.fmax, r.steps, r.optimizer)
+           for c in candidates]
+    have = store.existing_ids(ids)
+    label = f"{tag}: relax {system.composition} {system.cell}"
+    for cand, doc_id in tqdm(list(zip(candidates, ids, strict=True)), desc=label,
+                             disable=not progress, unit="struct", dynamic_ncols=True):
+        if doc_id in have:
+            continue
+        base = cand.model_dump(include={"composition", "formula", "system_id", "element", "facet", "cell",
+                                        "n_substrate", "movable", "fixed", "z_box", "model_id", "seed"})
+        info = {**(meta or {}), "purpose": tag, "mlff_energy": cand.energy, "relaxer": r.optimizer}
+        try:
+            res = relax_atoms(cand.to_atoms(), calculator, fmax=r.fmax, steps=r.steps, optimizer=r.optimizer,
+                              trajectory_every=r.trajectory_every, fixed=cand.fixed)
+        except Exception as exc:  # noqa: BLE001 - a failed relaxation still cost one, and is recorded
+            store.put(StructureDoc(doc_id=doc_id, source="relaxed", study=cfg.name,
+                                   energy_model=cfg.oracle.energy_model, structure=cand.structure, valid=False,
+                                   error=str(exc)[:500], oracle=cfg.oracle.name, parent_id=cand.doc_id, meta=info,
+                                   **base))
+            continue
+        in_box = bool(np.all(system.inside_box(res.atoms, tol=0.05)))
+        traj = res.trajectory
+        store.put(StructureDoc(
+            doc_id=doc_id, source="relaxed", study=cfg.name, energy_model=cfg.oracle.energy_model,
+            structure=atoms_to_structure_dict(res.atoms), initial_structure=cand.structure, energy=float(res.energy),
+            forces=np.round(res.forces, 6).tolist(), fmax=float(res.fmax), steps=int(res.steps),
+            converged=bool(res.converged), wall_time=float(res.wall_time), in_box=in_box, oracle=cfg.oracle.name,
+            oracle_settings=cfg.oracle.settings, parent_id=cand.doc_id, meta=info,
+            trajectory=frames_from_arrays([f["positions"] for f in traj], [f["energy"] for f in traj],
+                                          [f["forces"] for f in traj]),
+            **base,
+        ))
+    by_id = {d.doc_id: d for d in store.find({"doc_id": {"$in": ids}})}
+    return [by_id[i] for i in ids if i in by_id]

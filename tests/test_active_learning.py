@@ -1,0 +1,69 @@
+"""Active learning: rounds label the best distinct samples, fine-tune on them, resume, and stop at the budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from surfdiff_core.config import load_config
+from surfdiff_core.stages import active, evaluate, rss, sample, train
+from surfdiff_core.stages.common import model_registry, open_study_store, training_system
+from surfdiff_core.train.trainer import load_checkpoint
+from tests.conftest import TINY_CONFIG
+
+
+@pytest.fixture
+def study(tmp_path):
+    path = tmp_path / "al.yaml"
+    path.write_text(TINY_CONFIG.replace("STORE", str(tmp_path / "store"))
+                    + "active_learning: {rounds: 2, relax_per_round: 2, epochs: 2}\n"
+                    + "evaluate: {budget: 2, rss_budget: 3}\n")
+    cfg = load_config(path)
+    store = open_study_store(cfg).connect()
+    first = train.run(cfg, store, rss.run(cfg, store, progress=False), progress=False)
+    yield cfg, store, first
+    store.close()
+
+
+def test_rounds_label_samples_and_fine_tune_on_them(study):
+    cfg, store, first = study
+    # the RSS baseline in the target cell exists before learning: it must never become training data
+    baseline = evaluate.run(cfg, store, sample.run(cfg, store, first, progress=False), progress=False)
+    assert baseline.targets[0].rss_ids
+    res = active.run(cfg, store, first, progress=False)
+    assert [r["round"] for r in res.rounds] == [1, 2] and res.relaxations == 4
+    assert all(r["labels"] == 2 for r in res.rounds)
+    trained_on = set(load_checkpoint(res.model.checkpoint).meta["data"]["doc_ids"])
+    labels = {d.doc_id: d for d in store.find({"meta.active_learning": True})}
+    assert len(labels) == 4 and set(labels) <= trained_on  # both rounds' labels are training data
+    assert not trained_on & set(baseline.targets[0].rss_ids)
+    assert {d.source for d in store.find({"doc_id": {"$in": sorted(trained_on)}})} == {"rss", "relaxed"}
+    round1 = set(load_checkpoint(_checkpoint(cfg, res.rounds[0]["model_id"])).meta["data"]["doc_ids"])
+    assert {i for i in round1 if i in labels} == {i for i, d in labels.items() if d.meta["round"] == 1}
+    for d in labels.values():  # labelled with the oracle from a sample of the model before that round
+        assert d.energy_model == "emt" and d.parent_id.startswith("generated-") and d.trajectory == []
+        assert store.get(d.doc_id).trajectory  # frames (for the MLFF) live beside the document
+    with model_registry(cfg) as registry:
+        rounds = {r.model_id: r.round for r in registry.find(study=cfg.name)}
+    assert rounds[first.model_id] is None and rounds[res.model.model_id] == 2
+    # a rerun (after a kill, say) repeats nothing and ends on the same model
+    n = store.count({})
+    again = active.run(cfg, store, first, progress=False)
+    assert store.count({}) == n and again.model.model_id == res.model.model_id
+    # the evaluation counts the labels as training-data cost
+    cost = evaluate.run(cfg, store, sample.run(cfg, store, res.model, progress=False), progress=False).training_cost
+    assert cost["active_learning_labels"] == 4
+    assert cost["structures"] == len([d for d in store.find({"study": cfg.name, "source": "rss",
+                                                             "system_id": training_system(cfg).system_id})]) + 4
+
+
+def _checkpoint(cfg, model_id: str) -> str:
+    with model_registry(cfg) as registry:
+        return registry.get(model_id).checkpoint
+
+
+def test_the_loop_stops_at_its_budget(study):
+    cfg, store, first = study
+    cfg = cfg.model_copy(update={"active_learning": cfg.active_learning.model_copy(
+        update={"rounds": 5, "max_relaxations": 3})})
+    res = active.run(cfg, store, first, progress=False)
+    assert res.relaxations == 3 and [r["labels"] for r in res.rounds] == [2, 1]
