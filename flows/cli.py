@@ -42,6 +42,7 @@ def _positive(name: str, value: int | None, minimum: int = 1) -> None:
 
 # ---- stages -----------------------------------------------------------------------------------------------
 def cmd_rss(args: argparse.Namespace) -> int:
+    from deploy.slurm import executor_for
     from surfdiff_core.rss import resolve_lattice, systems_for
     from surfdiff_core.stages import rss
     from surfdiff_core.stages.common import open_study_store
@@ -51,8 +52,8 @@ def cmd_rss(args: argparse.Namespace) -> int:
     _positive("workers", args.workers)
     # Validate the whole search (systems, box, lattice) before the store is opened: nothing half-written.
     systems_for(cfg, cfg.rss.cell, cfg.rss.compositions, resolve_lattice(cfg))
-    with open_study_store(cfg) as store:
-        r = rss.run(cfg, store, n=args.n, seed=args.seed, workers=args.workers, run_id=args.run_id)
+    with executor_for(args.executor, "rss", args.hpc_settings) as ex, open_study_store(cfg) as store:
+        r = rss.run(cfg, store, n=args.n, seed=args.seed, workers=args.workers, run_id=args.run_id, executor=ex)
         label = store.label
     print(f"RSS: {r.done} relaxed, {r.skipped} already in the store, {r.failed} failed, {r.out_of_box} left the "
           f"box; {r.per_minute:.1f} relaxations/min")
@@ -111,14 +112,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_relax(args: argparse.Namespace) -> int:
+    from deploy.slurm import executor_for
     from surfdiff_core.config import with_overrides
     from surfdiff_core.stages import relax
     from surfdiff_core.stages.common import open_study_store
 
     cfg = load_study(args.config, args.store)
     rcfg = with_overrides(cfg.relax, {"top_k": args.top_k, "method": args.method})
-    with open_study_store(cfg) as store:
-        s = relax.run(cfg, store, rcfg=rcfg, model_id=args.model_id, run_id=args.run_id)
+    with executor_for(args.executor, "relax", args.hpc_settings) as ex, open_study_store(cfg) as store:
+        s = relax.run(cfg, store, rcfg=rcfg, model_id=args.model_id, run_id=args.run_id, executor=ex)
     if not s.candidates:
         raise SurfdiffError(f"nothing to relax: study {cfg.name!r} has no valid generated structures of that model "
                             f"(run `surfdiff sample CONFIG` first)")
@@ -126,6 +128,44 @@ def cmd_relax(args: argparse.Namespace) -> int:
           f"{s.failed} failed")
     for key, e in sorted(s.best.items()):
         print(f"  best {key}: {e:.4f} eV")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from surfdiff_core.config import with_overrides
+    from surfdiff_core.stages import evaluate
+    from surfdiff_core.stages.common import figure_dir, open_study_store, sample_targets, target_system
+    from surfdiff_core.stages.evaluate_report import markdown_report
+
+    cfg = load_study(args.config, args.store)
+    ecfg = with_overrides(cfg.evaluate, {"budget": args.budget, "rss_budget": args.rss_budget})
+    if args.reference:
+        key, _, path = args.reference.partition("=")
+        if not path or not Path(path).is_file():
+            raise ConfigError(f"--reference {args.reference!r}: give 'COMPOSITION CELL=FILE' with an existing file")
+        ecfg = ecfg.model_copy(update={"references": {**ecfg.references, key.strip(): path}})
+    cfg = cfg.model_copy(update={"evaluate": ecfg})
+    for t in sample_targets(cfg):
+        target_system(cfg, t)
+    with open_study_store(cfg) as store:
+        result = evaluate.run(cfg, store, model_id=args.model_id)
+    report = figure_dir(cfg) / "evaluation" / "report.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(markdown_report(result))
+    cost = result.training_cost
+    print(f"evaluation of {result.study} (model {result.model_id}, {result.energy_model}); training data: "
+          f"{cost['structures']} structures, {cost['force_calls']} oracle force calls")
+    for r in result.rows():
+        sp = f"{r['speedup']:.1f}x fewer relaxations than RSS" if r["speedup"] else "did not reach RSS's best"
+        print(f"  {r['target']}: {r['valid']} valid, unique {r['unique']}, best surfdiff {r['best_generative_eV']} eV "
+              f"({r['generative_relaxations']} relaxed) vs RSS {r['best_rss_eV']} eV ({r['rss_relaxations']}): {sp}; "
+              f"median steps {r['steps_generative_median']} vs {r['steps_rss_median']}"
+              + (f"; reference found at rank {r['reference_rank']}" if r["reference_rank"] else ""))
+    for seg in result.phase_diagram:
+        print(f"  Δμ {seg['dmu_min']:+.2f} .. {seg['dmu_max']:+.2f} eV: {seg['phase']}")
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=1, default=str))
+    print(f"report: {report}")
     return 0
 
 
@@ -139,13 +179,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"rss": with_overrides(cfg.rss, {"n": args.rss_n})})
     for t in sample_targets(cfg):
         target_system(cfg, t)
+    if args.executor == "slurm":
+        from deploy.hpc import load_settings
+
+        load_settings(args.hpc_settings)  # a bad settings file: one line before Prefect starts
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("SURFDIFF_PROGRESS", "1" if sys.stderr.isatty() else "0")
     # The temporary local API needs no telemetry (and its heartbeat races the run for the SQLite lock).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.discovery import discovery_flow
 
-    result = discovery_flow(study=cfg)
+    result = discovery_flow(study=cfg, executor=args.executor, hpc_settings=args.hpc_settings)
     print("\n=== surfdiff discovery finished ===")
     rss, model = result["rss"], result["model"]
     print(f"study {cfg.name}: RSS: {rss['done']} new + {rss['skipped']} reused structures")
@@ -157,6 +201,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"generated {r['composition']} {r['cell']}: {r['n_valid']}/{r['n']} valid, best MLFF energy {best}")
     for key, e in sorted(result["relax"]["best"].items()):
         print(f"relaxed ({result['relax']['method']}) best {key}: {e:.4f} eV")
+    for r in result.get("evaluation") or []:
+        sp = f"{r['speedup']:.1f}x fewer oracle relaxations" if r["speedup"] else "not reached"
+        print(f"evaluated {r['target']}: surfdiff best {r['best_generative_eV']} eV, RSS best {r['best_rss_eV']} eV "
+              f"in the same cell; reaching RSS's best: {sp}")
     print(f"\nresults store: {cfg.store.path} ({cfg.store.backend}); figures: {data_root(cfg) / 'figures'}")
     print("query them with, e.g.:")
     print(f"  surfdiff query --config {args.config} --source relaxed --top 5")
@@ -216,6 +264,18 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_migrate(args: argparse.Namespace) -> int:
+    from surfdiff_core.config import StoreConfig
+    from surfdiff_core.store.migrate import migrate_store
+
+    source = Path(args.old_path)
+    if not source.is_dir():
+        raise ConfigError(f"no store directory at {source}")
+    n = migrate_store(source, StoreConfig(), args.to)
+    print(f"migrated {n} documents from {source} into the embedded store at {args.to or source}")
+    return 0
+
+
 # ---- parser -----------------------------------------------------------------------------------------------
 def _add_stage_parsers(sub) -> None:
     r = sub.add_parser("rss", help="random structure search: training data into the store")
@@ -262,12 +322,27 @@ def _add_stage_parsers(sub) -> None:
     x.add_argument("--run-id", default=None, help="candidates of this sampling run only")
     x.set_defaults(func=cmd_relax)
 
+    e = sub.add_parser("evaluate", help="discovery power against RSS in each target cell; γ(Δμ) phase diagram")
+    e.add_argument("config")
+    e.add_argument("--budget", type=int, default=None, help="oracle relaxations of samples per target")
+    e.add_argument("--rss-budget", type=int, default=None, help="RSS relaxations in each target cell")
+    e.add_argument("--model-id", default=None, help="samples of this model (default: the newest)")
+    e.add_argument("--reference", default=None, metavar="'COMPOSITION CELL=FILE'",
+                   help="a known minimum to look for, e.g. 'Ag12O6 p(4x4)=ag6.extxyz'")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
     u = sub.add_parser("run", help="the whole discovery pipeline (Prefect flow, embedded store, no server)")
     u.add_argument("config")
     u.add_argument("--rss-n", type=int, default=None, help="override rss.n")
     u.set_defaults(func=cmd_run)
-    for p in (r, t, s, x, u):
+    for p in (r, t, s, x, e, u):
         p.add_argument("--store", default=None, metavar="PATH", help=STORE_HELP)
+    for p in (r, x, u):  # the stages that fan out: RSS and relaxations
+        p.add_argument("--executor", choices=["local", "slurm"], default="local",
+                       help="slurm: one Slurm job per structure or batch (see deploy/README.md)")
+        p.add_argument("--hpc-settings", default=None, metavar="PATH",
+                       help="Slurm settings YAML (deploy/hpc/slurm.yaml); SURFDIFF_HPC_* variables win")
 
 
 def _add_query_parser(sub) -> None:
@@ -303,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_stage_parsers(sub)
     _add_query_parser(sub)
+    st = sub.add_parser("store", help="maintain the results store")
+    st_sub = st.add_subparsers(dest="store_command", required=True, parser_class=_Parser)
+    m = st_sub.add_parser("migrate", help="convert a MontyStore of earlier versions to the embedded store")
+    m.add_argument("old_path", help="the old store directory (store.path of the config)")
+    m.add_argument("--to", default=None, metavar="PATH", help="write the new store here (default: in place)")
+    m.set_defaults(func=cmd_store_migrate)
     add_serve_parser(sub, "serve")
     return p
 

@@ -1,12 +1,16 @@
 """The discovery pipeline (the paper's figure): RSS data -> train denoiser + MLFF -> guided sampling across
-compositions and cells -> relax the best candidates -> everything in the store. Each stage's result is
-handed to the next explicitly."""
+compositions and cells -> relax the best candidates -> evaluate against RSS -> everything in the store.
+Each stage's result is handed to the next explicitly."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from prefect import flow
 
+from flows.active import active_learning_flow
 from flows.common import resolve_study
+from flows.evaluate import evaluate_flow
 from flows.relax import relax_flow
 from flows.rss import rss_flow
 from flows.sample import sample_flow
@@ -16,12 +20,21 @@ from surfdiff_core.config import SurfdiffConfig
 
 @flow(name="discovery", log_prints=True)
 def discovery_flow(study: SurfdiffConfig | None = None, config_path: str | None = None,
-                   store_path: str | None = None) -> dict:
-    """Whole pipeline on one study. Rerunning after an interruption reuses every finished stage."""
+                   store_path: str | None = None, evaluate: bool = True,
+                   executor: Literal["local", "slurm"] = "local", hpc_settings: str | None = None) -> dict:
+    """Whole pipeline on one study. Rerunning after an interruption reuses every finished stage.
+    executor="slurm": RSS and relaxations as Slurm jobs (settings: the `hpc_settings` file, SURFDIFF_HPC_*)."""
     cfg = resolve_study(study, config_path, store_path)  # parsed once, before any work
-    rss = rss_flow(study=cfg)
+    rss = rss_flow(study=cfg, executor=executor, hpc_settings=hpc_settings)
     model = train_flow(study=cfg, upstream=rss)
+    learning = None
+    if cfg.active_learning.rounds:
+        learning = active_learning_flow(study=cfg, upstream=model)
+        model = learning.model
     samples = sample_flow(study=cfg, upstream=model)
-    relaxed = relax_flow(study=cfg, upstream=samples)
+    relaxed = relax_flow(study=cfg, upstream=samples, executor=executor, hpc_settings=hpc_settings)
+    evaluation = evaluate_flow(study=cfg, upstream=samples) if evaluate else None
     return {"study": cfg.name, "rss": rss.as_dict(ids=False), "model": model.as_dict(ids=False),
-            "samples": samples.as_dict(ids=False), "relax": relaxed.as_dict(ids=False)}
+            "samples": samples.as_dict(ids=False), "relax": relaxed.as_dict(ids=False),
+            "active_learning": learning.rounds if learning else None,
+            "evaluation": evaluation.rows() if evaluation else None}

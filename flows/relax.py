@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from prefect import flow, task
 
 from flows.common import flow_run_id, publish_results, resolve_study
@@ -13,20 +15,26 @@ from surfdiff_core.stages.results import RelaxResult, SampleResult
 
 @task(retries=1, retry_delay_seconds=10)
 def relax_task(cfg: SurfdiffConfig, upstream: SampleResult | None, rcfg: RelaxConfig, model_id: str | None,
-               run_id: str | None) -> RelaxResult:
-    with open_study_store(cfg) as store:
-        return relax.run(cfg, store, upstream, rcfg=rcfg, model_id=model_id, run_id=run_id)
+               run_id: str | None, executor: str = "local", hpc_settings: str | None = None) -> RelaxResult:
+    from deploy.slurm import executor_for
+
+    with executor_for(executor, "relax", hpc_settings) as ex, open_study_store(cfg) as store:
+        return relax.run(cfg, store, upstream, rcfg=rcfg, model_id=model_id, run_id=run_id, executor=ex)
 
 
 @flow(name="relax", log_prints=True)
 def relax_flow(study: SurfdiffConfig | None = None, config_path: str | None = None,
                upstream: SampleResult | None = None, top_k: int | None = None, method: str | None = None,
-               model_id: str | None = None, store_path: str | None = None) -> RelaxResult:
-    """Relax the best generated candidates with the oracle / DFT (EMT, CHGNet, SevenNet, GPAW, VASP)."""
+               model_id: str | None = None, store_path: str | None = None,
+               executor: Literal["local", "slurm"] = "local", hpc_settings: str | None = None) -> RelaxResult:
+    """Relax the best generated candidates with the oracle / DFT (EMT, CHGNet, SevenNet, GPAW, VASP).
+    executor="slurm": one Slurm job per candidate or batch (settings: `hpc_settings` file, SURFDIFF_HPC_*)."""
     cfg = resolve_study(study, config_path, store_path)
     rcfg = with_overrides(cfg.relax, {"top_k": top_k, "method": method})  # validated before work
-    s = relax_task(cfg, upstream, rcfg, model_id, upstream.run_id if upstream else flow_run_id())
+    s = relax_task(cfg, upstream, rcfg, model_id, upstream.run_id if upstream else flow_run_id(), executor,
+                   hpc_settings)
     with open_study_store(cfg) as store:
         publish_results(cfg, store, doc_ids=s.doc_ids, title="Relaxed candidates")
-    print(f"relax ({s.method}): {s.relaxed} relaxed, {s.skipped} reused, {s.failed} failed")
+    print(f"relax ({s.method}): {s.relaxed} relaxed, {s.skipped} reused, {s.failed} failed"
+          + (f" ({len(s.lost)} jobs lost: rerun to redo them)" if s.lost else ""))
     return s

@@ -33,7 +33,7 @@ export PIP_CONSTRAINT="$PWD/$VENV/constraints.txt"
 
 EXTRAS="chgnet,sevennet"
 if [ "$MODE" = "test" ]; then
-  apt_install libxc-dev libopenblas-dev libfftw3-dev chromium chromium-driver
+  apt_install build-essential libxc-dev libopenblas-dev libfftw3-dev chromium chromium-driver slurm-wlm munge
   # GPAW: serial build against the Debian libraries.
   mkdir -p "$HOME/.gpaw"
   cat > "$HOME/.gpaw/siteconfig.py" <<'PYEOF'
@@ -45,10 +45,10 @@ scalapack = False
 PYEOF
   export GPAW_CONFIG="$HOME/.gpaw/siteconfig.py"
   export CC=g++  # GPAW compiles its C sources as C++
-  EXTRAS="$EXTRAS,gpaw,dev"
+  EXTRAS="$EXTRAS,gpaw,hpc,dev"
 fi
 echo "[setup] pip install -e .[$EXTRAS]"
-$PIP install -q -e ".[$EXTRAS]"
+$PIP install -q --no-build-isolation -e ".[$EXTRAS]"
 if [ "$MODE" = "test" ]; then
   # PAW datasets for GPAW (shipped on PyPI as gpaw-data when available; otherwise gpaw install-data).
   :

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
+from concurrent.futures import Executor, as_completed
 
 import numpy as np
 
@@ -73,8 +75,12 @@ def candidate_structure(doc: StructureDoc):
 
 def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None = None, *,
         rcfg: RelaxConfig | None = None, candidates: list[StructureDoc] | None = None, run_id: str | None = None,
-        model_id: str | None = None, jobs_store=None) -> RelaxResult:
-    """Relax the best candidates (of `upstream`, or selected for this study) with the oracle or DFT."""
+        model_id: str | None = None, jobs_store=None, executor: Executor | None = None) -> RelaxResult:
+    """Relax the best candidates (of `upstream`, or selected for this study) with the oracle or DFT.
+
+    `executor` (any concurrent.futures.Executor, e.g. the Slurm one of deploy/) relaxes each candidate
+    elsewhere (`relax_remote`); a candidate whose job is lost is reported in `lost`, not stored, so a rerun
+    redoes it. By default all of them run here in one jobflow flow."""
     from surfdiff_core.relax.jobflow_relax import make_relax_flow, run_relax_flow
 
     rcfg = rcfg or cfg.relax
@@ -92,13 +98,16 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
     if todo:
         settings = {"fmax": rcfg.fmax, "steps": rcfg.steps, **rcfg.settings}
         inputs = [(candidate_structure(d), {"parent_id": d.doc_id, "doc_id": ids[d.doc_id]}) for d in todo]
-        flow = make_relax_flow(inputs, rcfg.method, settings)
-        if jobs_store is None:
-            jobs_store = jobs_store_for(cfg)
-        with warnings.catch_warnings():  # jobflow's notes on independent jobs and its own deprecations
-            warnings.filterwarnings("ignore", message="Some jobs are not connected")
-            warnings.filterwarnings("ignore", category=FutureWarning, module="jobflow")
-            outcomes = run_relax_flow(flow, jobs_store)
+        if executor is not None:
+            outcomes = _relax_on(executor, inputs, rcfg.method, settings, summary.lost)
+        else:
+            flow = make_relax_flow(inputs, rcfg.method, settings)
+            if jobs_store is None:
+                jobs_store = jobs_store_for(cfg)
+            with warnings.catch_warnings():  # jobflow's notes on independent jobs and its own deprecations
+                warnings.filterwarnings("ignore", message="Some jobs are not connected")
+                warnings.filterwarnings("ignore", category=FutureWarning, module="jobflow")
+                outcomes = run_relax_flow(flow, jobs_store)
         by_parent = {d.doc_id: d for d in todo}
         for out in outcomes:
             parent = by_parent[out.metadata["parent_id"]]
@@ -108,11 +117,40 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
                 summary.failed += 1
             else:
                 summary.relaxed += 1
+        summary.failed += len(summary.lost)
     for d in store.find({"doc_id": {"$in": list(ids.values())}}):
         if d.energy is not None and not d.error:
             key = f"{d.composition} {d.cell}"
             summary.best[key] = min(summary.best.get(key, np.inf), d.energy)
     return summary
+
+
+def relax_remote(structure, meta: dict, method: str, settings: dict):
+    """What an executor runs (a Slurm job): one candidate's jobflow relaxation, here, into a MemoryStore."""
+    from maggma.stores import MemoryStore
+
+    from surfdiff_core.relax.jobflow_relax import make_relax_flow, run_relax_flow
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Some jobs are not connected")
+        warnings.filterwarnings("ignore", category=FutureWarning, module="jobflow")
+        flow = make_relax_flow([(structure, meta)], method, settings)
+        (outcome,) = run_relax_flow(flow, MemoryStore(collection_name="surfdiff_relax"))
+    return outcome
+
+
+def _relax_on(executor: Executor, inputs: list, method: str, settings: dict, lost: dict[str, str]) -> Iterator:
+    """Outcomes as their jobs finish; a lost job (cancelled, out of time) goes to `lost` {doc_id: why}."""
+    futures = {executor.submit(relax_remote, structure, meta, method, settings): meta for structure, meta in inputs}
+    try:
+        for fut in as_completed(futures):
+            try:
+                yield fut.result()
+            except Exception as exc:  # noqa: BLE001 - one lost job must not stop the others
+                lost[futures[fut]["doc_id"]] = f"{type(exc).__name__}: {exc}"[:300]
+    finally:
+        for fut in futures:
+            fut.cancel()
 
 
 def _relaxed_doc(parent: StructureDoc, out, rcfg: RelaxConfig, doc_id: str, run_id: str | None,

@@ -90,5 +90,6 @@ class RelaxResult(StageResult):
     relaxed: int = 0
     failed: int = 0
     best: dict[str, float] = field(default_factory=dict)  # "composition cell" -> lowest relaxed energy
+    lost: dict[str, str] = field(default_factory=dict)  # doc_id -> why its job died (not stored; rerun redoes it)
     candidate_ids: list[str] = field(default_factory=list)
     doc_ids: list[str] = field(default_factory=list)
