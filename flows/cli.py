@@ -28,6 +28,8 @@ def load_study(config: str, store: str | None = None, *, one_process: bool = Fal
     from surfdiff_core.config import load_config
     from surfdiff_core.stages.common import with_store_path
 
+    if store and Path(store).exists() and not Path(store).is_dir():
+        raise ConfigError(f"--store {store} is a file: give the store's directory (or a new path)")
     cfg = with_store_path(load_config(config), store)
     if cfg.store.backend == "memory" and not one_process:
         raise ConfigError("store.backend 'memory' keeps nothing between commands: use `surfdiff run`, or pass "
@@ -43,20 +45,25 @@ def _positive(name: str, value: int | None, minimum: int = 1) -> None:
 # ---- stages -----------------------------------------------------------------------------------------------
 def cmd_rss(args: argparse.Namespace) -> int:
     from deploy.slurm import executor_for
+    from surfdiff_core.config import with_overrides
     from surfdiff_core.rss import resolve_lattice, systems_for
     from surfdiff_core.stages import rss
     from surfdiff_core.stages.common import open_study_store
 
     cfg = load_study(args.config, args.store)
-    _positive("n", args.n, 0)
-    _positive("workers", args.workers)
-    # Validate the whole search (systems, box, lattice) before the store is opened: nothing half-written.
+    # Every option through the config model (ranges, seeds >= 0, the size bound): one line naming it.
+    rcfg = with_overrides(cfg.rss, {"n": args.n, "seed": args.seed, "workers": args.workers})
+    if rcfg.n == 0:
+        raise ConfigError("nothing to do: 0 structures asked (--n or rss.n); the store is left as it is")
+    cfg = cfg.model_copy(update={"rss": rcfg})
+    # Validate the whole search (systems, box, lattice, oracle) before the store is opened: nothing half-written.
     systems_for(cfg, cfg.rss.cell, cfg.rss.compositions, resolve_lattice(cfg))
     with executor_for(args.executor, "rss", args.hpc_settings) as ex, open_study_store(cfg) as store:
-        r = rss.run(cfg, store, n=args.n, seed=args.seed, workers=args.workers, run_id=args.run_id, executor=ex)
+        r = rss.run(cfg, store, run_id=args.run_id, executor=ex)
         label = store.label
-    print(f"RSS: {r.done} relaxed, {r.skipped} already in the store, {r.failed} failed, {r.out_of_box} left the "
-          f"box; {r.per_minute:.1f} relaxations/min")
+    gave_up = f", {r.given_up} failed for good (rss.max_attempts)" if r.given_up else ""
+    print(f"RSS: {r.done} relaxed, {r.skipped} already in the store, {r.retried} retried, {r.failed} failed"
+          f"{gave_up}, {r.out_of_box} left the box; {r.per_minute:.1f} relaxations/min")
     for comp, e in sorted(r.best.items()):
         print(f"  best {comp}: {e:.4f} eV")
     print(f"study {r.study}, energy model {r.energy_model}, run {r.run_id}; store: {label}")
@@ -64,11 +71,14 @@ def cmd_rss(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from surfdiff_core.config import with_overrides
+    from surfdiff_core.query import require_existing_store
     from surfdiff_core.stages import train
     from surfdiff_core.stages.common import open_study_store
 
     cfg = load_study(args.config, args.store)
-    _positive("epochs", args.epochs)
+    with_overrides(cfg.train, {"epochs": args.epochs, "device": args.device})  # one line naming a bad option
+    require_existing_store(cfg.store)  # training reads the store: a missing one is not created empty
     with open_study_store(cfg) as store:
         s = train.run(cfg, store, epochs=args.epochs, device=args.device)
     last = s.history[-1] if s.history else {}
@@ -78,6 +88,8 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"(score {last.get('val_score', float('nan')):.4f}, forces {last.get('val_forces', float('nan')):.4f}); "
           f"{s.n_train} train / {s.n_val} validation structures; {s.samples_per_second:.1f} samples/s")
     print(f"trained on study {s.study}, system {s.system_id}, energy model {', '.join(s.energy_models)}")
+    if s.warning:
+        print(f"warning: {s.warning}", file=sys.stderr)
     print(f"checkpoint: {s.checkpoint}")
     return 0
 
@@ -114,18 +126,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_relax(args: argparse.Namespace) -> int:
     from deploy.slurm import executor_for
     from surfdiff_core.config import with_overrides
+    from surfdiff_core.query import require_existing_store
+    from surfdiff_core.rss import check_oracle_support
     from surfdiff_core.stages import relax
     from surfdiff_core.stages.common import open_study_store
 
     cfg = load_study(args.config, args.store)
     rcfg = with_overrides(cfg.relax, {"top_k": args.top_k, "method": args.method})
+    check_oracle_support(cfg, [t.composition for t in cfg.sample.targets], method=rcfg.method,
+                         settings=rcfg.settings)
+    require_existing_store(cfg.store)  # the candidates come from the store: a missing one is not created empty
     with executor_for(args.executor, "relax", args.hpc_settings) as ex, open_study_store(cfg) as store:
         s = relax.run(cfg, store, rcfg=rcfg, model_id=args.model_id, run_id=args.run_id, executor=ex)
     if not s.candidates:
         raise SurfdiffError(f"nothing to relax: study {cfg.name!r} has no valid generated structures of that model "
                             f"(run `surfdiff sample CONFIG` first)")
+    gave_up = f", {s.given_up} failed for good (relax.max_attempts)" if s.given_up else ""
     print(f"relax ({s.method}): {s.candidates} candidates, {s.relaxed} relaxed, {s.skipped} reused, "
-          f"{s.failed} failed")
+          f"{s.retried} retried, {s.failed} failed{gave_up}")
     for key, e in sorted(s.best.items()):
         print(f"  best {key}: {e:.4f} eV")
     return 0
@@ -196,6 +214,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"model: {model['model_id']} ({model['checkpoint']})")
     if model.get("resumed_from"):
         print(f"resumed training at epoch {model['resumed_from']}")
+    if model.get("warning"):
+        print(f"warning: {model['warning']}", file=sys.stderr)
     for r in result["samples"]["targets"]:
         best = f"{r['best_energy']:.4f} eV" if r["best_energy"] is not None else "-"
         print(f"generated {r['composition']} {r['cell']}: {r['n_valid']}/{r['n']} valid, best MLFF energy {best}")
@@ -216,11 +236,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     from surfdiff_core.config import StoreConfig, SurfdiffConfig
     from surfdiff_core.export import export_docs
-    from surfdiff_core.query import best_per_group, build_criteria, descendants, lineage, print_table, query_docs
+    from surfdiff_core.query import (
+        best_per_group,
+        build_criteria,
+        descendants,
+        lineage,
+        print_table,
+        query_docs,
+        require_existing_store,
+    )
     from surfdiff_core.stages.common import model_registry, open_study_store, with_store_path
 
     if args.config:
         cfg = load_study(args.config, args.store)
+        require_existing_store(cfg.store)  # a query reads: it never creates a store
     else:
         path = args.store or StoreConfig().path
         if not Path(path).exists():
@@ -389,11 +418,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    from surfdiff_core.config import format_validation_error
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except SurfdiffError as exc:
         print(f"surfdiff {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:  # a value checked by a model outside the config file: still one line
+        print(f"surfdiff {args.command}: error: {format_validation_error(exc, '')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"surfdiff {args.command}: interrupted; finished work is saved, rerun to resume", file=sys.stderr)

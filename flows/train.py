@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.common import artifact_key, flow_run_id, resolve_study, show_progress
@@ -37,4 +37,6 @@ def train_flow(study: SurfdiffConfig | None = None, config_path: str | None = No
                      f"{png_markdown(png, 'losses')}\n",
         )
     print(f"model {res.model_id} -> {res.checkpoint}")
+    if res.warning:
+        get_run_logger().warning(res.warning)
     return res

@@ -49,6 +49,16 @@ def test_training_writes_a_loadable_checkpoint_with_provenance(trained):
     assert torch.equal(a.eps, b.eps) and torch.equal(a.energy, b.energy) and torch.equal(a.forces, b.forces)
 
 
+def test_training_reports_how_valid_its_samples_are(trained):
+    from surfdiff_core.stages.train import VALIDITY_WARNING
+
+    _, _, summary = trained
+    assert summary.sample_validity is not None and 0.0 <= summary.sample_validity <= 1.0
+    assert (summary.warning is not None) == (summary.sample_validity < VALIDITY_WARNING)
+    if summary.warning:
+        assert "test samples of Ag2O1 p(3x3) are valid" in summary.warning
+
+
 def test_training_resumes_from_its_checkpoint(trained):
     cfg, store, summary = trained
     from surfdiff_core.stages.common import checkpoint_dir, training_system

@@ -31,6 +31,8 @@ class RSSResult(StageResult):
     done: int = 0
     skipped: int = 0
     failed: int = 0
+    retried: int = 0  # stored failures tried again (rss.max_attempts)
+    given_up: int = 0  # stored failures left alone: they used up their attempts
     out_of_box: int = 0
     per_minute: float = 0.0
     wall_time: float = 0.0
@@ -52,6 +54,8 @@ class TrainResult(StageResult):
     n_val: int = 0
     samples_per_second: float = 0.0
     resumed_from: int = 0
+    sample_validity: float | None = None  # valid fraction of a few test samples right after training
+    warning: str | None = None  # set when that fraction is too low to trust the model
     training_doc_ids: list[str] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -89,6 +93,8 @@ class RelaxResult(StageResult):
     skipped: int = 0
     relaxed: int = 0
     failed: int = 0
+    retried: int = 0  # stored failures tried again (relax.max_attempts)
+    given_up: int = 0  # stored failures left alone: they used up their attempts
     best: dict[str, float] = field(default_factory=dict)  # "composition cell" -> lowest relaxed energy
     lost: dict[str, str] = field(default_factory=dict)  # doc_id -> why its job died (not stored; rerun redoes it)
     candidate_ids: list[str] = field(default_factory=list)

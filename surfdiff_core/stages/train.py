@@ -15,6 +15,33 @@ from surfdiff_core.stages.results import RSSResult, TrainResult
 from surfdiff_core.store import ResultsStore
 from surfdiff_core.store.models import ModelRecord, file_sha256
 
+VALIDITY_WARNING = 0.5  # below this fraction of valid samples the model is too weak to rank on
+
+
+def sample_validity_check(cfg: SurfdiffConfig, checkpoint: str, *, n_train: int, device: str = "auto",
+                          n: int = 8) -> tuple[float | None, str | None]:
+    """Valid fraction of a few samples of the first target (or the training cell) right after training,
+    with a warning when the data or the model are too small for valid samples."""
+    from surfdiff_core.config import SampleTarget
+    from surfdiff_core.sample.generate import generate
+    from surfdiff_core.stages.common import target_system
+    from surfdiff_core.train.trainer import load_checkpoint, pick_device
+
+    target = (cfg.sample.targets or [SampleTarget(cell=cfg.rss.cell, composition=cfg.rss.compositions[0])])[0]
+    system = target_system(cfg, target)
+    dev = pick_device(device)
+    scfg = cfg.sample.model_copy(update={"n": n, "batch_size": n, "seed": cfg.sample.seed + 104729})
+    try:
+        res = generate(load_checkpoint(checkpoint, device=dev), system, scfg, device=dev, progress=False)
+    except SurfdiffError:  # a target the model cannot sample (elements) is reported by the sample stage
+        return None, None
+    valid = sum(res.valid) / max(res.n, 1)
+    if valid >= VALIDITY_WARNING:
+        return valid, None
+    return valid, (f"only {valid:.0%} of {res.n} test samples of {system.composition} {system.cell} are valid: "
+                   f"{n_train} training structures or this model size may be too small (more RSS data, epochs, "
+                   f"model.n_features or n_interactions help)")
+
 
 def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = None, *,
         epochs: int | None = None, device: str | None = None, run_id: str | None = None, progress: bool = True,
@@ -46,8 +73,10 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = N
             n_train=res.n_train, n_val=res.n_val, model=cfg.model.model_dump(mode="json"),
             train=cfg.train.model_dump(mode="json"), round=round_index,
         ))
+    validity, warning = sample_validity_check(cfg, str(res.checkpoint), n_train=res.n_train, device=tcfg.device)
     return TrainResult(
         study=cfg.name, run_id=run_id or new_run_id(), config_hash=cfg.section_hash("model", "train"),
+        sample_validity=validity, warning=warning,
         model_id=res.model_id, checkpoint=str(res.checkpoint), sha256=sha, system_id=system_id,
         energy_models=list(models), epochs=res.epochs, best_val=res.best_val, n_train=res.n_train,
         n_val=res.n_val, samples_per_second=res.samples_per_second, resumed_from=res.resumed_from,
