@@ -163,10 +163,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--reference {args.reference!r}: give 'COMPOSITION CELL=FILE' with an existing file")
         ecfg = ecfg.model_copy(update={"references": {**ecfg.references, key.strip(): path}})
     cfg = cfg.model_copy(update={"evaluate": ecfg})
-    for t in sample_targets(cfg):
+    targets = sample_targets(cfg, [args.cell] if args.cell else None, [args.composition] if args.composition else None)
+    for t in targets:
         target_system(cfg, t)
     with open_study_store(cfg) as store:
-        result = evaluate.run(cfg, store, model_id=args.model_id)
+        result = evaluate.run(cfg, store, model_id=args.model_id, targets=targets)
     report = figure_dir(cfg) / "evaluation" / "report.md"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(markdown_report(result))
@@ -353,6 +354,8 @@ def _add_stage_parsers(sub) -> None:
 
     e = sub.add_parser("evaluate", help="discovery power against RSS in each target cell; γ(Δμ) phase diagram")
     e.add_argument("config")
+    e.add_argument("--cell", default=None, help="e.g. 'p(4x4)' (default: sample.targets of the config)")
+    e.add_argument("--composition", default=None, help="e.g. Ag12O6")
     e.add_argument("--budget", type=int, default=None, help="oracle relaxations of samples per target")
     e.add_argument("--rss-budget", type=int, default=None, help="RSS relaxations in each target cell")
     e.add_argument("--model-id", default=None, help="samples of this model (default: the newest)")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from ase.data import atomic_numbers, chemical_symbols
@@ -21,9 +23,47 @@ from surfdiff_core.errors import ConfigError
 
 CellSpec = str | list[list[int]]
 
+# Bounds on sizes that are planned up front (one task, sample or relaxation each): beyond them a run would hang
+# on planning alone, so they are refused with one line. Seeds: numpy and torch both take [0, 2**63).
+MAX_STRUCTURES = 100_000
+MAX_SAMPLES = 1_000_000
+MAX_STEPS = 1_000_000
+SEED_BOUND = 2**63
+Seed = Annotated[int, Field(ge=0, lt=SEED_BOUND)]
+
+
+def _non_finite_path(value: Any, where: str) -> str | None:
+    """The key path of the first NaN/inf float inside plain values (dicts, lists), else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _non_finite_path(item, f"{where}.{key}")
+        if found:
+            return found
+    return None
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every typed float of every section must be finite (NaN/inf name their key).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _untyped_values_finite(self) -> Any:
+        """Free-form values (oracle settings, references) are not typed floats: check them here."""
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, BaseModel):
+                continue  # a section validates itself
+            found = _non_finite_path(value, name)
+            if found:
+                raise ValueError(f"{found} must be a finite number")
+        return self
 
 
 # Offered as choices in typed forms (the Prefect UI); validated below with a one-line error.
@@ -35,10 +75,10 @@ class SubstrateConfig(_Strict):
     facet: Literal["fcc111", "fcc100", "fcc110", "hcp0001"] = "fcc111"
     # A number (Å), or 'auto' = relaxed bulk lattice constant of the chosen oracle (cached on disk).
     lattice_constant: float | Literal["auto"] = "auto"
-    c_over_a: float | None = None  # hcp only; None = ideal (or relaxed with 'auto')
+    c_over_a: float | None = Field(None, gt=0, le=10)  # hcp only; None = ideal (or relaxed with 'auto')
     layers: int = Field(3, ge=1)
     fixed_layers: int = Field(1, ge=0)  # bottom layers held fixed (FixAtoms) in every relaxation
-    vacuum: float = Field(10.0, gt=0)
+    vacuum: float = Field(10.0, gt=0, le=1000)
 
     @field_validator("element")
     @classmethod
@@ -50,8 +90,8 @@ class SubstrateConfig(_Strict):
     @field_validator("lattice_constant")
     @classmethod
     def _positive(cls, v: float | str) -> float | str:
-        if not isinstance(v, str) and v <= 0:
-            raise ValueError("lattice_constant must be positive or 'auto'")
+        if not isinstance(v, str) and not 0 < v <= 50:
+            raise ValueError(f"lattice_constant must be 'auto' or a positive number of Å up to 50, got {v}")
         return v
 
     @model_validator(mode="after")
@@ -65,8 +105,8 @@ class ConfinementConfig(_Strict):
     # z range (Å) above the top substrate layer in which overlayer atoms are placed and diffused.
     # Default 0.5–5.5 Å: the paper authors used about 2.5–7.8 Å absolute on a 2-layer Ag slab, i.e. roughly
     # 0.1–5.4 Å above the top layer; 0.5 keeps atoms out of the top layer plane itself.
-    z_min: float = 0.5
-    z_max: float = 5.5
+    z_min: float = Field(0.5, le=1000)
+    z_max: float = Field(5.5, le=1000)
 
     @model_validator(mode="after")
     def _ordered(self) -> ConfinementConfig:
@@ -98,14 +138,16 @@ class OracleConfig(_Strict):
 class RSSConfig(_Strict):
     cell: CellSpec = "c(2x8)"
     compositions: list[str] = Field(default_factory=lambda: ["Ag4O2"])
-    n: int = Field(50, ge=0)  # structures in total, spread round-robin over the compositions
-    seed: int = 0
+    n: int = Field(50, ge=0, le=MAX_STRUCTURES)  # structures in total, round-robin over the compositions
+    seed: Seed = 0
     fmax: float = Field(0.05, gt=0)
-    steps: int = Field(300, ge=0)
+    steps: int = Field(300, ge=0, le=MAX_STEPS)
     optimizer: Literal["BFGS", "FIRE", "LBFGS"] = "BFGS"
     trajectory_every: int = Field(5, ge=1)  # subsample of relaxation frames kept as MLFF training data
     min_distance_scale: float = Field(0.75, gt=0, le=1.5)  # × sum of covalent radii
-    workers: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1, le=4096)
+    # A failed relaxation is stored as an error document; later runs retry it until it has failed this often.
+    max_attempts: int = Field(3, ge=1, le=100)
 
     @field_validator("compositions")
     @classmethod
@@ -132,9 +174,9 @@ class TrainConfig(_Strict):
     compositions: list[str] | None = None  # None = every composition in the store for this system
     oxygen_ratio: tuple[str, str, float] | None = None  # e.g. ["O", "Ag", 0.5]: keep O/Ag ratio ...
     ratio_side: Literal["above", "below", "any"] = "any"  # ... above (oxidised) or below (reduced) it
-    repeat: int = Field(1, ge=1)  # periodic repetition r: r×r×1 tiles, energies × r²
-    epochs: int = Field(200, ge=1)
-    batch_size: int = Field(16, ge=1)
+    repeat: int = Field(1, ge=1, le=100)  # periodic repetition r: r×r×1 tiles, energies × r²
+    epochs: int = Field(200, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(16, ge=1, le=MAX_SAMPLES)
     lr: float = Field(5e-4, gt=0)
     lr_min: float = Field(1e-5, gt=0)
     ema_decay: float = Field(0.99, ge=0, lt=1)
@@ -143,7 +185,7 @@ class TrainConfig(_Strict):
     score_weight: float = 1.0
     energy_weight: float = 0.01
     forces_weight: float = 0.99
-    seed: int = 0
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_frames_per_structure: int = Field(4, ge=1)  # relaxation frames used for the MLFF loss
     # Energy models whose documents train the model (None = the study's oracle only). Several models need
@@ -174,15 +216,15 @@ class SampleTarget(_Strict):
 
 class SampleConfig(_Strict):
     targets: list[SampleTarget] = Field(default_factory=list)
-    n: int = Field(16, ge=1)
-    steps: int = Field(500, ge=1)
+    n: int = Field(16, ge=1, le=MAX_SAMPLES)
+    steps: int = Field(500, ge=1, le=MAX_STEPS)
     sampler: Literal["em", "ode"] = "em"
     guidance: bool = True
     eta_dt: float = Field(0.001, ge=0)  # the paper's η·Δt in Å/(eV/Å)
     relax: bool = True  # short MLFF relaxation after sampling
-    relax_steps: int = Field(50, ge=0)
-    batch_size: int = Field(64, ge=1)
-    seed: int = 0
+    relax_steps: int = Field(50, ge=0, le=MAX_STEPS)
+    batch_size: int = Field(64, ge=1, le=MAX_SAMPLES)
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -193,9 +235,11 @@ class RelaxConfig(_Strict):
     @property
     def energy_model(self) -> str:
         return energy_model_key(self.method, self.settings)
-    top_k: int = Field(3, ge=1)  # best candidates per composition and cell
+    top_k: int = Field(3, ge=1, le=MAX_STRUCTURES)  # best candidates per composition and cell
     fmax: float = Field(0.05, gt=0)
-    steps: int = Field(200, ge=1)
+    steps: int = Field(200, ge=1, le=MAX_STEPS)
+    # A failed relaxation is stored as an error document; later runs retry it until it has failed this often.
+    max_attempts: int = Field(3, ge=1, le=100)
 
 
 class ActiveLearningConfig(_Strict):
@@ -213,15 +257,18 @@ class EvaluateConfig(_Strict):
     """Discovery power against RSS in each target cell, with the same energy model and relaxer."""
 
     # oracle relaxations of the generative arm per target: the best distinct samples in MLFF rank order
-    budget: int = Field(16, ge=1)
-    rss_budget: int = Field(32, ge=0)  # RSS relaxations directly in each target cell: the baseline (0 = none)
+    budget: int = Field(16, ge=1, le=MAX_STRUCTURES)
+    # RSS relaxations directly in each target cell: the baseline (0 = none)
+    rss_budget: int = Field(32, ge=0, le=MAX_STRUCTURES)
     tol: float = Field(0.05, gt=0)  # eV: an arm has "reached" an energy within this
-    seed: int = 1_000_003  # the baseline RSS seed, apart from the training RSS seeds
+    seed: Seed = 1_000_003  # the baseline RSS seed, apart from the training RSS seeds
     # known minima to look for: "Ag12O6 p(4x4)" -> structure file (extxyz, cif, POSCAR, ...)
     references: dict[str, str] = Field(default_factory=dict)
     adsorbate: str = "O"  # gas-phase element of the γ(Δμ) phase diagram (skipped when no target holds it)
     molecule: str = "O2"  # its reference molecule (ASE g2 name)
     dmu_range: tuple[float, float] = (-2.0, 0.5)  # eV, Δμ of the adsorbate
+    guidance_samples: int = Field(0, ge=0)  # > 0: guided against unguided unrelaxed samples of the first target
+    steps_sweep: list[int] = Field(default_factory=list)  # e.g. [25, 100, 500]: quality against diffusion steps
 
     @model_validator(mode="after")
     def _range(self) -> EvaluateConfig:
@@ -282,40 +329,94 @@ def with_overrides(section: _Strict, updates: dict[str, Any]) -> Any:
     try:
         return type(section).model_validate({**section.model_dump(), **given})
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+        loc, msg, _ = _first_problem(exc)
+        option = loc.split(".")[0] if loc else ""
+        option = option if option in given else next(iter(given), option)  # a cross-field check names no field
+        raise ConfigError(f"--{option.replace('_', '-')}: {msg}") from None
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-    msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key (typo?)"
-    extra = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
-    where = f"{loc}: " if loc else ""
-    return f"{source}: {where}{msg}{extra}"
+# Parts pydantic adds to an error location for the branch of a union or a validator: not keys of the config.
+_BRANCH_TAG = re.compile(r"^(function-.*|float|int|str|bool|none|literal\[.*\]|list\[.*\]|tuple\[.*\]|"
+                         r"dict\[.*\]|is-instance\[.*\]|constrained-.*)$")
+
+
+def _first_problem(exc: ValidationError) -> tuple[str, str, int]:
+    """(dotted key, message, number of keys with problems) of a validation error; a union's branches count once."""
+    problems: dict[str, str] = {}
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not _BRANCH_TAG.match(str(p)))
+        msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (typo?)"
+        problems.setdefault(loc, msg)
+    loc, msg = next(iter(problems.items()))
+    return loc, msg, len(problems)
+
+
+def format_validation_error(exc: ValidationError, source: str = "") -> str:
+    """One line: `source: key.path: message (and N more problems)`."""
+    loc, msg, n = _first_problem(exc)
+    extra = f" (and {n - 1} more problems)" if n > 1 else ""
+    # A message that starts by naming its top-level key ("composition 'Qq3': ...") needs no second name.
+    where = f"{loc}: " if loc and not msg.startswith(f"{loc} ") else ""
+    return f"{source}: {where}{msg}{extra}" if source else f"{where}{msg}{extra}"
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> SurfdiffConfig:
     try:
         return SurfdiffConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
+        raise ConfigError(format_validation_error(exc, source)) from None
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key written twice in one mapping (at any depth) is an error instead
+    of the second value silently replacing the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges may repeat keys by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first_line:
+                    raise ConfigError(f"key {key!r} is written twice (lines {first_line[key]} and {line}): keep one")
+                first_line[key] = line
+            except TypeError:  # an unhashable key: the base loader reports it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+EMPTY_CONFIG_HELP = ("empty config: give at least a name and the substrate, rss and store sections, or start from "
+                     "configs/demo.yaml")
+
+
 def load_config(path: str | Path) -> SurfdiffConfig:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p} is a directory, not a config file")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text (UTF-8) YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the config: {exc.strerror or exc}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{p}: invalid YAML{where}") from None
+    if data is None or data == {}:
+        raise ConfigError(f"{p}: {EMPTY_CONFIG_HELP}")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping of sections")
     return config_from_dict(data, source=str(p))

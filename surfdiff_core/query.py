@@ -1,10 +1,19 @@
-"""Query the results store: filters that map onto the document schema, shared by the CLI and the flows."""
+"""Query the results store: filters that map onto the document schema, shared by the CLI and the flows.
+
+Every filter is parsed before the store is read: a filter that cannot match anything by construction (a cell
+name that is no cell, a NaN energy) is one line naming it, never an empty answer.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from typing import Any
 
+from surfdiff_core.cells import FACETS, canonical_cell_name, cell_label, cell_matrix
 from surfdiff_core.composition import normalise_composition
+from surfdiff_core.config import StoreConfig
 from surfdiff_core.errors import ConfigError
 from surfdiff_core.store import ResultsStore, StructureDoc
 from surfdiff_core.store.documents import SOURCES
@@ -35,14 +44,14 @@ def build_criteria(
     if composition:
         crit["composition"] = normalise_composition(composition)
     if cell:
-        from surfdiff_core.cells import canonical_cell_name
-
-        crit["cell"] = canonical_cell_name(cell)
+        crit["cell"] = parse_cell_filter(cell)
     if source:
         if source not in SOURCES:
             raise ConfigError(f"unknown source {source!r}: choose from {', '.join(SOURCES)}")
         crit["source"] = source
     if max_energy is not None:
+        if not isinstance(max_energy, int | float) or not math.isfinite(max_energy):
+            raise ConfigError(f"--max-energy {max_energy}: give a finite energy in eV")
         crit["energy"] = {"$lte": float(max_energy)}
     if run_id:
         crit["run_id"] = run_id
@@ -50,6 +59,43 @@ def build_criteria(
         crit["valid"] = True
         crit["in_box"] = True
     return crit
+
+
+def parse_cell_filter(cell: str) -> str:
+    """The stored label of a cell filter: a name defined on some facet ('p(4x4)', 'c(2x8)', 'sqrt3') or a 2x2
+    integer matrix ('[[2,0],[-1,4]]'); anything else names no cell and is refused."""
+    text = cell.strip()
+    if text.startswith("["):
+        try:
+            matrix = json.loads(text)
+        except ValueError:
+            raise ConfigError(f"--cell {cell!r}: not a cell name or a 2x2 integer matrix") from None
+        try:
+            return cell_label(matrix, FACETS[0])
+        except ConfigError as exc:
+            raise ConfigError(f"--cell {cell!r}: {exc}") from None
+    problems = []
+    for facet in FACETS:
+        try:
+            cell_matrix(text, facet)
+            return canonical_cell_name(text)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    raise ConfigError(f"--cell {cell!r}: {problems[0]}")
+
+
+def require_existing_store(store: StoreConfig) -> None:
+    """A query reads: it never creates a store. One line when the configured embedded store does not exist."""
+    from surfdiff_core.store.backends import sqlite_file
+
+    if store.backend == "sqlite":
+        where = sqlite_file(store, None)
+    elif store.backend in ("monty", "json"):
+        where = Path(store.path).expanduser()
+    else:
+        return  # a server or in-memory store: nothing on disk to look for
+    if not where.exists():
+        raise ConfigError(f"no results store at {where} (run `surfdiff rss CONFIG` first, or give --store PATH)")
 
 
 def query_docs(store: ResultsStore, criteria: dict[str, Any], *, top: int | None = None) -> list[StructureDoc]:

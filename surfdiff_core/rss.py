@@ -6,14 +6,15 @@ leave the box during relaxation are *flagged* (`in_box=False`) and the document 
 training sets, so the box stays an honest description of the data.
 
 Seeded per structure (SeedSequence of the run seed and the structure index), so a rerun with the same seed
-reproduces every structure; document ids are deterministic, so finished structures are skipped on resume.
+reproduces every structure; document ids are deterministic, so finished structures are skipped on resume and
+failed ones are retried up to rss.max_attempts times (see surfdiff_core.retry).
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +23,10 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from surfdiff_core.config import SurfdiffConfig
+from surfdiff_core.composition import parse_composition
+from surfdiff_core.config import SurfdiffConfig, with_overrides
 from surfdiff_core.errors import ConfigError, SurfdiffError
+from surfdiff_core.retry import PriorFailure, attempt_meta, plan_work
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
 from surfdiff_core.store.documents import atoms_to_structure_dict, frames_from_arrays
 from surfdiff_core.system import SurfaceSystem, build_system
@@ -40,7 +43,9 @@ class RSSTask:
 @dataclass
 class RSSReport:
     planned: int = 0
-    skipped: int = 0  # already in the store (resume)
+    skipped: int = 0  # already in the store (resume), failures that used up their attempts included
+    retried: int = 0  # stored failures tried again in this run
+    given_up: int = 0  # stored failures not retried: rss.max_attempts reached
     done: int = 0
     failed: int = 0
     out_of_box: int = 0
@@ -54,8 +59,21 @@ class RSSReport:
         return 60.0 * self.done / self.wall_time if self.wall_time > 0 else 0.0
 
 
+def check_oracle_support(cfg: SurfdiffConfig, compositions: Iterable[str] = (), *, method: str | None = None,
+                         settings: dict[str, Any] | None = None) -> None:
+    """Before anything runs: the energy model (the oracle, or `method` with `settings`) has valid settings and can
+    treat the substrate and every element of `compositions` (one line naming what it cannot)."""
+    from surfdiff_core.oracles import check_elements, resolve_settings
+
+    name = method or cfg.oracle.name
+    resolve_settings(name, cfg.oracle.settings if method is None else settings)
+    check_elements(name, {"substrate.element": [cfg.substrate.element],
+                          **{f"composition {c}": list(parse_composition(c)) for c in compositions}})
+
+
 def resolve_lattice(cfg: SurfdiffConfig) -> dict[str, float] | None:
     """Relaxed bulk lattice constant of the oracle when lattice_constant is 'auto' (cached on disk)."""
+    check_oracle_support(cfg)
     if cfg.substrate.lattice_constant != "auto":
         return None
     from surfdiff_core.oracles import bulk_lattice_constant
@@ -69,6 +87,7 @@ def resolve_lattice(cfg: SurfdiffConfig) -> dict[str, float] | None:
 
 
 def systems_for(cfg: SurfdiffConfig, cell: Any, compositions: list[str], lattice: dict | None) -> dict:
+    check_oracle_support(cfg, compositions)
     return {
         c: build_system(
             cfg.substrate, cfg.confinement, cell, c, lattice=lattice,
@@ -122,9 +141,11 @@ def _worker_calculator(oracle: str, settings: dict):
 
 
 def relax_task(
-    system: SurfaceSystem, task: RSSTask, cfg: SurfdiffConfig, *, run_id: str | None, calculator=None
+    system: SurfaceSystem, task: RSSTask, cfg: SurfdiffConfig, *, run_id: str | None, calculator=None,
+    prior: PriorFailure | None = None,
 ) -> StructureDoc:
-    """Place and relax one structure; returns its document (an error is recorded, never raised)."""
+    """Place and relax one structure; returns its document (an error is recorded, never raised). `prior`: the
+    stored failures of this structure, when this is a retry (counted in meta.attempts, kept in meta.errors)."""
     from surfdiff_core.relax.ase_relax import relax_atoms
 
     calc = calculator if calculator is not None else _worker_calculator(cfg.oracle.name, cfg.oracle.settings)
@@ -147,7 +168,10 @@ def relax_task(
             trajectory_every=cfg.rss.trajectory_every, fixed=system.fixed_indices.tolist(),
         )
     except Exception as exc:  # noqa: BLE001 - one bad structure must not stop the search
-        return StructureDoc(structure=base["initial_structure"], valid=False, error=str(exc)[:500], **base)
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        base["meta"].update(attempt_meta(prior, error))
+        return StructureDoc(structure=base["initial_structure"], valid=False, error=error, **base)
+    base["meta"].update(attempt_meta(prior, None))
     final = res.atoms
     in_box = bool(np.all(system.inside_box(final, tol=0.05)))
     traj = res.trajectory
@@ -162,10 +186,11 @@ def relax_task(
     )
 
 
-def relax_remote(system: SurfaceSystem, task: RSSTask, cfg: SurfdiffConfig, run_id: str | None) -> dict:
+def relax_remote(system: SurfaceSystem, task: RSSTask, cfg: SurfdiffConfig, run_id: str | None,
+                 prior: PriorFailure | None = None) -> dict:
     """What an executor runs (a worker process, a Slurm job): one structure, its document as plain JSON."""
     with threadpool_limits(1, user_api="blas"):
-        return relax_task(system, task, cfg, run_id=run_id).model_dump(mode="json")
+        return relax_task(system, task, cfg, run_id=run_id, prior=prior).model_dump(mode="json")
 
 
 # ---- driver -----------------------------------------------------------------------------------------------
@@ -185,23 +210,24 @@ def run_rss(
 
     `executor` (any concurrent.futures.Executor, e.g. the Slurm one of deploy/) runs the relaxations
     elsewhere; by default they run here, in `workers` local processes."""
-    n = cfg.rss.n if n is None else n
-    seed = cfg.rss.seed if seed is None else seed
-    workers = cfg.rss.workers if workers is None else workers
-    if n < 0 or workers < 1:
-        raise ConfigError("--n must be >= 0 and --workers >= 1")
+    # Every number through the config model: one line naming the option, before anything runs.
+    rcfg = with_overrides(cfg.rss, {"n": n, "seed": seed, "workers": workers})
+    n, seed, workers = rcfg.n, rcfg.seed, rcfg.workers
     if cfg.oracle.name == "vasp":
         raise ConfigError("RSS with oracle 'vasp' runs through the HPC route (flows/relax); choose a local oracle")
     from surfdiff_core.oracles import get_calculator
 
     lattice = resolve_lattice(cfg)
     systems = systems_for(cfg, cfg.rss.cell, cfg.rss.compositions, lattice)
+    if n == 0:  # nothing asked: the store is not opened, let alone created
+        return RSSReport()
     tasks = plan_tasks(cfg, systems, n, seed)
     report = RSSReport(planned=len(tasks), doc_ids=[t.doc_id for t in tasks])
     store.connect()
-    done_ids = store.existing_ids(t.doc_id for t in tasks)
-    todo = [t for t in tasks if t.doc_id not in done_ids]
+    work = plan_work(store, (t.doc_id for t in tasks), cfg.rss.max_attempts)
+    todo = [t for t in tasks if t.doc_id not in work.finished]
     report.skipped = len(tasks) - len(todo)
+    report.retried, report.given_up = len(work.retry), len(work.given_up)
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc="RSS", unit="struct", disable=not progress, dynamic_ncols=True)
 
@@ -227,18 +253,19 @@ def run_rss(
 
     try:
         if executor is not None:
-            _run_on(executor, cfg, systems, todo, run_id, record, lost)
+            _run_on(executor, cfg, systems, todo, run_id, record, lost, work.retry)
         elif workers == 1 or len(todo) <= 1:
             calc = get_calculator(cfg.oracle.name, **cfg.oracle.settings) if todo else None
             with threadpool_limits(1, user_api="blas"):
                 for t in todo:
-                    record(relax_task(systems[t.composition], t, cfg, run_id=run_id, calculator=calc))
+                    record(relax_task(systems[t.composition], t, cfg, run_id=run_id, calculator=calc,
+                                      prior=work.retry.get(t.doc_id)))
         else:
             ctx = mp.get_context("spawn")  # torch-based oracles are not fork-safe
             threads = max(1, (mp.cpu_count() or 1) // workers)
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                                      initargs=(threads,)) as pool:
-                _run_on(pool, cfg, systems, todo, run_id, record, lost)
+                _run_on(pool, cfg, systems, todo, run_id, record, lost, work.retry)
     finally:
         bar.close()
         report.wall_time = time.perf_counter() - start
@@ -248,10 +275,11 @@ def run_rss(
     return report
 
 
-def _run_on(executor: Executor, cfg, systems, todo, run_id, record, lost) -> None:
+def _run_on(executor: Executor, cfg, systems, todo, run_id, record, lost, retry: dict[str, PriorFailure]) -> None:
     """Submit every task; record documents as they finish. A task whose worker or job died (a Slurm job
     cancelled or out of time) is reported to `lost` and the others go on; a rerun redoes only those."""
-    futures = {executor.submit(relax_remote, systems[t.composition], t, cfg, run_id): t for t in todo}
+    futures = {executor.submit(relax_remote, systems[t.composition], t, cfg, run_id, retry.get(t.doc_id)): t
+               for t in todo}
     pending = set(futures)
     try:
         while pending:

@@ -41,6 +41,7 @@ sample:
   relax_steps: 5
   batch_size: 4
 relax: {method: emt, top_k: 1, steps: 30, fmax: 0.2}
+evaluate: {budget: 2, rss_budget: 3}
 store: {backend: sqlite, path: STORE}
 """
 

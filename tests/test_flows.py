@@ -24,7 +24,9 @@ def test_discovery_flow_end_to_end(prefect_harness, tiny_config):
     result = discovery_flow(config_path=str(tiny_config))
     cfg = load_config(tiny_config)
     with open_study_store(cfg) as store:
-        assert store.count({"source": "rss"}) == 8
+        training = {"system_id": "Ag(fcc111)-p(2x2)-L2"}
+        assert store.count({"source": "rss", **training}) == 8
+        assert store.count({"source": "rss", "system_id": {"$ne": training["system_id"]}}) == 3  # RSS baseline
         assert store.count({"source": "generated"}) == 4
         relaxed = list(store.find({"source": "relaxed"}))
         from surfdiff_core.query import lineage
@@ -46,12 +48,15 @@ def test_discovery_flow_end_to_end(prefect_harness, tiny_config):
     keys = {a.key for a in anyio.run(artifacts) if a.key}
     assert any(k.endswith("rss-training-data-best") for k in keys)
     assert any(k.endswith("relaxed-candidates-report") for k in keys)
+    assert "tiny-evaluation" in keys and "tiny-evaluation-report" in keys
+    assert result["evaluation"] and result["evaluation"][0]["target"] == "Ag2O1 p(3x3)"
 
     # a second run reuses everything: no new documents
     again = discovery_flow(config_path=str(tiny_config))
     assert again["rss"]["done"] == 0 and again["rss"]["skipped"] == 8
     with open_study_store(cfg) as store:
-        assert store.count({}) == 8 + 4 + 1
+        # + the evaluation's RSS baseline and its relaxed samples
+        assert store.count({}) == 8 + 4 + 1 + 3 + result["evaluation"][0]["generative_relaxations"]
 
 
 def test_killed_run_resumes_without_duplicates(tmp_path, tiny_config):
@@ -73,11 +78,13 @@ def test_killed_run_resumes_without_duplicates(tmp_path, tiny_config):
         proc.wait()
     cfg = load_config(tiny_config)
     with open_study_store(cfg) as store:
-        assert store.count({"source": "rss"}) == 8  # RSS finished before the kill
+        assert store.count({"source": "rss", "system_id": "Ag(fcc111)-p(2x2)-L2"}) == 8  # finished before the kill
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "RSS: 0 new + 8 reused" in r.stdout
     assert "resumed training at epoch" in r.stdout
     with open_study_store(cfg) as store:
         ids = [d["doc_id"] for d in store.find_raw({}, properties=["doc_id"])]
-        assert len(ids) == len(set(ids)) == 8 + 4 + 1
+        assert len(ids) == len(set(ids))
+        assert store.count({"source": "generated"}) == 4
+        assert store.count({"source": "relaxed", "meta.purpose": None}) == 1  # the relax stage's one

@@ -187,6 +187,13 @@ def test_cli_train_then_sample_into_a_larger_cell(tiny_config):
     assert len(q) == 4 and all(d["model_id"].startswith("model-") for d in q)
     models = json.loads(_surfdiff("query", "--config", cfg, "--models", "--json", cwd=".").stdout)
     assert [m["model_id"] for m in models] == [q[0]["model_id"]] and models[0]["checkpoint"].endswith(".pt")
+    ev = _surfdiff("evaluate", cfg, "--cell", "p(4x4)", "--composition", "Ag4O2", "--budget", "2", "--rss-budget",
+                   "2", "--json", cwd=".")
+    assert ev.returncode == 0, ev.stderr
+    assert "vs RSS" in ev.stdout and "report:" in ev.stdout
+    report = json.loads(ev.stdout[ev.stdout.index("{"):ev.stdout.rindex("}") + 1])
+    assert [(t["composition"], t["cell"]) for t in report["targets"]] == [("Ag4O2", "p(4x4)")]
+    assert all(len(t["rss_energies"]) == 2 and len(t["generative_energies"]) <= 2 for t in report["targets"])
     bad = _surfdiff("sample", cfg, "--cell", "p(4x4)", "--composition", "Pt3", "--n", "2", cwd=".")
     assert bad.returncode == 2 and "not trained on Pt" in bad.stderr and "Traceback" not in bad.stderr
     bad = _surfdiff("sample", cfg, "--cell", "p(4x4)", "--composition", "Ag4O2", "--steps", "0", cwd=".")

@@ -21,14 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from surfdiff_core.config import SampleTarget, config_from_dict  # noqa: E402
+from surfdiff_core.config import config_from_dict  # noqa: E402
 from surfdiff_core.stages import evaluate, rss, sample, train  # noqa: E402
-from surfdiff_core.stages.common import open_study_store, target_system  # noqa: E402
+from surfdiff_core.stages.common import open_study_store  # noqa: E402
 
 COMPOSITIONS = ["Ag4O2", "Ag4O3", "Ag4O4", "Ag5O2", "Ag5O3", "Ag5O4", "Ag5O5", "Ag6O2", "Ag6O3", "Ag6O4", "Ag6O5"]
 WINDOWS = {"D": 2.0, "D_lowE": 0.5}
@@ -48,54 +46,13 @@ def study_config(args, seed: int, window: str, store: Path) -> dict:
         "train": {"energy_window": WINDOWS[window], "repeat": 2, "epochs": args.epochs, "batch_size": 8,
                   "lr": 1e-3, "patience": 25, "seed": seed},
         "sample": {"targets": [{"cell": t.split()[1], "composition": t.split()[0]} for t in args.targets],
-                   "n": args.samples, "steps": args.steps, "guidance": True, "eta_dt": 0.001, "relax_steps": 50,
-                   "batch_size": 32, "seed": seed},
-        "evaluate": {"budget": args.budget, "rss_budget": args.rss_budget, "seed": seed + 7919},
+                   "n": args.samples, "steps": args.steps, "guidance": True, "eta_dt": 0.001,
+                   "relax_steps": args.relax_steps, "batch_size": 32, "seed": seed},
+        "evaluate": {"budget": args.budget, "rss_budget": args.rss_budget, "seed": seed + 7919,
+                     "guidance_samples": args.extras_n if args.extras and window == args.windows[-1] else 0,
+                     "steps_sweep": [25, 100, args.steps] if args.extras and window == args.windows[-1] else []},
         "store": {"backend": "sqlite", "path": str(store)},
     }
-
-
-def oracle_single_points(cfg, docs) -> list[float]:
-    """Oracle energies of unrelaxed samples (guided against unguided)."""
-    from surfdiff_core.oracles import get_calculator
-
-    calc = get_calculator(cfg.oracle.name, **cfg.oracle.settings)
-    out = []
-    for d in docs:
-        atoms = d.to_atoms()
-        atoms.calc = calc
-        out.append(float(atoms.get_potential_energy()))
-    return out
-
-
-def guidance_effect(cfg, store, model, target: SampleTarget, n: int) -> dict:
-    """Median oracle energy of unrelaxed samples with and without force-field guidance (no MLFF relaxation)."""
-    res = {}
-    for guided in (True, False):
-        scfg = cfg.sample.model_copy(update={"guidance": guided, "relax": False, "n": n, "seed": cfg.sample.seed + 1})
-        s = sample.run(cfg, store, model, targets=[target], scfg=scfg, progress=False)
-        docs = [d for d in store.find({"doc_id": {"$in": s.doc_ids}}) if d.valid]
-        res["guided" if guided else "unguided"] = float(np.median(oracle_single_points(cfg, docs))) if docs else None
-    if None not in res.values():
-        res["lowered_by_eV"] = res["unguided"] - res["guided"]
-    return res
-
-
-def steps_quality(cfg, store, model, target: SampleTarget, steps_list: list[int], n: int) -> dict:
-    """Energy against diffusion steps, before (oracle single point) and after oracle relaxation (Fig. 4b)."""
-    from surfdiff_core.oracles import get_calculator
-    from surfdiff_core.relax.ase_relax import relax_atoms
-
-    calc = get_calculator(cfg.oracle.name, **cfg.oracle.settings)
-    before, after = {}, {}
-    for steps in steps_list:
-        scfg = cfg.sample.model_copy(update={"steps": steps, "n": n, "relax": False, "seed": cfg.sample.seed + 2})
-        s = sample.run(cfg, store, model, targets=[target], scfg=scfg, progress=False)
-        docs = [d for d in store.find({"doc_id": {"$in": s.doc_ids}}) if d.valid]
-        before[steps] = oracle_single_points(cfg, docs)
-        after[steps] = [relax_atoms(d.to_atoms(), calc, fmax=cfg.rss.fmax, steps=cfg.rss.steps,
-                                    fixed=d.fixed).energy for d in docs]
-    return {"before": before, "after": after}
 
 
 def run_seed(args, seed: int, out: Path) -> list[dict]:
@@ -118,19 +75,15 @@ def run_seed(args, seed: int, out: Path) -> list[dict]:
             t0 = time.perf_counter()
             ev = evaluate.run(cfg, store, samples, progress=True)
             t_eval = time.perf_counter() - t0
+            if ev.guidance or ev.steps_quality:
+                rows.append({"seed": seed, "window": window, "guidance": ev.guidance,
+                             "steps_quality": ev.steps_quality})
             for t, row in zip(ev.targets, ev.rows(), strict=True):
                 rows.append({**row, "seed": seed, "window": window, "model_id": model.model_id,
                              "n_train": model.n_train, "training_cost": ev.training_cost,
                              "generative_energies": t.generative_energies, "rss_energies": t.rss_energies,
                              "wall_s": {"rss": rss_wall, "train": t_train, "sample": t_sample, "evaluate": t_eval}})
                 print(f"[seed {seed} {window}] {row}", flush=True)
-            if window == args.windows[-1] and args.extras:
-                target = SampleTarget(cell=args.targets[0].split()[1], composition=args.targets[0].split()[0])
-                target_system(cfg, target)
-                rows.append({"seed": seed, "window": window, "guidance": guidance_effect(cfg, store, model, target,
-                                                                                            args.extras_n),
-                             "steps_quality": steps_quality(cfg, store, model, target, [25, 100, args.steps],
-                                                            args.extras_n)})
     return rows
 
 
@@ -203,6 +156,7 @@ def main() -> None:
     p.add_argument("--model", choices=list(MODELS), default="demo")
     p.add_argument("--samples", type=int, default=96)
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--relax-steps", type=int, default=100, help="MLFF relaxation steps after sampling")
     p.add_argument("--budget", type=int, default=24)
     p.add_argument("--rss-budget", type=int, default=256)
     p.add_argument("--targets", nargs="+", default=["Ag12O6 p(4x4)", "Ag6O3 p(3x3)"])

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from surfdiff_core.oracles.lattice import bulk_lattice_constant, default_cache_dir
 from surfdiff_core.oracles.registry import (
+    TRUST_MODEL_FILE,
     VASP_SLAB_INCAR,
     MissingExtraError,
     OracleError,
     OracleSpec,
     available_oracles,
     canonical_settings,
+    check_elements,
     get_calculator,
     get_oracle_spec,
     gpaw_parameters,
@@ -21,9 +23,11 @@ from surfdiff_core.oracles.registry import (
     oracle_settings_hash,
     require_oracle,
     resolve_settings,
+    supported_elements,
 )
 
 __all__ = [
+    "TRUST_MODEL_FILE",
     "VASP_SLAB_INCAR",
     "MissingExtraError",
     "OracleError",
@@ -31,6 +35,7 @@ __all__ = [
     "available_oracles",
     "bulk_lattice_constant",
     "canonical_settings",
+    "check_elements",
     "default_cache_dir",
     "get_calculator",
     "get_oracle_spec",
@@ -39,4 +44,5 @@ __all__ = [
     "oracle_settings_hash",
     "require_oracle",
     "resolve_settings",
+    "supported_elements",
 ]

@@ -42,7 +42,34 @@ _CACHE_VERSION = 1  # bump when the computation changes so stale values are not 
 def default_cache_dir() -> Path:
     """$SURFDIFF_CACHE_DIR, else ~/.cache/surfdiff."""
     env = os.environ.get("SURFDIFF_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "surfdiff"
+    return Path(env) if env else user_cache_dir()
+
+
+def user_cache_dir() -> Path:
+    """This user's own cache: where values go when a shared cache dir cannot be read or written."""
+    return Path.home() / ".cache" / "surfdiff"
+
+
+def _cache_files(cache_dir: Path | None) -> list[Path]:
+    """The cache file to use; for the default (a shared $SURFDIFF_CACHE_DIR may be another user's) this user's
+    own one after it, used when the first cannot be read or written. An explicit `cache_dir` has no fallback."""
+    if cache_dir is not None:
+        return [Path(cache_dir) / "lattice.json"]
+    files = [default_cache_dir() / "lattice.json"]
+    own = user_cache_dir() / "lattice.json"
+    if own.absolute() != files[0].absolute():
+        files.append(own)
+    return files
+
+
+def _may_write(path: Path) -> bool:
+    """Whether this user may update the cache file (the file, or the nearest existing directory above it)."""
+    target = path
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if target == path:
+        return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+    return target.is_dir() and os.access(target, os.W_OK)
 
 
 def lattice_cache_key(element: str, crystal: str, oracle: str, settings_hash: str) -> str:
@@ -68,9 +95,18 @@ def bulk_lattice_constant(
     settings = dict(settings or {})
     settings_hash = oracle_settings_hash(oracle, settings)  # validates oracle name and keys
     key = lattice_cache_key(element, crystal, oracle, settings_hash)
-    path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "lattice.json"
-
-    entry = _read_cache(path).get(key)
+    files = _cache_files(cache_dir)
+    try:
+        entries = _read_cache(files[0], strict=True)
+        usable = _may_write(files[0])
+    except OSError as exc:  # e.g. another user's 0600 file in a shared cache dir
+        logger.warning("cannot read the lattice cache %s (%s)", files[0], exc.strerror or exc)
+        entries, usable = {}, False
+    if not usable:  # this user's own cache takes over
+        files = files[1:]
+        for path in files:
+            entries = {**_read_cache(path), **entries}
+    entry = entries.get(key)
     if entry is not None:
         return {k: float(entry[k]) for k in ("a", "c") if k in entry}
 
@@ -82,7 +118,7 @@ def bulk_lattice_constant(
         **result, "element": element, "crystal": crystal, "oracle": oracle, "settings_hash": settings_hash,
         "settings": canonical_settings(oracle, settings), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _update_cache(path, key, record)
+    _store_in_cache(files, key, record)
     return dict(result)
 
 
@@ -183,24 +219,46 @@ def _hcp_relax(element: str, a0: float, c0: float | None, calc: Any) -> dict[str
 
 
 # ---- cache file -----------------------------------------------------------------------------------------
-def _read_cache(path: Path) -> dict[str, Any]:
+def _read_cache(path: Path, *, strict: bool = False) -> dict[str, Any]:
+    """The cache's entries ({} when absent or not JSON). A file we may not read (another user's 0600 file, a
+    path through a regular file) is {} too, with a warning, unless `strict`: then the OSError is raised."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        if strict:
+            raise
+        logger.warning("ignoring unreadable lattice cache %s: %s", path, exc)
+        return {}
+    except ValueError as exc:
         logger.warning("ignoring unreadable lattice cache %s: %s", path, exc)
         return {}
     return data if isinstance(data, dict) else {}
 
 
+def _store_in_cache(files: list[Path], key: str, record: Mapping[str, Any]) -> None:
+    """Into the first cache file that can be updated; a value that cannot be cached is recomputed next time,
+    never an error."""
+    for path in files:
+        try:
+            _update_cache(path, key, record)
+            return
+        except OSError as exc:
+            logger.warning("cannot write the lattice cache %s (%s)", path, exc.strerror or exc)
+    logger.warning("the lattice constant is not cached: set SURFDIFF_CACHE_DIR to a directory you may write")
+
+
 def _update_cache(path: Path, key: str, record: Mapping[str, Any]) -> None:
     """Re-read, add `key`, write to a temporary file and os.replace it: readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = _read_cache(path)  # re-read: another process may have added entries meanwhile
+    # Re-read (another process may have added entries meanwhile); a file we cannot read is never replaced by
+    # one without its entries.
+    data = _read_cache(path, strict=True)
     data[key] = dict(record)
     fd, tmp = tempfile.mkstemp(prefix=".lattice-", suffix=".json", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # a shared cache: other users read it (mkstemp makes 0600)
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=1, sort_keys=True)
             fh.flush()

@@ -13,7 +13,7 @@ import importlib
 import importlib.util
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
@@ -56,13 +56,41 @@ def _emt(s: dict[str, Any]) -> Calculator:
     return EMT(asap_cutoff=bool(s["asap_cutoff"]))
 
 
+_MODEL_FILE_SUFFIXES = (".pth", ".tar", ".pt")
+
+
+def _chgnet_packaged(model: Any) -> bool:
+    """A version name ('0.3.0') loads weights shipped inside the package; anything else is a file path."""
+    return model is None or (isinstance(model, str) and not model.endswith(_MODEL_FILE_SUFFIXES))
+
+
+def _sevennet_packaged(model: Any) -> bool:
+    """SevenNet takes any name it does not know as a checkpoint path."""
+    if not isinstance(model, str):
+        return False
+    try:
+        from sevenn.util import pretrained_name_to_path
+    except ImportError:  # not installed (require_oracle says so); judge by the name alone
+        return "/" not in model and "\\" not in model and not model.endswith(_MODEL_FILE_SUFFIXES)
+    try:
+        pretrained_name_to_path(model)
+    except ValueError:
+        return False
+    return True
+
+
+# Oracles whose `model` setting may name a file, which their packages load with torch.load(weights_only=False):
+# unpickling runs any code the file holds, so only packaged weights load unless the config trusts the file.
+TRUST_MODEL_FILE = "trust_model_file"
+_PACKAGED_MODEL: dict[str, Callable[[Any], bool]] = {"chgnet": _chgnet_packaged, "sevennet": _sevennet_packaged}
+
+
 def _chgnet(s: dict[str, Any]) -> Calculator:
     from chgnet.model import CHGNet
     from chgnet.model.dynamics import CHGNetCalculator
 
     model = s["model"]
-    # A version name ('0.3.0') loads weights shipped inside the package; anything else is a file path.
-    if model is None or (isinstance(model, str) and not model.endswith((".pth", ".tar", ".pt"))):
+    if _chgnet_packaged(model):
         net = CHGNet.load(model_name=model or "0.3.0", use_device=s["device"], verbose=False)
     else:
         net = CHGNet.from_file(str(model), verbose=False)
@@ -192,17 +220,67 @@ def get_oracle_spec(name: str) -> OracleSpec:
 
 
 def resolve_settings(name: str, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults of `name` updated with `settings`; unknown keys raise OracleError."""
+    """Defaults of `name` updated with `settings`; unknown keys raise OracleError, and so does a model file
+    that the settings do not trust (see TRUST_MODEL_FILE)."""
     spec = get_oracle_spec(name)
     settings = dict(settings or {})
-    unknown = sorted(set(settings) - set(spec.defaults))
+    allowed = set(spec.defaults) | ({TRUST_MODEL_FILE} if name in _PACKAGED_MODEL else set())
+    unknown = sorted(set(settings) - allowed)
     if unknown:
-        valid = ", ".join(sorted(spec.defaults)) or "(none)"
+        valid = ", ".join(sorted(allowed)) or "(none)"
         keys = ", ".join(map(repr, unknown))
         raise OracleError(f"unknown setting(s) {keys} for oracle {name!r}; valid: {valid}")
     resolved = {k: _copy_default(v) for k, v in spec.defaults.items()}
     resolved.update(settings)
+    _check_model_file(name, resolved)
     return resolved
+
+
+def _check_model_file(name: str, resolved: Mapping[str, Any]) -> None:
+    if name not in _PACKAGED_MODEL:
+        return
+    trusted = resolved.get(TRUST_MODEL_FILE, False)
+    if not isinstance(trusted, bool):
+        raise OracleError(f"oracle {name!r}: settings.{TRUST_MODEL_FILE} must be true or false, got {trusted!r}")
+    model = resolved.get("model")
+    if trusted or _PACKAGED_MODEL[name](model):
+        return
+    raise OracleError(
+        f"oracle {name!r}: settings.model {str(model)!r} is not a packaged model but a file, which {name} loads "
+        f"with torch.load(weights_only=False) and so can run any code it holds; only the packaged weights load "
+        f"unless the settings say {TRUST_MODEL_FILE}: true"
+    )
+
+
+def supported_elements(name: str) -> frozenset[str] | None:
+    """The elements oracle `name` can treat, or None where surfdiff cannot tell without running it (SevenNet's
+    species live in its checkpoint, GPAW's and VASP's in the installed setups and POTCARs)."""
+    get_oracle_spec(name)
+    if name == "emt":
+        from ase.calculators.emt import parameters
+
+        return frozenset(parameters)
+    if name == "chgnet":
+        from ase.data import chemical_symbols
+
+        # CHGNet embeds atoms by atomic number in a table of 94 rows (H..Pu).
+        return frozenset(chemical_symbols[1:95])
+    return None
+
+
+def check_elements(name: str, elements: Mapping[str, Iterable[str]]) -> None:
+    """Refuse, in one line, elements that oracle `name` cannot treat; `elements` maps where they come from
+    (a config key) to the elements named there."""
+    supported = supported_elements(name)
+    if supported is None:
+        return
+    for where, names in elements.items():
+        bad = sorted(set(names) - supported)
+        if bad:
+            raise OracleError(
+                f"{where}: oracle {name!r} cannot treat {', '.join(bad)}; it supports "
+                f"{', '.join(sorted(supported)) if len(supported) < 20 else 'H to Pu'}"
+            )
 
 
 def require_oracle(name: str) -> OracleSpec:
@@ -238,8 +316,9 @@ def canonical_settings(name: str, settings: Mapping[str, Any] | None = None) -> 
 
 def oracle_settings_hash(name: str, settings: Mapping[str, Any] | None = None) -> str:
     """Stable 16-hex-digit hash of (oracle, resolved settings): defaults count, key order does not."""
-    # Numbers hash by value, so ecut=350 and ecut=350.0 are the same settings.
-    payload = {"oracle": name, "settings": _numbers_as_float(canonical_settings(name, settings))}
+    # Numbers hash by value, so ecut=350 and ecut=350.0 are the same settings; trusting a file changes no energy.
+    physics = {k: v for k, v in canonical_settings(name, settings).items() if k != TRUST_MODEL_FILE}
+    payload = {"oracle": name, "settings": _numbers_as_float(physics)}
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -244,13 +246,44 @@ def run_relax_flow(
     """Run `flow` with jobflow.run_locally into a JobStore on `store`; one outcome per relaxation job.
 
     A job that raises is recorded as a failure with its error (the others go on). Each job runs in its
-    own folder under `root_dir` (default: a new temporary directory, kept; see RelaxOutcome.job_dir).
+    own folder under `root_dir`. By default that is a new temporary directory, removed once the outcomes are
+    read unless a job failed (then it is kept for the post-mortem, and its path is logged and is the failed
+    outcomes' job_dir) or SURFDIFF_KEEP_RELAX_DIRS=1; a `root_dir` the caller gives is never removed.
     Large objects (trajectories, VASP volumetric data) go to additional_stores, by default a 'data'
     store next to `store`.
     """
+    temporary = root_dir is None
     if root_dir is None:
         root_dir = tempfile.mkdtemp(prefix="surfdiff-relax-")
         logger.info("relaxation job folders in %s", root_dir)
+    try:
+        outcomes = _run_and_read(flow, store, root_dir, additional_stores, log)
+    except BaseException:
+        if temporary:
+            logger.warning("relaxation job folders kept in %s", root_dir)
+        raise
+    failed = [o for o in outcomes if not o.success]
+    if temporary and failed:
+        for o in outcomes:  # the failures' folders stay (jobflow does not say which one is whose)
+            if o.success and o.job_dir and Path(o.job_dir).resolve().is_relative_to(Path(root_dir).resolve()):
+                shutil.rmtree(o.job_dir, ignore_errors=True)
+                o.job_dir = None
+            elif not o.success:
+                o.job_dir = o.job_dir or str(root_dir)
+        logger.warning("%d of %d relaxations failed; their job folders are kept in %s", len(failed),
+                       len(outcomes), root_dir)
+    elif temporary and os.environ.get("SURFDIFF_KEEP_RELAX_DIRS", "") not in ("", "0"):
+        logger.warning("relaxation job folders kept in %s (SURFDIFF_KEEP_RELAX_DIRS)", root_dir)
+    elif temporary:
+        shutil.rmtree(root_dir, ignore_errors=True)
+        for o in outcomes:
+            o.job_dir = None  # removed with the temporary directory
+    return outcomes
+
+
+def _run_and_read(
+    flow: Flow, store: Store | None, root_dir: str | Path, additional_stores: dict[str, Store] | None, log: bool
+) -> list[RelaxOutcome]:
     docs_store = store if store is not None else MemoryStore(collection_name="surfdiff_relax")
     if additional_stores is None:
         additional_stores = {"data": _sibling_store(docs_store, "data")}

@@ -28,7 +28,7 @@ from surfdiff_core.stages.evaluate_report import (
     write_figures,
 )
 from surfdiff_core.stages.oracle_relax import relax_samples
-from surfdiff_core.stages.results import SampleResult
+from surfdiff_core.stages.results import SampleResult, TrainResult
 from surfdiff_core.store import ResultsStore, StructureDoc
 from surfdiff_core.system import SurfaceSystem
 
@@ -113,6 +113,25 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
     )
 
 
+def extras(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None, model_id: str,
+           target: SampleTarget, calculator, result: EvaluationResult) -> None:
+    from surfdiff_core.stages.evaluate_extras import guidance_effect, steps_quality
+    from surfdiff_core.stages.sample import resolve_model
+
+    ev = cfg.evaluate
+    if not (ev.guidance_samples or ev.steps_sweep):
+        return
+    rec = resolve_model(cfg, model_id=model_id)
+    model = TrainResult(study=cfg.name, run_id=result.run_id, config_hash="", model_id=rec.model_id,
+                        checkpoint=rec.checkpoint, sha256=rec.sha256, system_id=rec.system_id,
+                        energy_models=rec.energy_models)
+    if ev.guidance_samples:
+        result.guidance = guidance_effect(cfg, store, model, target, calculator, ev.guidance_samples)
+    if ev.steps_sweep:
+        result.steps_quality = steps_quality(cfg, store, model, target, calculator, sorted(ev.steps_sweep),
+                                             max(ev.guidance_samples, 8))
+
+
 def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None = None, *,
         model_id: str | None = None, targets: list[SampleTarget] | None = None, run_id: str | None = None,
         progress: bool = True) -> EvaluationResult:
@@ -140,6 +159,7 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
                                                                            for d in training_docs)})
     for t in targets:
         result.targets.append(evaluate_target(cfg, store, t, upstream, model, calculator, training_docs, progress))
+    extras(cfg, store, upstream, model, targets[0], calculator, result)
     lines = phase_lines_for(cfg, store, result, calculator)
     result.phase_diagram = phase_rows(lines, cfg.evaluate.dmu_range)
     result.figures = write_figures(cfg, result, lines)

@@ -7,6 +7,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from surfdiff_core.config import SurfdiffConfig
+from surfdiff_core.retry import attempt_meta, plan_work
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
 from surfdiff_core.store.documents import atoms_to_structure_dict, frames_from_arrays
 from surfdiff_core.system import SurfaceSystem
@@ -15,18 +16,20 @@ from surfdiff_core.system import SurfaceSystem
 def relax_samples(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem, candidates: list[StructureDoc],
                   calculator, *, tag: str, meta: dict | None = None, progress: bool = True) -> list[StructureDoc]:
     """Each candidate relaxed with the oracle exactly as RSS relaxes (rss.fmax, rss.steps, rss.optimizer),
-    into `relaxed` documents with frames (resumable: ids from the candidate, `tag` and the settings)."""
+    into `relaxed` documents with frames (resumable: ids from the candidate, `tag` and the settings; a stored
+    failure is retried up to rss.max_attempts times)."""
     from surfdiff_core.relax.ase_relax import relax_atoms
 
     r = cfg.rss
     ids = [make_doc_id("relaxed", c.doc_id, tag, cfg.oracle.energy_model, r.fmax, r.steps, r.optimizer)
            for c in candidates]
-    have = store.existing_ids(ids)
+    work = plan_work(store, ids, r.max_attempts)
     label = f"{tag}: relax {system.composition} {system.cell}"
     for cand, doc_id in tqdm(list(zip(candidates, ids, strict=True)), desc=label,
                              disable=not progress, unit="struct", dynamic_ncols=True):
-        if doc_id in have:
+        if doc_id in work.finished:
             continue
+        prior = work.retry.get(doc_id)
         base = cand.model_dump(include={"composition", "formula", "system_id", "element", "facet", "cell",
                                         "n_substrate", "movable", "fixed", "z_box", "model_id", "seed"})
         info = {**(meta or {}), "purpose": tag, "mlff_energy": cand.energy, "relaxer": r.optimizer}
@@ -34,11 +37,13 @@ def relax_samples(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSyste
             res = relax_atoms(cand.to_atoms(), calculator, fmax=r.fmax, steps=r.steps, optimizer=r.optimizer,
                               trajectory_every=r.trajectory_every, fixed=cand.fixed)
         except Exception as exc:  # noqa: BLE001 - a failed relaxation still cost one, and is recorded
+            error = f"{type(exc).__name__}: {exc}"[:500]
             store.put(StructureDoc(doc_id=doc_id, source="relaxed", study=cfg.name,
                                    energy_model=cfg.oracle.energy_model, structure=cand.structure, valid=False,
-                                   error=str(exc)[:500], oracle=cfg.oracle.name, parent_id=cand.doc_id, meta=info,
-                                   **base))
+                                   error=error, oracle=cfg.oracle.name, parent_id=cand.doc_id,
+                                   meta={**info, **attempt_meta(prior, error)}, **base))
             continue
+        info.update(attempt_meta(prior, None))
         in_box = bool(np.all(system.inside_box(res.atoms, tol=0.05)))
         traj = res.trajectory
         store.put(StructureDoc(

@@ -4,7 +4,8 @@ oracle or DFT through jobflow.
 Candidates are already MLFF-relaxed by the sampler; here they go through atomate2 makers (EMT, CHGNet,
 SevenNet, GPAW locally; VASP under custodian on HPC) with the bottom substrate layers fixed via selective
 dynamics. Results are `relaxed` (oracle) or `dft` (GPAW/VASP) documents whose parent is the generated one;
-failed jobs are recorded with their error. Ids are deterministic, so a rerun skips finished relaxations.
+failed jobs are recorded with their error. Ids are deterministic, so a rerun skips finished relaxations and
+retries failed ones up to relax.max_attempts times (see surfdiff_core.retry).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from concurrent.futures import Executor, as_completed
 import numpy as np
 
 from surfdiff_core.config import RelaxConfig, SurfdiffConfig
+from surfdiff_core.retry import attempt_meta, plan_work
 from surfdiff_core.stages.common import jobs_store_for, new_run_id, sample_targets, target_system
 from surfdiff_core.stages.results import RelaxResult, SampleResult
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
@@ -91,9 +93,10 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
                           method=rcfg.method, energy_model=rcfg.energy_model, candidates=len(candidates),
                           candidate_ids=[d.doc_id for d in candidates])
     ids = {d.doc_id: relaxed_doc_id(d, rcfg) for d in candidates}
-    done = store.existing_ids(ids.values())
-    todo = [d for d in candidates if ids[d.doc_id] not in done]
+    work = plan_work(store, ids.values(), rcfg.max_attempts)
+    todo = [d for d in candidates if ids[d.doc_id] not in work.finished]
     summary.skipped = len(candidates) - len(todo)
+    summary.retried, summary.given_up = len(work.retry), len(work.given_up)
     summary.doc_ids = list(ids.values())
     if todo:
         settings = {"fmax": rcfg.fmax, "steps": rcfg.steps, **rcfg.settings}
@@ -112,6 +115,7 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
         for out in outcomes:
             parent = by_parent[out.metadata["parent_id"]]
             doc = _relaxed_doc(parent, out, rcfg, ids[parent.doc_id], run_id, cfg.name)
+            doc.meta.update(attempt_meta(work.retry.get(doc.doc_id), doc.error))
             store.put(doc)
             if doc.error:
                 summary.failed += 1

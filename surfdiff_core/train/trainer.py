@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -41,6 +42,7 @@ from surfdiff_core.train.data import (
 )
 
 CHECKPOINT_FORMAT = "surfdiff-checkpoint-1"
+logger = logging.getLogger(__name__)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -192,15 +194,25 @@ def train(
     history: list[dict[str, float]] = []
     start_epoch, best_val, bad_epochs = 0, math.inf, 0
 
-    if last_path.exists():  # resume
-        ck = torch.load(last_path, map_location=device, weights_only=True)
-        model.load_state_dict(ck["raw_state_dict"])
-        ema.shadow.load_state_dict(ck["state_dict"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        start_epoch, best_val, bad_epochs = ck["epoch"], ck["best_val"], ck["bad_epochs"]
-        history = ck["history"]
-        rng = np.random.default_rng([tcfg.seed, start_epoch])
+    if last_path.exists():  # resume, unless the checkpoint cannot be read (truncated by a full disk, a copy)
+        fresh = [copy.deepcopy(x.state_dict()) for x in (model, ema.shadow, opt, sched)]
+        try:
+            ck = torch.load(last_path, map_location=device, weights_only=True)
+            model.load_state_dict(ck["raw_state_dict"])
+            ema.shadow.load_state_dict(ck["state_dict"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            start_epoch, best_val, bad_epochs = int(ck["epoch"]), float(ck["best_val"]), int(ck["bad_epochs"])
+            history = list(ck["history"])
+            rng = np.random.default_rng([tcfg.seed, start_epoch])
+        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint: keep it aside, start over
+            for target, state in zip((model, ema.shadow, opt, sched), fresh, strict=True):
+                target.load_state_dict(state)  # undo what a half-applied checkpoint changed
+            start_epoch, best_val, bad_epochs, history = 0, math.inf, 0, []
+            aside = last_path.with_name(f"{last_path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(last_path, aside)
+            logger.warning("train: the checkpoint %s cannot be read (%s); moved it to %s and training starts over",
+                           last_path, type(exc).__name__, aside.name)
 
     gen = torch.Generator(device=device).manual_seed(tcfg.seed + start_epoch)
     provenance = {"system_id": scope.system_id, "study": scope.study,
