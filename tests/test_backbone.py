@@ -67,13 +67,14 @@ def test_two_studies_share_an_embedded_store_without_mixing(prefect_harness, tmp
 def test_two_studies_share_a_mongo_store_without_mixing(prefect_harness, tmp_path, monkeypatch):
     import maggma.stores.mongolike as mongolike
     import mongomock_ng
-    from mongomock_ng.store import ServerStore
 
     from flows.discovery import discovery_flow
 
-    # The production backend (maggma MongoStore from SURFDIFF_MONGO_URI) over one in-process mongomock server.
-    server = ServerStore()
-    monkeypatch.setattr(mongolike, "MongoClient", lambda *a, **k: mongomock_ng.MongoClient(_store=server))
+    # The production backend (maggma MongoStore from SURFDIFF_MONGO_URI) over one in-process mongomock server,
+    # which, unlike a real server, would forget everything when its client is closed.
+    server = mongomock_ng.MongoClient()
+    monkeypatch.setattr(server, "close", lambda: None)
+    monkeypatch.setattr(mongolike, "MongoClient", lambda *a, **k: server)
     monkeypatch.setenv("SURFDIFF_MONGO_URI", "mongodb://surfdiff-test.invalid:27017")
     store = tmp_path / "unused"
     cfg_a = load_config(_study(tmp_path, "study-a", "Ag1O1, Ag2O1", store, backend="mongo"))
