@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
-    ap.add_argument("--eager", action="store_true", help="disable the fused CPU kernels")
+    ap.add_argument("--eager", action="store_true", help="eager PyTorch instead of the compiled message op")
     ap.add_argument("--min-time", type=float, default=2.0, help="seconds of timing per measurement")
     ap.add_argument("--max-reps", type=int, default=20)
     args = ap.parse_args(argv)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     model.use_fused_kernels = not args.eager
     fused = device.type == "cpu" and not args.eager and fused_kernels_available()
     print(f"surfdiff bench_model: torch {torch.__version__}, python {platform.python_version()}, {platform.machine()}")
-    print(f"device={device} threads={torch.get_num_threads()} path={'fused CPU kernels' if fused else 'eager'}")
+    print(f"device={device} threads={torch.get_num_threads()} path={'compiled message op' if fused else 'eager'}")
     print(f"spec: {spec.to_dict()}")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params}")

@@ -14,7 +14,9 @@ import torch
 
 from surfdiff_core.config import StoreConfig, config_from_dict
 from surfdiff_core.rss import run_rss
+from surfdiff_core.stages.common import training_system
 from surfdiff_core.store import open_store
+from surfdiff_core.train.data import DataScope
 from surfdiff_core.train.trainer import train
 
 
@@ -37,9 +39,10 @@ def main() -> None:
     print(f"machine: {platform.machine()} {platform.system()}, device {args.device}, torch threads {args.threads}")
     with tempfile.TemporaryDirectory() as d, open_store(StoreConfig(backend="memory")) as store:
         run_rss(cfg, store, progress=False)
+        scope = DataScope(study=cfg.name, system_id=training_system(cfg).system_id, energy_models=("emt",))
         for repeat in (1, 2):
             tcfg = cfg.train.model_copy(update={"repeat": repeat})
-            res = train(store, cfg.model, tcfg, system_id=None, checkpoint_dir=f"{d}/r{repeat}", progress=False)
+            res = train(store, cfg.model, tcfg, scope=scope, checkpoint_dir=f"{d}/r{repeat}", progress=False)
             print(f"repeat {repeat} ({'with' if repeat > 1 else 'without'} {repeat}x{repeat} tiles): "
                   f"{res.samples_per_second:.1f} training structures/s ({res.n_train} structures, "
                   f"{res.epochs} epochs, {res.wall_time:.1f} s)")

@@ -18,6 +18,8 @@ nothing behind, even on failure. A hard kill of `serve` leaves nothing either: t
 signal, a small guard process kills whatever is left (flow runs included), and the next `serve` of the same
 Prefect home cleans up after an earlier one it finds in PREFECT_HOME/serve.pids.
 Tests use `start_serve()` / `ServeHandles.stop()` directly.
+Process handling (ports, process trees, pid file, guard) is in deploy/processes.py, the API password in
+deploy/auth.py.
 Analytics are off and no Prefect Cloud settings reach the children; secrets stay in the environment.
 """
 
@@ -25,33 +27,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import json
 import os
-import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import yaml
 
+from deploy.auth import AUTH_ENV, AUTH_FILE, resolve_auth
+from deploy.processes import HOST, PIDS_FILE, Child, clean_stale, port_free, spawn, spawn_guard, write_pids
 from surfdiff_core.errors import ConfigError, SurfdiffError
 
 DEFAULT_PORT = 4200
 DEFAULT_POOL = "surfdiff-local"
-HOST = "127.0.0.1"  # never anything wider: loopback plus a password, reach it from elsewhere through SSH
 PREFECT_FILE = Path("deploy") / "prefect.yaml"
-AUTH_ENV = "SURFDIFF_PREFECT_AUTH"  # the API password ('user:password'); wins over the generated file
-AUTH_FILE = "api-auth"  # under PREFECT_HOME, mode 0600
-PIDS_FILE = "serve.pids"  # under PREFECT_HOME: the running serve, its guard and children (pid + start time)
 # Settings that could point the children at another server, profile or Prefect Cloud account.
 _FOREIGN_SETTINGS = (
     "PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH",
@@ -99,22 +94,6 @@ def prefect_env(home: Path, port: int, *, poll_seconds: float = 5.0, base: dict[
     return env
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 def _prefect_cmd(*args: str) -> list[str]:
     # The interpreter running surfdiff, so server, deploy and worker use this same environment.
     return [sys.executable, "-m", "prefect", *args]
@@ -125,253 +104,6 @@ def _tail(path: Path, n: int = 25) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
     except OSError:
         return ""
-
-
-def _descendants(pid: int) -> list[int]:
-    """All processes below `pid`: flow runs start in sessions of their own, out of reach of killpg."""
-    try:
-        import psutil
-
-        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
-    except Exception:  # noqa: BLE001 - psutil missing or the process gone: fall back to /proc
-        pass
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").glob("[0-9]*"):
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _signal(pids: list[int], sig: int, group_of: int | None = None) -> None:
-    if group_of is not None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(group_of, sig)
-    for p in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(p, sig)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child still answers kill(0); reap it if it is ours.
-    with contextlib.suppress(ChildProcessError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-# ---- the API password ----------------------------------------------------------------------------------
-def resolve_auth(home: Path) -> str:
-    """The API password: $SURFDIFF_PREFECT_AUTH, else PREFECT_HOME/api-auth (generated on first start, 0600)."""
-    if given := os.environ.get(AUTH_ENV, "").strip():
-        return given
-    path = home / AUTH_FILE
-    home.mkdir(parents=True, exist_ok=True)
-    try:
-        # O_EXCL: never follow or reuse a file someone else planted; 0600 from the first byte.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return _read_auth_file(path)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(f"surfdiff:{secrets.token_urlsafe(32)}\n")
-    return _read_auth_file(path)
-
-
-def _read_auth_file(path: Path) -> str:
-    st = path.lstat()
-    if not path.is_file() or path.is_symlink() or st.st_uid != os.getuid():
-        raise ConfigError(f"{path} must be a regular file owned by you: remove it (a new one is generated)")
-    if st.st_mode & 0o077:
-        path.chmod(0o600)  # readable by others: the password is not secret any more, but tighten it at least
-    secret = path.read_text().strip()
-    if not secret:
-        raise ConfigError(f"{path} is empty: remove it (a new one is generated) or set {AUTH_ENV}")
-    return secret
-
-
-# ---- children tied to this process --------------------------------------------------------------------------
-_PR_SET_PDEATHSIG = 1
-
-
-def _pdeathsig_setter() -> Callable[[], None] | None:
-    """A preexec_fn: the child gets SIGTERM when this process dies, even by SIGKILL (Linux only)."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork: no dlsym in the child
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
-def _start_time(pid: int) -> int | None:
-    """Start time of `pid` in clock ticks since boot: with the pid, it names one process (pids get reused)."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _same_process(entry: dict[str, Any]) -> bool:
-    return entry.get("start") is not None and _start_time(int(entry["pid"])) == entry["start"] \
-        and _alive(int(entry["pid"]))
-
-
-def _write_pids(home: Path, entries: dict[str, int]) -> None:
-    """PREFECT_HOME/serve.pids: what a later serve (or the guard) may kill, each pid with its start time."""
-    data = {name: {"pid": pid, "start": _start_time(pid)} for name, pid in entries.items()}
-    tmp = home / f".{PIDS_FILE}.tmp"
-    tmp.write_text(json.dumps(data))
-    tmp.replace(home / PIDS_FILE)
-
-
-def _read_pids(home: Path) -> dict[str, dict[str, Any]]:
-    try:
-        data = json.loads((home / PIDS_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _kill_trees(roots: list[int], extra: set[int] | None = None, grace: float = 3.0) -> int:
-    """SIGTERM `roots`, their process groups and descendants (plus `extra`), SIGKILL what is left after `grace`."""
-    tree = set(extra or ()) | set(roots)
-    for pid in roots:
-        tree |= set(_descendants(pid))
-    for pid in roots:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if os.getpgid(pid) == pid:  # leaders of their own group (start_new_session): the whole group
-                os.killpg(pid, signal.SIGTERM)
-    _signal(sorted(tree), signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in tree):
-        time.sleep(0.1)
-    left = [p for p in tree if _alive(p)]
-    _signal(left, signal.SIGKILL)
-    return len(tree)
-
-
-def clean_stale(home: Path, log: Callable[[str], None] = print) -> int:
-    """Stop what an earlier, hard-killed serve of this Prefect home left running; refuse if it still runs."""
-    entries = _read_pids(home)
-    if not entries:
-        return 0
-    serve = entries.get("serve")
-    if serve and serve.get("pid") != os.getpid() and _same_process(serve):
-        raise ConfigError(f"another surfdiff serve (pid {serve['pid']}) uses {home}: stop it, or pass "
-                          "--prefect-home")
-    stale = [int(e["pid"]) for name, e in entries.items() if name != "serve" and _same_process(e)]
-    killed = _kill_trees(stale) if stale else 0
-    (home / PIDS_FILE).unlink(missing_ok=True)
-    if killed:
-        log(f"stopped {killed} processes left behind by an earlier surfdiff serve of {home}")
-    return killed
-
-
-def _spawn_guard(home: Path, root: Path, logdir: Path) -> subprocess.Popen:
-    """The guard: a tiny process that outlives a hard-killed serve just long enough to stop its children."""
-    log = (logdir / "guard.log").open("ab")
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-c", "import sys; from deploy.serve import guard_main; guard_main(*sys.argv[1:])",
-             str(os.getpid()), str(home)],
-            cwd=root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,  # a kill of serve's group must not take the guard with it
-            preexec_fn=_pdeathsig_setter())
-    finally:
-        log.close()
-
-
-class _Stop(Exception):
-    pass
-
-
-def guard_main(parent: str, home: str) -> None:
-    """Body of the guard: wait for serve to die, then kill the children listed in serve.pids and every
-    descendant seen while they ran (flow runs leave the worker's process tree when the worker dies first)."""
-    parent_pid, home_path = int(parent), Path(home)
-
-    def _on_term(_signum: int, _frame: object) -> None:
-        raise _Stop
-
-    signal.signal(signal.SIGTERM, _on_term)  # the parent-death signal, or serve stopping us on a clean exit
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    seen: dict[int, int | None] = {}
-    try:
-        while os.getppid() == parent_pid:
-            for name, e in _read_pids(home_path).items():
-                if name not in ("serve", "guard") and _same_process(e):
-                    for pid in [int(e["pid"]), *_descendants(int(e["pid"]))]:
-                        seen.setdefault(pid, _start_time(pid))
-            time.sleep(1.0)
-    except _Stop:
-        pass
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    entries = _read_pids(home_path)  # gone after a clean stop: nothing to do
-    serve = entries.get("serve")
-    if not entries or (serve and _same_process(serve)):
-        return
-    roots = [int(e["pid"]) for name, e in entries.items() if name not in ("serve", "guard") and _same_process(e)]
-    extra = {pid for pid, start in seen.items() if start is not None and _start_time(pid) == start}
-    _kill_trees(roots, extra)
-    (home_path / PIDS_FILE).unlink(missing_ok=True)
-
-
-@dataclass
-class _Child:
-    name: str
-    proc: subprocess.Popen
-    log: Path
-    _fh: IO[Any]
-
-    def stop(self, timeout: float) -> None:
-        """SIGTERM to the group and every descendant, SIGKILL to whatever is left after `timeout`."""
-        pid = self.proc.pid
-        tree = _descendants(pid)
-        _signal(tree, signal.SIGTERM, group_of=pid)
-        deadline = time.monotonic() + timeout
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=max(timeout, 0.1))
-        tree = sorted(set(tree) | set(_descendants(pid)))
-        while time.monotonic() < deadline and any(_alive(p) for p in tree):
-            time.sleep(0.2)
-        _signal(tree, signal.SIGKILL, group_of=pid)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
-        self._fh.close()
-
-
-def _spawn(name: str, cmd: list[str], env: dict[str, str], cwd: Path, logdir: Path) -> _Child:
-    log = logdir / f"{name}.log"
-    fh = log.open("ab")
-    # A new session: Ctrl-C in the terminal reaches only `surfdiff serve`, which then stops the children in
-    # order (worker before server), and killpg reaches everything the child starts in its group.
-    # The parent-death signal stops the child even when `surfdiff serve` is killed with SIGKILL.
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                            start_new_session=True, preexec_fn=_pdeathsig_setter())
-    return _Child(name, proc, log, fh)
 
 
 @dataclass
@@ -386,8 +118,8 @@ class ServeHandles:
     env: dict[str, str] = field(repr=False)  # holds the caller's secrets (e.g. SURFDIFF_MONGO_URI): never print it
     auth: str = field(repr=False, default="")  # the API password ('user:password')
     deployments: list[str] = field(default_factory=list)
-    server: _Child | None = None
-    worker: _Child | None = None
+    server: Child | None = None
+    worker: Child | None = None
     guard: subprocess.Popen | None = field(default=None, repr=False)
 
     def client(self) -> Any:
@@ -400,7 +132,7 @@ class ServeHandles:
         if self.guard is not None:
             entries["guard"] = self.guard.pid
         entries |= {c.name: c.proc.pid for c in (self.server, self.worker) if c is not None}
-        _write_pids(self.home, entries)
+        write_pids(self.home, entries)
 
     @property
     def processes(self) -> list[subprocess.Popen]:
@@ -564,7 +296,7 @@ def start_serve(*, port: int = DEFAULT_PORT, pool: str = DEFAULT_POOL, prefect_h
         raise ConfigError("--pool must not be empty")
     home = resolve_home(prefect_home, root)
     clean_stale(home, log)  # an earlier serve killed hard may still hold the port
-    if not _port_free(port):
+    if not port_free(port):
         raise ConfigError(f"port {port} on {HOST} is in use (another Prefect server?): pass --port")
     (home / "logs").mkdir(parents=True, exist_ok=True)
     auth = resolve_auth(home)
@@ -574,10 +306,10 @@ def start_serve(*, port: int = DEFAULT_PORT, pool: str = DEFAULT_POOL, prefect_h
     url = f"http://{HOST}:{port}"
     h = ServeHandles(url=url, api_url=f"{url}/api", home=home, pool=pool, root=root, env=env, auth=auth)
     try:
-        h.guard = _spawn_guard(home, root, home / "logs")
+        h.guard = spawn_guard(home, root, home / "logs")
         h.record_pids()
         log(f"starting the Prefect server on {url} (PREFECT_HOME={home}) ...")
-        h.server = _spawn("server", _prefect_cmd("server", "start", "--host", HOST, "--port", str(port),
+        h.server = spawn("server", _prefect_cmd("server", "start", "--host", HOST, "--port", str(port),
                                                   "--analytics-off"),
                           {**env, "PREFECT_SERVER_API_AUTH_STRING": auth}, root, home / "logs")
         h.record_pids()
@@ -589,7 +321,7 @@ def start_serve(*, port: int = DEFAULT_PORT, pool: str = DEFAULT_POOL, prefect_h
             h.deployments = deploy(h)
             log("deployments: " + ", ".join(h.deployments))
         if worker:
-            h.worker = _spawn("worker", _prefect_cmd("worker", "start", "--pool", pool, "--type", "process"),
+            h.worker = spawn("worker", _prefect_cmd("worker", "start", "--pool", pool, "--type", "process"),
                               env, root, home / "logs")
             h.record_pids()
             time.sleep(1.0)

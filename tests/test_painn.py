@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from ase.optimize import BFGS
 
 from surfdiff_core.geometry.batch import SlabBatch, collate
 from surfdiff_core.geometry.neighbors import neighbor_list, pair_vectors
+from surfdiff_core.ml import message_op
 from surfdiff_core.ml.calculator import MLFFCalculator
 from surfdiff_core.ml.models import ModelSpec, SurfaceModel
 from surfdiff_core.ml.painn import PaiNN, fused_kernels_available
@@ -21,9 +23,9 @@ PATHS = ["fused", "eager"]
 
 
 def _model(shared: bool = True, path: str = "auto", seed: int = 0) -> SurfaceModel:
-    """path: "fused" (skip without a C compiler), "eager", or "auto" (fused when available)."""
+    """path: "fused" (the compiled message op; skipped when not built), "eager", or "auto"."""
     if path == "fused" and not fused_kernels_available():
-        pytest.skip("no C compiler for the fused kernels")
+        pytest.skip("compiled message op not built")
     torch.manual_seed(seed)
     spec = ModelSpec.from_dict({**SPEC.to_dict(), "shared": shared})
     model = SurfaceModel(spec).double()
@@ -203,13 +205,145 @@ def test_full_and_half_pair_lists_agree() -> None:
 
 
 def test_training_forces_backpropagate() -> None:
-    model = _model()  # training_forces must switch to the eager path itself
+    model = _model()
     batch = _two_slabs()
     out = model(batch, None, score=False, energy=True, forces=True, training_forces=True)
     assert out.forces is not None and out.forces.requires_grad
     loss = out.forces.square().mean()
     grads = torch.autograd.grad(loss, [p for p in model.representation.parameters()], allow_unused=True)
     assert any(g is not None and float(g.abs().max()) > 0 for g in grads)
+
+
+def test_force_training_gradients_agree_between_op_and_eager() -> None:
+    """Second order through the whole model: d(force loss)/d(parameters) on both paths."""
+    batch = _two_slabs()
+    results = []
+    for path in ("fused", "eager"):
+        model = _model(path=path)
+        out = model(batch, 0.4, score=True, energy=True, forces=True, training_forces=True)
+        loss = out.forces.square().sum() + out.energy.square().sum() + out.eps.square().sum()
+        results.append((out.forces, torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)))
+    (f1, g1), (f2, g2) = results
+    torch.testing.assert_close(f1, f2)
+    for a, b in zip(g1, g2, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
+# -- the compiled message operator on its own -----------------------------------------------------------------
+
+
+def _op_inputs(with_v: bool, n: int = 5, nf: int = 2, n_k: int = 3, n_pairs: int = 7, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    pair_a = torch.randint(0, n, (n_pairs,), generator=gen)
+    pair_b = torch.randint(0, n, (n_pairs,), generator=gen)
+    v = rand(n, 3, nf) if with_v else None
+    return rand(n_pairs, n_k), rand(n_k, 3 * nf), rand(n_pairs, 3), rand(n, 3 * nf), v, pair_a, pair_b
+
+
+def _eager_messages(phi, weight, direction, x, v, pair_a, pair_b):
+    """Reference: both directions of every pair with materialised filters."""
+    n, nf = x.shape[0], x.shape[1] // 3
+    recv, send = torch.cat([pair_a, pair_b]), torch.cat([pair_b, pair_a])
+    w_s, w_r, w_v = (torch.cat([phi, phi]) @ weight).split(nf, dim=1)
+    x_s, x_r, x_v = x[send].split(nf, dim=1)
+    m_vec = (w_r * x_r)[:, None, :] * torch.cat([direction, -direction])[:, :, None]
+    if v is not None:
+        m_vec = m_vec + (w_v * x_v)[:, None, :] * v[send]
+    ds = x.new_zeros(n, nf).index_add(0, recv, w_s * x_s)
+    return ds, x.new_zeros(n, 3, nf).index_add(0, recv, m_vec)
+
+
+needs_op = pytest.mark.skipif(not fused_kernels_available(), reason="compiled message op not built")
+
+
+@needs_op
+@pytest.mark.parametrize("with_v", [True, False])
+@pytest.mark.parametrize("n_pairs", [30, 500])
+def test_op_matches_eager_reference(with_v: bool, n_pairs: int) -> None:
+    """500 pairs on 3 threads: several chunks with overlapping atom windows, reduced without atomics."""
+    inputs = _op_inputs(with_v, n=40, nf=5, n_k=4, n_pairs=n_pairs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        out = message_op.painn_messages(*inputs)
+    finally:
+        torch.set_num_threads(threads)
+    ref = _eager_messages(*inputs)
+    for a, b in zip(out, ref, strict=True):
+        torch.testing.assert_close(a, b)
+    cotangents = [torch.randn_like(t) for t in ref]
+    wrt = [t for t in inputs[:5] if t is not None]
+    grads = torch.autograd.grad(out, wrt, cotangents)
+    grads_ref = torch.autograd.grad(ref, wrt, cotangents)
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@needs_op
+@pytest.mark.parametrize("with_v", [True, False])
+def test_op_first_and_second_derivatives(with_v: bool) -> None:
+    phi, weight, direction, x, v, pair_a, pair_b = _op_inputs(with_v)
+
+    def messages(*args: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return message_op.painn_messages(*args, pair_a, pair_b)
+
+    args = (phi, weight, direction, x, v)
+    assert torch.autograd.gradcheck(messages, args)
+    assert torch.autograd.gradgradcheck(messages, args)
+
+
+@needs_op
+def test_op_opcheck_and_compile() -> None:
+    inputs = _op_inputs(True)
+    result = torch.library.opcheck(torch.ops.surfdiff.painn_messages.default, inputs)
+    assert all(v == "SUCCESS" for v in result.values()), result
+    compiled = torch.compile(message_op.painn_messages, backend="aot_eager", fullgraph=True)
+    for a, b in zip(compiled(*inputs), message_op.painn_messages(*inputs), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@needs_op
+def test_op_rejects_bad_inputs() -> None:
+    phi, weight, direction, x, v, pair_a, pair_b = (None if t is None else t.detach() for t in _op_inputs(True))
+    op = torch.ops.surfdiff.painn_messages
+    cases = [
+        ((phi.half(), weight.half(), direction.half(), x.half(), None), "float32 or float64"),
+        ((phi.float(), weight, direction, x, v), "phi has dtype Float"),
+        ((phi, weight, direction, x.t().contiguous().t(), v), "x must be contiguous"),
+        ((phi, weight, direction.to("meta"), x, v), "several devices"),
+        ((phi, weight[:, :3].contiguous(), direction, x, v), r"weight must be \[K, 3F\]"),
+        ((phi, weight, direction, x, v[:, :2].contiguous()), r"v must be \[N, 3, F\]"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            op(*args, pair_a, pair_b)
+    with pytest.raises(RuntimeError, match="int64"):
+        op(phi, weight, direction, x, v, pair_a.int(), pair_b)
+    with pytest.raises(RuntimeError, match="outside"):
+        op(phi, weight, direction, x, v, pair_a + x.shape[0], pair_b)
+
+
+def test_fallback_warns_once_and_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(path="auto")
+    batch = _two_slabs()
+    with torch.no_grad():
+        expected = model(batch, 0.4).eps
+    monkeypatch.setenv("SURFDIFF_NO_KERNELS", "1")
+    monkeypatch.setattr(message_op, "_WARNED", False)
+    assert not fused_kernels_available()
+    with pytest.warns(RuntimeWarning, match="SURFDIFF_NO_KERNELS"), torch.no_grad():
+        eps = model(batch, 0.4).eps
+    torch.testing.assert_close(eps, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second fallback is silent
+        with torch.no_grad():
+            model(batch, 0.4)
 
 
 def test_spec_round_trip_and_unknown_elements() -> None:

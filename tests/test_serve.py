@@ -48,7 +48,8 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(workdir):
-    from deploy.serve import free_port, start_serve
+    from deploy.processes import free_port
+    from deploy.serve import start_serve
 
     handles = start_serve(
         port=free_port(), prefect_home=workdir / "prefect", poll_seconds=2, health_timeout=240,
@@ -88,7 +89,7 @@ def _api_status(url: str, auth: str | None, method: str = "POST") -> int:
 
 
 def test_api_password_is_generated_once_0600_and_the_environment_wins(tmp_path, monkeypatch):
-    from deploy.serve import AUTH_ENV, resolve_auth
+    from deploy.auth import AUTH_ENV, resolve_auth
 
     monkeypatch.delenv(AUTH_ENV, raising=False)
     first = resolve_auth(tmp_path)
@@ -101,7 +102,7 @@ def test_api_password_is_generated_once_0600_and_the_environment_wins(tmp_path, 
 
 def test_stale_children_of_an_earlier_serve_are_stopped(tmp_path):
     """serve.pids of a hard-killed serve: its children are stopped, a reused pid (other start time) is not."""
-    from deploy.serve import PIDS_FILE, _alive, _start_time, clean_stale
+    from deploy.processes import PIDS_FILE, _alive, _start_time, clean_stale
     from surfdiff_core.errors import ConfigError
 
     stale = subprocess.Popen(["sleep", "60"], start_new_session=True)
@@ -185,7 +186,7 @@ def test_deployments_registered(stack):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_api_refuses_requests_without_the_password(stack):
-    from deploy.serve import AUTH_FILE
+    from deploy.auth import AUTH_FILE
 
     url = f"{stack.api_url}/deployments/filter"
     assert _api_status(url, None) == 401
@@ -216,7 +217,8 @@ def _reader(stream) -> list[str]:
 def test_serve_killed_hard_leaves_nothing_running(tmp_path):
     """SIGKILL of `surfdiff serve`: server, worker and guard are gone within seconds, the port is free, and
     the next serve on the same Prefect home starts."""
-    from deploy.serve import PIDS_FILE, _alive, _port_free, free_port
+    from deploy.processes import PIDS_FILE, _alive, free_port
+    from deploy.processes import port_free as _port_free
 
     port, home = free_port(), tmp_path / "prefect"
     cmd = [sys.executable, "-m", "flows.cli", "serve", "--port", str(port), "--prefect-home", str(home)]

@@ -207,7 +207,7 @@ class SurfaceModel(nn.Module):
         Returns DenoiserOutput with eps [N, 3] (zeros when score=False; zero on masked atoms),
         energy [B] (when energy or forces) and forces [N, 3] = -dE/dR on *all* atoms (the MLFF loss
         wants them; `denoise` masks them). training_forces=True builds the graph of the forces
-        (create_graph) so a force loss can be backpropagated; it uses the eager PaiNN path.
+        (create_graph) so a force loss can be backpropagated.
         Outputs keep their autograd graph when grad mode is on; in no-grad mode they are detached
         (forces are still computed: this method turns grad on internally for them).
         """
@@ -221,8 +221,8 @@ class SurfaceModel(nn.Module):
             pos = pos.detach().requires_grad_(True)
         nl = neighbor_list(batch, self.spec.cutoff, half=True)
         n_atoms = batch.n_atoms
-        # fused CPU kernels support first-order autograd only: force training needs the eager path
-        kw: dict[str, Any] = {"half_list": True, "param_grads": grad_mode, "fused": False if training_forces else None}
+        # the compiled message op differentiates to any order, so force training uses it too
+        kw: dict[str, Any] = {"half_list": True, "param_grads": grad_mode}
 
         eps = energies = force = None
         with torch.set_grad_enabled(grad_mode or forces):
@@ -302,7 +302,7 @@ class SurfaceModel(nn.Module):
 
     @property
     def use_fused_kernels(self) -> bool:
-        """Whether the PaiNN(s) may use the fused CPU kernels (eager PyTorch otherwise)."""
+        """Whether the PaiNN(s) may use the compiled message op on CPU (eager PyTorch otherwise)."""
         return all(m.fused for m in self.modules() if isinstance(m, PaiNN))
 
     @use_fused_kernels.setter
