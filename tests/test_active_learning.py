@@ -15,8 +15,7 @@ from tests.conftest import TINY_CONFIG
 def study(tmp_path):
     path = tmp_path / "al.yaml"
     path.write_text(TINY_CONFIG.replace("STORE", str(tmp_path / "store"))
-                    + "active_learning: {rounds: 2, relax_per_round: 2, epochs: 2}\n"
-                    + "evaluate: {budget: 2, rss_budget: 3}\n")
+                    + "active_learning: {rounds: 2, relax_per_round: 2, epochs: 2}\n")
     cfg = load_config(path)
     store = open_study_store(cfg).connect()
     first = train.run(cfg, store, rss.run(cfg, store, progress=False), progress=False)
