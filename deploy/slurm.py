@@ -257,6 +257,31 @@ def submit_stage_job(kind: JobKind, config: str, settings: SlurmSettings, args: 
     return executor.submit(run_surfdiff, [kind, str(Path(config).resolve()), "--device", device, *args])
 
 
+def stage_in_job(kind: JobKind, cfg_json: dict[str, Any], call: str, args: tuple, kwargs: dict) -> Any:
+    """Inside a train/sample job: open the study's store (shared filesystem or MongoDB) and run the stage."""
+    from surfdiff_core.config import SurfdiffConfig
+    from surfdiff_core.stages import sample, train
+    from surfdiff_core.stages.common import open_study_store
+
+    cfg = SurfdiffConfig.model_validate(cfg_json)
+    functions = {"train": train.run, "sample": sample.sample_one}
+    with open_study_store(cfg) as store:
+        return functions[call](cfg, store, *args, **kwargs)
+
+
+def run_stage_as_job(kind: JobKind, settings_path: str | Path | None, cfg: Any, call: str, *args: Any,
+                     **kwargs: Any) -> Any:
+    """Training or sampling of one target as one Slurm job with the settings' GRES (`--device cuda` there,
+    CPUs only where gres is None); waits for it and returns the stage's result."""
+    from deploy.hpc import load_settings
+
+    settings = load_settings(settings_path)
+    kwargs["device"] = "cuda" if settings.gres else "cpu"
+    job = _submitit_executor(settings, kind).submit(stage_in_job, kind, cfg.model_dump(mode="json"), call, args,
+                                                    {**kwargs, "progress": False})
+    return job.result()
+
+
 @contextlib.contextmanager
 def executor_for(name: str, kind: JobKind, settings_path: str | Path | None = None) -> Iterator[Executor | None]:
     """The executor a flow or command names: None for "local" (the stage's own default), a SlurmExecutor

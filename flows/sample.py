@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from prefect import flow, task
 
 from flows.common import flow_run_id, publish_results, resolve_study, show_progress
@@ -14,7 +16,11 @@ from surfdiff_core.store.models import ModelRecord
 
 @task(retries=1, retry_delay_seconds=5)
 def sample_task(cfg: SurfdiffConfig, target: SampleTarget, model: ModelRecord, scfg: SampleConfig,
-                run_id: str) -> TargetSamples:
+                run_id: str, executor: str = "local", hpc_settings: str | None = None) -> TargetSamples:
+    if executor == "slurm":  # one GPU job per target (the settings' GRES) on the cluster
+        from deploy.slurm import run_stage_as_job
+
+        return run_stage_as_job("sample", hpc_settings, cfg, "sample", target, model, scfg=scfg, run_id=run_id)
     with open_study_store(cfg) as store:
         return sample.sample_one(cfg, store, target, model, scfg=scfg, run_id=run_id, progress=show_progress())
 
@@ -23,8 +29,10 @@ def sample_task(cfg: SurfdiffConfig, target: SampleTarget, model: ModelRecord, s
 def sample_flow(study: SurfdiffConfig | None = None, config_path: str | None = None,
                 upstream: TrainResult | None = None, model_id: str | None = None, cells: list[str] | None = None,
                 compositions: list[str] | None = None, n: int | None = None, steps: int | None = None,
-                guidance: bool | None = None, store_path: str | None = None) -> SampleResult:
-    """Generate structures for every (cell, composition) target with force-field guidance."""
+                guidance: bool | None = None, store_path: str | None = None,
+                executor: Literal["local", "slurm"] = "local", hpc_settings: str | None = None) -> SampleResult:
+    """Generate structures for every (cell, composition) target with force-field guidance.
+    executor="slurm": one Slurm GPU job per target (settings: the `hpc_settings` file, SURFDIFF_HPC_*)."""
     cfg = resolve_study(study, config_path, store_path)
     targets = sample_targets(cfg, cells, compositions)
     for t in targets:  # fail fast on an impossible target, before any sampling
@@ -32,7 +40,7 @@ def sample_flow(study: SurfdiffConfig | None = None, config_path: str | None = N
     scfg = with_overrides(cfg.sample, {"n": n, "steps": steps, "guidance": guidance})
     model = sample.resolve_model(cfg, upstream, model_id)
     run_id = flow_run_id() or new_run_id()
-    futures = [sample_task.submit(cfg, t, model, scfg, run_id) for t in targets]
+    futures = [sample_task.submit(cfg, t, model, scfg, run_id, executor, hpc_settings) for t in targets]
     result = SampleResult(study=cfg.name, run_id=run_id, config_hash=cfg.section_hash("sample"),
                           model_id=model.model_id, checkpoint=model.checkpoint, targets=[f.result() for f in futures])
     for r in result.targets:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
@@ -14,19 +16,24 @@ from surfdiff_core.stages.results import RSSResult, TrainResult
 
 
 @task(retries=1, retry_delay_seconds=5)
-def train_task(cfg: SurfdiffConfig, upstream: RSSResult | None, epochs: int | None,
-               run_id: str | None) -> TrainResult:
+def train_task(cfg: SurfdiffConfig, upstream: RSSResult | None, epochs: int | None, run_id: str | None,
+               executor: str = "local", hpc_settings: str | None = None) -> TrainResult:
+    if executor == "slurm":  # one GPU job (the settings' GRES) on the cluster
+        from deploy.slurm import run_stage_as_job
+
+        return run_stage_as_job("train", hpc_settings, cfg, "train", upstream, epochs=epochs, run_id=run_id)
     with open_study_store(cfg) as store:
         return train.run(cfg, store, upstream, epochs=epochs, run_id=run_id, progress=show_progress())
 
 
 @flow(name="train", log_prints=True)
 def train_flow(study: SurfdiffConfig | None = None, config_path: str | None = None,
-               upstream: RSSResult | None = None, epochs: int | None = None,
-               store_path: str | None = None) -> TrainResult:
-    """Train the PaiNN denoiser and MLFF (one shared representation) on the study's RSS data."""
+               upstream: RSSResult | None = None, epochs: int | None = None, store_path: str | None = None,
+               executor: Literal["local", "slurm"] = "local", hpc_settings: str | None = None) -> TrainResult:
+    """Train the PaiNN denoiser and MLFF (one shared representation) on the study's RSS data.
+    executor="slurm": as one Slurm GPU job (settings: the `hpc_settings` file, SURFDIFF_HPC_*)."""
     cfg = resolve_study(study, config_path, store_path)
-    res = train_task(cfg, upstream, epochs, flow_run_id())
+    res = train_task(cfg, upstream, epochs, flow_run_id(), executor, hpc_settings)
     if res.history:
         png = loss_curves(res.history, figure_dir(cfg) / f"{res.model_id}-loss.png")
         create_markdown_artifact(

@@ -100,6 +100,10 @@ def test_surfdiff_run_fans_out_over_slurm(slurm_run, slurm_cluster):  # noqa: F8
     rss_jobs, relax_jobs = by_name(slurm_cluster, "surfdiff-rss"), by_name(slurm_cluster, "surfdiff-relax")
     assert len(rss_jobs) == cfg.rss.n // 2 and {j["JobState"] for j in rss_jobs} == {"COMPLETED"}
     assert len(relax_jobs) == -(-len(relaxed) // 2) and {j["JobState"] for j in relax_jobs} == {"COMPLETED"}
+    # training and sampling each ran as one job of the GPU kind (CPUs here: the settings name no GRES)
+    train_jobs, sample_jobs = by_name(slurm_cluster, "surfdiff-train", 1), by_name(slurm_cluster, "surfdiff-sample", 1)
+    assert len(train_jobs) == 1 and len(sample_jobs) == len(cfg.sample.targets)
+    assert {j["JobState"] for j in train_jobs + sample_jobs} == {"COMPLETED"}
     # squeue/scontrol saw them while they ran
     seen_ids = set(slurm_run["seen"])
     assert {j["JobId"] for j in rss_jobs + relax_jobs} <= seen_ids, (slurm_run["seen"], rss_jobs, relax_jobs)
