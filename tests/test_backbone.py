@@ -76,6 +76,7 @@ def test_two_studies_share_a_mongo_store_without_mixing(prefect_harness, tmp_pat
     monkeypatch.setattr(server, "close", lambda: None)
     monkeypatch.setattr(mongolike, "MongoClient", lambda *a, **k: server)
     monkeypatch.setenv("SURFDIFF_MONGO_URI", "mongodb://surfdiff-test.invalid:27017")
+    monkeypatch.chdir(tmp_path)  # a server store keeps checkpoints and figures under ./data
     store = tmp_path / "unused"
     cfg_a = load_config(_study(tmp_path, "study-a", "Ag1O1, Ag2O1", store, backend="mongo"))
     cfg_b = load_config(_study(tmp_path, "study-b", "Ag1O1, Ag1O2", store, backend="mongo"))

@@ -46,8 +46,10 @@ def jobs_store_for(cfg: SurfdiffConfig):
 
 
 def data_root(cfg: SurfdiffConfig) -> Path:
-    """Directory beside an embedded store for checkpoints and pictures (./data for a server store)."""
-    return Path(cfg.store.path).parent if cfg.store.backend in EMBEDDED_BACKENDS else Path("data")
+    """Directory beside an embedded store for checkpoints and pictures (./data for a server store); absolute,
+    so the model registry's checkpoint paths do not depend on where a later command runs."""
+    root = Path(cfg.store.path).parent if cfg.store.backend in EMBEDDED_BACKENDS else Path("data")
+    return root.expanduser().resolve()
 
 
 def checkpoint_dir(cfg: SurfdiffConfig) -> Path:
