@@ -99,8 +99,9 @@ def summarise(rows: list[dict], args, out: Path, wall: float) -> Path:
              *[f"    {c}" for c in (out / "commands.txt").read_text().splitlines()],
              "",
              f"Machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} cores, torch threads "
-             f"{torch.get_num_threads()}); seeds {sorted({r['seed'] for r in rows})}; wall time of the last "
-             f"invocation {wall / 60:.1f} min.  ",
+             f"{torch.get_num_threads()}); seeds {sorted({r['seed'] for r in rows})}"
+             + (f"; wall time of the last invocation {wall / 60:.1f} min" if wall else
+                "; per-stage wall times of every seed in results.json") + ".  ",
              f"Training data: RSS on c(2x8) {COMPOSITIONS[0]}..{COMPOSITIONS[-1]}, {args.rss_train} structures per "
              f"seed; model '{args.model}', {args.epochs} epochs; {args.samples} guided samples of {args.steps} "
              f"steps per target; generative arm: the best {args.budget} distinct samples in MLFF rank order; "
