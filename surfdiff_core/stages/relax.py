@@ -18,6 +18,7 @@ from concurrent.futures import Executor, as_completed
 import numpy as np
 
 from surfdiff_core.config import RelaxConfig, SurfdiffConfig
+from surfdiff_core.evaluate.matching import deduplicate
 from surfdiff_core.retry import attempt_meta, plan_work
 from surfdiff_core.stages.common import jobs_store_for, new_run_id, sample_targets, target_system
 from surfdiff_core.stages.results import RelaxResult, SampleResult
@@ -28,19 +29,13 @@ DFT_METHODS = ("gpaw", "vasp")
 
 
 def top_candidates(docs: list[StructureDoc], top_k: int) -> list[StructureDoc]:
-    """The K lowest-MLFF-energy valid samples per (system, composition), K distinct structures when the
-    evaluation package can tell duplicates apart."""
+    """The K lowest-MLFF-energy valid samples per (system, composition), K distinct structures (StructureMatcher
+    on the slab): the expensive step never relaxes one structure twice."""
     groups: dict[tuple[str, str], list[StructureDoc]] = {}
-    for d in sorted(docs, key=lambda d: (d.energy, d.doc_id)):
+    for d in sorted(docs, key=lambda d: (d.energy, d.doc_id)):  # ties in a fixed order: reruns pick the same
         if d.valid and d.in_box and d.energy is not None:
             groups.setdefault((d.system_id, d.composition), []).append(d)
-    return [d for g in groups.values() for d in distinct_lowest(g, top_k)]
-
-
-def distinct_lowest(docs: list[StructureDoc], k: int) -> list[StructureDoc]:
-    from surfdiff_core.evaluate.matching import deduplicate
-
-    return deduplicate(docs, k=k)
+    return [d for g in groups.values() for d in deduplicate(g, k=top_k)]
 
 
 def select_candidates(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None = None, *,
