@@ -26,14 +26,11 @@ def active_learning_flow(study: SurfdiffConfig | None = None, config_path: str |
     cfg = resolve_study(study, config_path, store_path)
     if rounds is not None:
         cfg = cfg.model_copy(update={"active_learning": cfg.active_learning.model_copy(update={"rounds": rounds})})
-    if upstream is None:
-        from surfdiff_core.stages.sample import resolve_model
-
-        rec = resolve_model(cfg)
-        upstream = TrainResult(study=cfg.name, run_id="registry", config_hash="", model_id=rec.model_id,
-                               checkpoint=rec.checkpoint, sha256=rec.sha256, system_id=rec.system_id,
-                               energy_models=rec.energy_models)
     run_id = flow_run_id() or new_run_id()
+    if upstream is None:
+        from surfdiff_core.stages.sample import registered_model
+
+        upstream = registered_model(cfg, run_id)
     result = active.ActiveLearningResult(study=cfg.name, run_id=run_id,
                                          config_hash=cfg.section_hash("active_learning"), model=upstream)
     for k in range(1, cfg.active_learning.rounds + 1):

@@ -28,7 +28,7 @@ from surfdiff_core.stages.evaluate_report import (
     write_figures,
 )
 from surfdiff_core.stages.oracle_relax import relax_samples
-from surfdiff_core.stages.results import SampleResult, TrainResult
+from surfdiff_core.stages.results import SampleResult
 from surfdiff_core.store import ResultsStore, StructureDoc
 from surfdiff_core.system import SurfaceSystem
 
@@ -116,15 +116,12 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
 def extras(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None, model_id: str,
            target: SampleTarget, calculator, result: EvaluationResult) -> None:
     from surfdiff_core.stages.evaluate_extras import guidance_effect, steps_quality
-    from surfdiff_core.stages.sample import resolve_model
+    from surfdiff_core.stages.sample import registered_model
 
     ev = cfg.evaluate
     if not (ev.guidance_samples or ev.steps_sweep):
         return
-    rec = resolve_model(cfg, model_id=model_id)
-    model = TrainResult(study=cfg.name, run_id=result.run_id, config_hash="", model_id=rec.model_id,
-                        checkpoint=rec.checkpoint, sha256=rec.sha256, system_id=rec.system_id,
-                        energy_models=rec.energy_models)
+    model = registered_model(cfg, result.run_id, model_id)
     if ev.guidance_samples:
         result.guidance = guidance_effect(cfg, store, model, target, calculator, ev.guidance_samples)
     if ev.steps_sweep:

@@ -33,6 +33,15 @@ def resolve_model(cfg: SurfdiffConfig, upstream: TrainResult | None = None,
                                 energy_model=training_energy_models(cfg)[0], model_id=model_id)
 
 
+def registered_model(cfg: SurfdiffConfig, run_id: str, model_id: str | None = None) -> TrainResult:
+    """A registered model (named, or the study's newest) as the training stage's result, for stages that take
+    one as upstream when no training ran in this run."""
+    rec = resolve_model(cfg, model_id=model_id)
+    return TrainResult(study=cfg.name, run_id=run_id, config_hash="", model_id=rec.model_id,
+                       checkpoint=rec.checkpoint, sha256=rec.sha256, system_id=rec.system_id,
+                       energy_models=rec.energy_models)
+
+
 def sample_one(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, model: ModelRecord, *,
                scfg: SampleConfig | None = None, run_id: str, progress: bool = True,
                device: str | None = None) -> TargetSamples:
