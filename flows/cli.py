@@ -179,6 +179,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  {r['target']}: {r['valid']} valid, unique {r['unique']}, best surfdiff {r['best_generative_eV']} eV "
               f"({r['generative_relaxations']} relaxed) vs RSS {r['best_rss_eV']} eV ({r['rss_relaxations']}): {sp}; "
               f"median steps {r['steps_generative_median']} vs {r['steps_rss_median']}"
+              + (f"; MLFF/oracle rank correlation {r['mlff_rank_correlation']}"
+                 if r["mlff_rank_correlation"] is not None else "")
+              + (f"; {r['active_learning_labels']} of the relaxations were active-learning labels"
+                 if r["active_learning_labels"] else "")
               + (f"; reference found at rank {r['reference_rank']}" if r["reference_rank"] else ""))
     for seg in result.phase_diagram:
         print(f"  Δμ {seg['dmu_min']:+.2f} .. {seg['dmu_max']:+.2f} eV: {seg['phase']}")

@@ -49,8 +49,18 @@ def test_rounds_label_samples_and_fine_tune_on_them(study):
     again = active.run(cfg, store, first, progress=False)
     assert store.count({}) == n and again.model.model_id == res.model.model_id
     # the evaluation counts the labels as training-data cost
-    cost = evaluate.run(cfg, store, sample.run(cfg, store, res.model, progress=False), progress=False).training_cost
+    after = evaluate.run(cfg, store, sample.run(cfg, store, res.model, progress=False), progress=False)
+    cost = after.training_cost
     assert cost["active_learning_labels"] == 4
+    # the labels were oracle relaxations in the target cell: the generative arm spent them before its own
+    t = after.targets[0]
+    in_cell = sorted((d for d in labels.values() if d.system_id == t.system_id),
+                     key=lambda d: (d.meta["round"], d.meta["mlff_energy"], d.doc_id))
+    assert t.active_learning_labels == len(in_cell) == 4
+    assert t.generative_energies[:4] == pytest.approx([d.energy for d in in_cell])
+    assert len(t.generative_energies) == 4 + len(t.relaxed_ids)
+    # the model before any round learned from no label, and its evaluation counts none
+    assert evaluate.run(cfg, store, model_id=first.model_id, progress=False).targets[0].active_learning_labels == 0
     assert cost["structures"] == len([d for d in store.find({"study": cfg.name, "source": "rss",
                                                              "system_id": training_system(cfg).system_id})]) + 4
 

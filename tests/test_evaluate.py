@@ -237,6 +237,20 @@ def test_generative_order_and_training_cost():
     assert (cost.structures, cost.force_calls, cost.atom_steps) == (2, 12, 12 * len(a))
 
 
+def test_mlff_rank_correlation_orders_and_edge_cases():
+    a = base_slab()
+    generated = [make_doc(a, N_SUB, energy=e, doc_id=f"g{i}") for i, e in enumerate([-3.0, -5.0, -4.0, -1.0])]
+
+    def relaxed(energies):
+        return [make_doc(a, N_SUB, energy=e, doc_id=f"r{i}", parent_id=f"g{i}") for i, e in enumerate(energies)]
+
+    assert budget.mlff_rank_correlation(generated, relaxed([-9.0, -11.0, -10.0, -7.0])) == pytest.approx(1.0)
+    assert budget.mlff_rank_correlation(generated, relaxed([-11.0, -9.0, -10.0, -12.0])) == pytest.approx(-1.0)
+    assert budget.mlff_rank_correlation(generated, relaxed([-9.0, -11.0, -7.0, -10.0])) == pytest.approx(0.2)
+    assert budget.mlff_rank_correlation(generated, relaxed([-9.0, -11.0])) is None  # too few pairs
+    assert budget.mlff_rank_correlation(generated, relaxed([-9.0, -9.0, -9.0])) is None  # constant
+
+
 # ---- phase diagram -----------------------------------------------------------------------------------------
 def test_gamma_formula_hand_case():
     # (E − E_clean − n_Ag·μ_Ag − n_O·(½E_O2 + Δμ)) / A = (−100 + 90 + 2·3 − 3·(−5 − 1)) / 50 = 14 / 50

@@ -84,6 +84,21 @@ def generative_ranked_energies(
     return ranked_energies(mlff, [np.nan if e is None else e for e in oracle])
 
 
+def mlff_rank_correlation(generated: Sequence[StructureDoc], relaxed: Sequence[StructureDoc]) -> float | None:
+    """Spearman rank correlation of the samples' MLFF energies with their oracle-relaxed energies: how well
+    the product's ranking predicts the oracle's (None with fewer than 3 relaxed pairs or constant ranks)."""
+    from scipy.stats import spearmanr
+
+    child = {d.parent_id: d.energy for d in relaxed if d.parent_id is not None and d.energy is not None}
+    pairs = [(p.energy, child[p.doc_id]) for p in generated if p.doc_id in child and p.energy is not None]
+    if len(pairs) < 3:
+        return None
+    mlff, oracle = zip(*pairs, strict=True)
+    if len(set(mlff)) < 2 or len(set(oracle)) < 2:
+        return None
+    return float(spearmanr(mlff, oracle).statistic)
+
+
 def relaxations_to_reach(curve_or_energies: Sequence[float], target: float, tol: float = 0.05) -> int | None:
     """Fewest relaxations (1-based) after which the best energy is within `tol` eV of `target`; None if never.
 

@@ -2,7 +2,8 @@
 
 Per target (cell, composition), both arms are relaxed with the study's oracle and the RSS relaxer settings
 (`rss.fmax`, `rss.steps`, `rss.optimizer`), so only the starting structures differ:
-- generative arm: the best `evaluate.budget` distinct samples in MLFF rank order;
+- generative arm: the best `evaluate.budget` distinct samples in MLFF rank order, after the active-learning
+  labels of that cell when the model learned from some (they were oracle relaxations in the cell too);
 - RSS arm: `evaluate.rss_budget` random structures relaxed directly in the target cell.
 The budget counts oracle relaxations in the target cell; the training data's cost is reported beside it.
 Also: validity, uniqueness and novelty of the samples, relaxation steps, a known reference's rank, and the
@@ -10,6 +11,8 @@ Also: validity, uniqueness and novelty of the samples, relaxation steps, a known
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from surfdiff_core.config import SampleTarget, SurfdiffConfig
 from surfdiff_core.errors import ConfigError, SurfdiffError
@@ -81,7 +84,12 @@ def _reference_rank(cfg: SurfdiffConfig, key: str, relaxed: list[StructureDoc]) 
 
 def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, upstream: SampleResult | None,
                     model_id: str, calculator, training_docs: list[StructureDoc], progress: bool) -> TargetEvaluation:
-    from surfdiff_core.evaluate.budget import generative_ranked_energies, speedup, steps_summary
+    from surfdiff_core.evaluate.budget import (
+        generative_ranked_energies,
+        mlff_rank_correlation,
+        speedup,
+        steps_summary,
+    )
     from surfdiff_core.evaluate.matching import deduplicate, novelty
     from surfdiff_core.evaluate.validity import validity_counts
 
@@ -96,7 +104,11 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
     distinct = deduplicate(valid)
     relaxed = relax_samples(cfg, store, system, distinct[: cfg.evaluate.budget], calculator,
                             tag="evaluate", progress=progress)
-    gen_ranked = generative_ranked_energies(distinct, relaxed)
+    # Active-learning labels in this cell were oracle relaxations too: the arm spent them first.
+    labels = sorted((d for d in training_docs if d.meta.get("active_learning") and d.system_id == system.system_id),
+                    key=lambda d: (d.meta.get("round", 0), d.meta.get("mlff_energy") or 0.0, d.doc_id))
+    gen_ranked = np.concatenate([[np.nan if d.energy is None else d.energy for d in labels],
+                                 generative_ranked_energies(distinct, relaxed)])
     rss_docs = [d for d in rss_arm(cfg, store, target, progress) if d.energy is not None and d.in_box]
     rss_energies = [d.energy for d in rss_docs]
     sp = speedup(rss_energies, gen_ranked, tol=cfg.evaluate.tol) if rss_energies and len(gen_ranked) else None
@@ -108,7 +120,8 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
         generative_energies=[float(e) for e in gen_ranked], rss_energies=[float(e) for e in rss_energies],
         speedup=None if sp is None else sp.__dict__,
         steps_generative=steps_summary([d for d in relaxed if not d.error]), steps_rss=steps_summary(rss_docs),
-        reference_rank=_reference_rank(cfg, key, relaxed),
+        reference_rank=_reference_rank(cfg, key, relaxed), active_learning_labels=len(labels),
+        mlff_rank_correlation=mlff_rank_correlation(distinct, relaxed),
         relaxed_ids=[d.doc_id for d in relaxed], rss_ids=[d.doc_id for d in rss_docs],
     )
 
@@ -138,15 +151,18 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
 
     if cfg.oracle.name == "vasp":
         raise ConfigError("evaluation relaxes both arms with the oracle here: choose a local oracle (not vasp)")
-    model = upstream.model_id if upstream is not None else resolve_model(cfg, model_id=model_id).model_id
+    record = resolve_model(cfg, model_id=upstream.model_id if upstream is not None else model_id)
+    model = record.model_id
     if targets is None and upstream is not None:
         targets = [SampleTarget(cell=t.cell, composition=t.composition) for t in upstream.targets]
     targets = targets or sample_targets(cfg)
-    # what the model learned from: RSS data of the training cell, and active-learning labels in target cells
+    # what the model learned from: RSS data of the training cell, and the active-learning labels (in target
+    # cells) of the rounds up to the model's own
+    learned: list[dict] = [{"system_id": training_system(cfg).system_id, "source": {"$in": ["rss", "relaxed", "dft"]}}]
+    if record.round:
+        learned.append({"meta.active_learning": True, "meta.round": {"$lte": record.round}})
     training_docs = list(store.find({"study": cfg.name, "energy_model": {"$in": list(training_energy_models(cfg))},
-                                     "$or": [{"system_id": training_system(cfg).system_id,
-                                              "source": {"$in": ["rss", "relaxed", "dft"]}},
-                                             {"meta.active_learning": True}]}))
+                                     "$or": learned}))
     calculator = get_calculator(cfg.oracle.name, **cfg.oracle.settings)
     result = EvaluationResult(study=cfg.name, run_id=run_id or (upstream.run_id if upstream else new_run_id()),
                               config_hash=cfg.section_hash("evaluate", "rss", "oracle"), model_id=model,

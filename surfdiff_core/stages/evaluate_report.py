@@ -32,6 +32,8 @@ class TargetEvaluation:
     steps_generative: dict[str, float]
     steps_rss: dict[str, float]
     reference_rank: int | None = None
+    active_learning_labels: int = 0  # oracle relaxations in this cell spent on labels: the arm's first entries
+    mlff_rank_correlation: float | None = None  # Spearman, MLFF energy against relaxed oracle energy
     relaxed_ids: list[str] = field(default_factory=list)
     rss_ids: list[str] = field(default_factory=list)
 
@@ -76,6 +78,8 @@ class EvaluationResult(StageResult):
                 "rss_expected_to_reach": r4(sp.get("rss_relaxations")), "speedup": r4(sp.get("ratio")),
                 "steps_generative_median": t.steps_generative.get("median"),
                 "steps_rss_median": t.steps_rss.get("median"), "reference_rank": t.reference_rank,
+                "active_learning_labels": t.active_learning_labels,
+                "mlff_rank_correlation": r4(t.mlff_rank_correlation),
             })
         return out
 
