@@ -167,6 +167,9 @@ class ModelConfig(_Strict):
     beta_min: float = Field(0.01, gt=0)
     beta_max: float = Field(3.0, gt=0)
     length_scale: float = Field(10.0, gt=0)  # Å; noise std at time t is sigma(t) * length_scale
+    # > 0: the denoiser is also conditioned on E_diff, the energy above the lowest structure of the same
+    # composition and cell per movable atom, for classifier-free guidance toward low energies (sample.energy_target)
+    energy_features: int = Field(0, ge=0, le=1024)
 
 
 class TrainConfig(_Strict):
@@ -188,6 +191,8 @@ class TrainConfig(_Strict):
     seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_frames_per_structure: int = Field(4, ge=1)  # relaxation frames used for the MLFF loss
+    # energy-conditioned models: the fraction of structures trained without their condition (the null score)
+    condition_dropout: float = Field(0.2, ge=0, le=1)
     # Energy models whose documents train the model (None = the study's oracle only). Several models need
     # `combine: reference_shift`: per-model element reference energies are fitted and removed, so energies
     # land on the first model's scale.
@@ -226,6 +231,11 @@ class SampleConfig(_Strict):
     batch_size: int = Field(64, ge=1, le=MAX_SAMPLES)
     seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # energy-conditioned models (model.energy_features > 0): E_diff to sample at, in eV per movable atom above
+    # the lowest training structure of the composition (0 = as low as the data goes; None = unconditional),
+    # and the classifier-free guidance scale w: eps = eps_null + w·(eps_cond − eps_null), 1 = conditional only
+    energy_target: float | None = Field(None, ge=0)
+    cfg_scale: float = Field(2.0, ge=0, le=100)
 
 
 class RelaxConfig(_Strict):
@@ -314,6 +324,9 @@ class SurfdiffConfig(_Strict):
                 cell_matrix(cell, facet)
             except ConfigError as exc:
                 raise ValueError(f"{where}: {exc}") from None
+        if self.sample.energy_target is not None and self.model.energy_features == 0:
+            raise ValueError("sample.energy_target needs an energy-conditioned model: set model.energy_features "
+                             "(e.g. 16), or leave energy_target out")
         return self
 
     def section_hash(self, *sections: str) -> str:

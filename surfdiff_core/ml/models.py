@@ -4,6 +4,10 @@ and an energy head (the MLFF whose forces guide sampling).
 With `ModelSpec.shared=True` one representation pass serves both heads. Time enters only the score
 head, so the energy (and, by one backward pass, the forces) at the noisy positions come from the
 same pass that predicts the noise: guided sampling costs one forward and one backward per step.
+
+With `ModelSpec.energy_features > 0` the score head is also conditioned on the structure's energy above the
+lowest of its composition and cell, per movable atom (E_diff, as in energy-conditioned crystal generation);
+NaN means "no condition" (a learned null embedding), which training uses for classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from surfdiff_core.geometry.batch import DenoiserOutput, SlabBatch
 from surfdiff_core.geometry.neighbors import neighbor_list, pair_vectors
 from surfdiff_core.ml.painn import CosineCutoff, GaussianRBF, PaiNN
 
-__all__ = ["GatedEquivariantBlock", "ModelSpec", "SurfaceModel", "TimeEmbedding"]
+__all__ = ["EnergyConditionEmbedding", "GatedEquivariantBlock", "ModelSpec", "SurfaceModel", "TimeEmbedding"]
 
 
 @dataclass
@@ -33,6 +37,7 @@ class ModelSpec:
     elements: list[int] = field(default_factory=lambda: [8, 47])  # atomic numbers the model knows
     shared: bool = True  # one representation for score and energy (False: two PaiNNs)
     time_features: int = 32
+    energy_features: int = 0  # > 0: the score head is conditioned on E_diff (classifier-free guidance)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,6 +66,25 @@ class TimeEmbedding(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         arg = t[:, None] * self.frequencies
         return self.mlp(torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1))
+
+
+class EnergyConditionEmbedding(nn.Module):
+    """E_diff (eV per movable atom) on Gaussian features over [0, 2·scale], then Linear + SiLU; NaN entries get
+    a learned null embedding (the unconditional score). `scale` is set from the training data."""
+
+    def __init__(self, n_features: int, n_centres: int = 16) -> None:
+        super().__init__()
+        self.register_buffer("centres", torch.linspace(0.0, 2.0, n_centres))
+        self.register_buffer("scale", torch.ones(()))
+        self.mlp = nn.Sequential(nn.Linear(n_centres, n_features), nn.SiLU())
+        self.null = nn.Parameter(torch.zeros(n_features))
+        self.width = 2.0 / (n_centres - 1)
+
+    def forward(self, e_diff: torch.Tensor) -> torch.Tensor:
+        known = torch.isfinite(e_diff)
+        u = torch.where(known, e_diff, torch.zeros_like(e_diff)) / self.scale
+        emb = self.mlp(torch.exp(-(((u[:, None] - self.centres) / self.width) ** 2)))
+        return torch.where(known[:, None], emb, self.null.expand_as(emb))
 
 
 class GatedEquivariantBlock(nn.Module):
@@ -134,10 +158,12 @@ class SurfaceModel(nn.Module):
             self.energy_representation = _make_painn(spec)
 
         self.time_embedding = TimeEmbedding(nt)
+        ne = spec.energy_features
+        self.energy_condition = EnergyConditionEmbedding(ne) if ne > 0 else None
         h = max(1, nf // 2)
         self.score_head = nn.ModuleList(
             [
-                GatedEquivariantBlock(nf + nt, nf, h, h, n_hidden=nf, scalar_activation=True),
+                GatedEquivariantBlock(nf + nt + ne, nf, h, h, n_hidden=nf, scalar_activation=True),
                 GatedEquivariantBlock(h, h, 1, 1, n_hidden=h),
             ]
         )
@@ -200,6 +226,8 @@ class SurfaceModel(nn.Module):
         energy: bool = False,
         forces: bool = False,
         training_forces: bool = False,
+        condition: torch.Tensor | float | None = None,
+        cfg_scale: float = 1.0,
     ) -> DenoiserOutput:
         """Evaluate the requested heads.
 
@@ -210,6 +238,9 @@ class SurfaceModel(nn.Module):
         (create_graph) so a force loss can be backpropagated.
         Outputs keep their autograd graph when grad mode is on; in no-grad mode they are detached
         (forces are still computed: this method turns grad on internally for them).
+        condition: E_diff per structure (a number or [B]; NaN or None = unconditional) for a model with
+        energy_features; cfg_scale w mixes eps = eps_null + w·(eps_cond − eps_null) (classifier-free guidance:
+        1 = conditional only; the representation is computed once for both).
         """
         forces = forces or training_forces
         want_energy = energy or forces
@@ -247,7 +278,10 @@ class SurfaceModel(nn.Module):
             if score:
                 assert s is not None and v is not None
                 with torch.set_grad_enabled(grad_mode):  # sampling: no graph for the score head
-                    eps = self._score(s, v, t, batch)
+                    eps = self._score(s, v, t, batch, condition)
+                    if cfg_scale != 1.0 and condition is not None:
+                        null = self._score(s, v, t, batch, None)
+                        eps = null + cfg_scale * (eps - null)
 
         if not grad_mode:
             eps = None if eps is None else eps.detach()
@@ -258,10 +292,12 @@ class SurfaceModel(nn.Module):
         return DenoiserOutput(eps=eps, forces=force, energy=energies)
 
     @torch.no_grad()
-    def denoise(self, batch: SlabBatch, t: torch.Tensor | float, *, with_forces: bool = False) -> DenoiserOutput:
+    def denoise(self, batch: SlabBatch, t: torch.Tensor | float, *, with_forces: bool = False,
+                condition: torch.Tensor | float | None = None, cfg_scale: float = 1.0) -> DenoiserOutput:
         """Sampler entry point: eps (and energies + forces at the same noisy positions when
         with_forces), all detached, with forces zeroed on masked atoms."""
-        out = self.forward(batch, t, score=True, energy=with_forces, forces=with_forces)
+        out = self.forward(batch, t, score=True, energy=with_forces, forces=with_forces, condition=condition,
+                           cfg_scale=cfg_scale)
         if out.forces is None:
             return out
         return DenoiserOutput(eps=out.eps, forces=out.forces * batch.movable[:, None], energy=out.energy)
@@ -311,18 +347,29 @@ class SurfaceModel(nn.Module):
             if isinstance(m, PaiNN):
                 m.fused = bool(value)
 
+    @staticmethod
+    def _per_structure(x: torch.Tensor | float, batch: SlabBatch, like: torch.Tensor, name: str) -> torch.Tensor:
+        x = torch.as_tensor(x, dtype=like.dtype, device=like.device)
+        if x.dim() == 0:
+            x = x.expand(batch.n_structures)
+        if x.shape != (batch.n_structures,):
+            raise ValueError(f"{name} must be a number or have shape [B] = [{batch.n_structures}], "
+                             f"got {tuple(x.shape)}")
+        return x
+
     def _score(
-        self, s: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float | None, batch: SlabBatch
+        self, s: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float | None, batch: SlabBatch,
+        condition: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
         if t is None:
             raise ValueError("the score head needs the diffusion time t")
-        t = torch.as_tensor(t, dtype=s.dtype, device=s.device)
-        if t.dim() == 0:
-            t = t.expand(batch.n_structures)
-        if t.shape != (batch.n_structures,):
-            raise ValueError(f"t must be a number or have shape [B] = [{batch.n_structures}], got {tuple(t.shape)}")
-        temb = self.time_embedding(t)[batch.batch]
-        h = torch.cat([s, temb], dim=-1)
+        temb = self.time_embedding(self._per_structure(t, batch, s, "t"))
+        if self.energy_condition is not None:
+            c = self._per_structure(math.nan if condition is None else condition, batch, s, "condition")
+            temb = torch.cat([temb, self.energy_condition(c)], dim=-1)
+        elif condition is not None and bool(torch.isfinite(torch.as_tensor(condition)).any()):
+            raise ValueError("this model was trained without energy conditioning (model.energy_features = 0)")
+        h = torch.cat([s, temb[batch.batch]], dim=-1)
         for block in self.score_head:
             h, v = block(h, v)
         return v[:, :, 0] * batch.movable[:, None].to(v.dtype)

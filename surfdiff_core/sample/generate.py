@@ -8,6 +8,7 @@ are rejected and counted). Every sample becomes a `generated` document with full
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -97,6 +98,7 @@ def generate(
     n = scfg.n if n is None else n
     seed = scfg.seed if seed is None else seed
     model, process = loaded.model.to(device).eval(), loaded.process
+    denoise = conditioned_denoiser(model, scfg)
     sampler = SAMPLERS[scfg.sampler]
     guidance = ForceFieldGuidance(eta_dt=scfg.eta_dt) if scfg.guidance and scfg.eta_dt > 0 else None
     res = GenerationResult(system=system)
@@ -110,7 +112,7 @@ def generate(
         part = GenerationResult(system=system)
         tb = time.perf_counter()
         x = process.sample_prior(prior_batch(system, size, device), generator=gen)
-        x = sampler(model.denoise, x, process, steps=scfg.steps, guidance=guidance,
+        x = sampler(denoise, x, process, steps=scfg.steps, guidance=guidance,
                     callback=lambda i, t, b: bar.update(1), generator=gen)
         part.structure_steps = size * scfg.steps
         if scfg.relax and scfg.relax_steps > 0:
@@ -144,10 +146,23 @@ def generate(
     return res
 
 
+def conditioned_denoiser(model, scfg: SampleConfig):
+    """The sampler's model call: plain, or steered to E_diff = scfg.energy_target by classifier-free guidance."""
+    if scfg.energy_target is None:
+        return model.denoise
+    if model.energy_condition is None:
+        raise SurfdiffError("sample.energy_target needs an energy-conditioned model (train with "
+                            "model.energy_features > 0), or leave energy_target out")
+    return functools.partial(model.denoise, condition=scfg.energy_target, cfg_scale=scfg.cfg_scale)
+
+
 def generated_doc_id(loaded: LoadedModel, system: SurfaceSystem, scfg: SampleConfig, seed: int, i: int) -> str:
     guided = bool(scfg.guidance and scfg.eta_dt > 0)
+    # the energy condition joins the id only when set: unconditioned samples keep their ids
+    conditioned = () if scfg.energy_target is None else (scfg.energy_target, scfg.cfg_scale)
     return make_doc_id("generated", loaded.model_id, system.system_id, system.composition, scfg.sampler,
-                       scfg.steps, guided, scfg.eta_dt, scfg.relax, scfg.relax_steps, scfg.batch_size, seed, i)
+                       scfg.steps, guided, scfg.eta_dt, scfg.relax, scfg.relax_steps, scfg.batch_size, seed, i,
+                       *conditioned)
 
 
 def generated_docs(
@@ -175,7 +190,9 @@ def generated_docs(
             run_id=run_id, seed=seed,
             meta={"sampler": scfg.sampler, "diffusion_steps": scfg.steps, "guidance": guided,
                   "eta_dt": scfg.eta_dt, "mlff_relax": scfg.relax, "mlff_relax_steps": res.relax_steps[j],
-                  "index": i, "checkpoint": checkpoint, "wall_time_batch": res.wall_time},
+                  "index": i, "checkpoint": checkpoint, "wall_time_batch": res.wall_time,
+                  "energy_target": scfg.energy_target,
+                  "cfg_scale": None if scfg.energy_target is None else scfg.cfg_scale},
         ))
     return docs
 

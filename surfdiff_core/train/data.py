@@ -37,6 +37,9 @@ class Sample:
     doc_id: str
     composition: str
     group: str  # structures of one group (tiles, relaxations of one candidate) stay on one side of the split
+    # energy above the lowest structure of the same composition and cell, per movable atom (eV): the
+    # condition of energy-conditioned models; intensive, so tiles keep it
+    e_diff: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,7 @@ def repeat_sample(s: Sample, r: int) -> Sample:
     assert len(big) == n * tile
     return Sample(atoms=big, movable=np.tile(s.movable, tile), z_box=s.z_box, energy=s.energy * tile,
                   forces=np.tile(s.forces, (tile, 1)), frames=frames, doc_id=f"{s.doc_id}x{r}",
-                  composition=s.composition, group=s.group)
+                  composition=s.composition, group=s.group, e_diff=s.e_diff)
 
 
 def load_samples(store: ResultsStore, scope: DataScope, cfg: TrainConfig) -> tuple[list[Sample], list[str]]:
@@ -165,9 +168,21 @@ def load_samples(store: ResultsStore, scope: DataScope, cfg: TrainConfig) -> tup
         )
     shifts = reference_shifts(docs, scope.energy_models) if len(scope.energy_models) > 1 else {}
     samples = [doc_to_sample(d, cfg.max_frames_per_structure, shifts.get(d.energy_model)) for d in docs]
+    set_energy_differences(samples, [d.system_id for d in docs])
     if cfg.repeat > 1:
         samples = samples + [repeat_sample(s, cfg.repeat) for s in samples]
     return samples, [d.doc_id for d in docs]
+
+
+def set_energy_differences(samples: Sequence[Sample], system_ids: Sequence[str]) -> None:
+    """E_diff of every sample: its energy above the lowest of the same system (cell) and composition, per
+    movable atom (energies already on one scale)."""
+    lowest: dict[tuple[str, str], float] = {}
+    for s, sid in zip(samples, system_ids, strict=True):
+        key = (sid, s.composition)
+        lowest[key] = min(lowest.get(key, np.inf), s.energy)
+    for s, sid in zip(samples, system_ids, strict=True):
+        s.e_diff = (s.energy - lowest[(sid, s.composition)]) / max(int(np.sum(s.movable)), 1)
 
 
 def data_fingerprint(doc_ids: Sequence[str]) -> str:

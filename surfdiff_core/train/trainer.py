@@ -60,7 +60,7 @@ def make_process(mcfg: ModelConfig) -> SurfaceDiffusion:
 def make_model(mcfg: ModelConfig, elements: list[int]) -> SurfaceModel:
     spec = ModelSpec(n_features=mcfg.n_features, n_rbf=mcfg.n_rbf, n_interactions=mcfg.n_interactions,
                      cutoff=mcfg.cutoff, elements=sorted(elements), shared=mcfg.shared,
-                     time_features=mcfg.time_features)
+                     time_features=mcfg.time_features, energy_features=mcfg.energy_features)
     return SurfaceModel(spec)
 
 
@@ -109,8 +109,11 @@ def warm_start(model: SurfaceModel, checkpoint: str | Path, device: torch.device
 
 def model_id_for(mcfg: ModelConfig, tcfg: TrainConfig, fingerprint: str, scope: DataScope,
                  parent: str | None = None) -> str:
-    parts = [mcfg.model_dump(mode="json"), tcfg.model_dump(mode="json", exclude={"device"}), fingerprint,
-             scope.system_id, list(scope.energy_models), scope.study]
+    # fields added for energy conditioning stay out of the id of an unconditioned model: its id is unchanged
+    plain = mcfg.energy_features == 0
+    parts = [mcfg.model_dump(mode="json", exclude={"energy_features"} if plain else None),
+             tcfg.model_dump(mode="json", exclude={"device", "condition_dropout"} if plain else {"device"}),
+             fingerprint, scope.system_id, list(scope.energy_models), scope.study]
     if parent is not None:  # fine-tuned from another model: not the same as trained from scratch
         parts.append(parent)
     payload = json.dumps(parts, sort_keys=True)
@@ -136,7 +139,12 @@ def _losses(
     batch = structure_batch(samples, device)
     t = process.t_min + (1 - process.t_min) * torch.rand(batch.n_structures, generator=gen, device=device)
     noisy, eps_target = process.perturb(batch, t, generator=gen)
-    out = model(noisy, t, score=True)
+    condition = None
+    if model.energy_condition is not None:  # classifier-free guidance: some structures learn the null score
+        condition = torch.as_tensor([s.e_diff for s in samples], dtype=t.dtype, device=device)
+        dropped = torch.rand(len(samples), generator=gen, device=device) < tcfg.condition_dropout
+        condition = torch.where(dropped, torch.full_like(condition, math.nan), condition)
+    out = model(noisy, t, score=True, condition=condition)
     loss_score = process.dsm_loss(out.eps, eps_target, noisy)
     fb, e_ref, f_ref = frame_batch(samples, rng, device)
     mo = model(fb, None, score=False, energy=True, forces=True, training_forces=create_graph)
@@ -183,6 +191,9 @@ def train(
     # energy spread: forces drive guidance and relaxation, and this scale learned them 2.4x better in 15 epochs
     # of the demo data (validation force loss 0.25 against 0.59).
     model.set_energy_normalisation(dict(zip(elements, mu.tolist(), strict=True)), force_scale)
+    if model.energy_condition is not None:  # E_diff features span the data's range
+        spread = float(np.quantile([s.e_diff for s in train_set], 0.9))
+        model.energy_condition.scale.fill_(max(spread, 1e-3))
     if init_from is not None:
         warm_start(model, init_from, device)
     process = make_process(mcfg)
