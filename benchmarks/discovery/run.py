@@ -32,7 +32,9 @@ from surfdiff_core.stages import active, evaluate, rss, sample, train  # noqa: E
 from surfdiff_core.stages.common import open_study_store  # noqa: E402
 
 COMPOSITIONS = ["Ag4O2", "Ag4O3", "Ag4O4", "Ag5O2", "Ag5O3", "Ag5O4", "Ag5O5", "Ag6O2", "Ag6O3", "Ag6O4", "Ag6O5"]
-WINDOWS = {"D": 2.0, "D_lowE": 0.5, "D+AL": 2.0}  # D+AL: the D model after active-learning rounds
+# D+AL: the D model after active-learning rounds; D+CFG: D with an energy-conditioned denoiser, sampled at
+# E_diff = 0 with classifier-free guidance
+WINDOWS = {"D": 2.0, "D_lowE": 0.5, "D+AL": 2.0, "D+CFG": 2.0}
 MODELS = {"demo": {"n_features": 32, "n_rbf": 20, "n_interactions": 3, "cutoff": 5.0},
           "paper": {"n_features": 64, "n_rbf": 30, "n_interactions": 4, "cutoff": 6.0}}
 
@@ -45,12 +47,13 @@ def study_config(args, seed: int, window: str, store: Path) -> dict:
         "oracle": {"name": args.energy_model},
         "rss": {"cell": "c(2x8)", "compositions": COMPOSITIONS, "n": args.rss_train, "seed": seed,
                 "fmax": 0.05, "steps": 300, "workers": args.workers},
-        "model": MODELS[args.model],
+        "model": {**MODELS[args.model], "energy_features": 16 if window.endswith("+CFG") else 0},
         "train": {"energy_window": WINDOWS[window], "repeat": 2, "epochs": args.epochs, "batch_size": 8,
                   "lr": 1e-3, "patience": 25, "seed": seed},
         "sample": {"targets": [{"cell": t.split()[1], "composition": t.split()[0]} for t in args.targets],
                    "n": args.samples, "steps": args.steps, "guidance": True, "eta_dt": 0.001,
-                   "relax_steps": args.relax_steps, "batch_size": 32, "seed": seed},
+                   "relax_steps": args.relax_steps, "batch_size": 32, "seed": seed,
+                   **({"energy_target": 0.0, "cfg_scale": args.cfg_scale} if window.endswith("+CFG") else {})},
         "evaluate": {"budget": args.budget, "rss_budget": args.rss_budget, "seed": seed + 7919,
                      "guidance_samples": args.extras_n if args.extras and window == args.windows[-1] else 0,
                      "steps_sweep": [25, 100, args.steps] if args.extras and window == args.windows[-1] else []},
@@ -184,6 +187,7 @@ def main() -> None:
     p.add_argument("--al-rounds", type=int, default=2, help="active-learning rounds of the D+AL arm")
     p.add_argument("--al-labels", type=int, default=4, help="oracle labels per target and round (D+AL)")
     p.add_argument("--al-epochs", type=int, default=10, help="fine-tuning epochs per round (D+AL)")
+    p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (D+CFG)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
                    help="guidance effect and energy against diffusion steps (first target)")
