@@ -70,6 +70,22 @@ def test_booleans_are_not_numbers(tmp_path):
     store.close()
 
 
+def test_upserts_match_keys_exactly_within_and_across_batches(tmp_path):
+    """One indexed lookup per batch finds the rows to replace: a key written twice in one batch keeps the last
+    copy, string keys never match numbers, and non-string keys still upsert."""
+    store = SqliteStore(str(tmp_path / "s.sqlite3"), "coll", key="doc_id")
+    store.connect()
+    store.update([{"doc_id": "a", "v": 1}, {"doc_id": "1", "v": 2}, {"doc_id": 1, "v": 3}])
+    store.update([{"doc_id": "a", "v": 10}, {"doc_id": "new", "v": 4}, {"doc_id": "new", "v": 5},
+                  {"doc_id": 1, "v": 30}, {"doc_id": "a", "v": 11}])
+    rows = sorted((repr(d["doc_id"]), d["v"]) for d in store.query({}, properties=["doc_id", "v"]))
+    assert rows == [("'1'", 2), ("'a'", 11), ("'new'", 5), ("1", 30)]
+    store.update([{"doc_id": f"k{i}", "v": i} for i in range(1200)])  # more keys than one lookup takes
+    store.update([{"doc_id": f"k{i}", "v": -i} for i in range(1200)])
+    assert store.count({}) == 1204 and store.count({"v": {"$lt": -1000}}) == 199
+    store.close()
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_criteria_match_mongo_rules(tmp_path, seed):
     """Random documents and criteria: SQLite answers exactly what mongomock (Mongo's rules) answers."""

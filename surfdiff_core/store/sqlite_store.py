@@ -27,6 +27,7 @@ from surfdiff_core.store import sqlite_codec as codec
 from surfdiff_core.store.sqlite_query import (
     Census,
     add_to_census,
+    extract,
     json_path,
     order_by,
     path_is_scalar,
@@ -294,15 +295,41 @@ class SqliteStore(Store):
         with self._write() as c:
             census = self._census()
             grew = False
-            for doc, text in prepared:
+            for doc, _ in prepared:
                 grew |= add_to_census(census, doc)
-                rid = self._find_rid(c, {k: doc[k] for k in keys}, census)
+            known = self._rids_by_key(c, keys, [doc for doc, _ in prepared], census)
+            for doc, text in prepared:
+                value = doc.get(keys[0]) if known is not None else None
+                if known is not None and isinstance(value, str):
+                    rid = known.get(value)
+                else:
+                    rid = self._find_rid(c, {k: doc[k] for k in keys}, census)
                 if rid is None:
-                    c.execute(f"INSERT INTO {table} (doc) VALUES (?)", (text,))
+                    cur = c.execute(f"INSERT INTO {table} (doc) VALUES (?)", (text,))
+                    if known is not None and isinstance(value, str):
+                        known[value] = int(cur.lastrowid)  # a later copy in the batch replaces this one
                 else:
                     c.execute(f"UPDATE {table} SET doc = ? WHERE rid = ?", (text, rid))
             if grew:
                 self._save_census(census)
+
+    def _rids_by_key(self, conn: sqlite3.Connection, keys: list[str], docs: list[dict],
+                     census: Census) -> dict[str, int] | None:
+        """Row ids of the stored documents whose single string key is among `docs`' keys, in one indexed
+        query per 500 (None where that shortcut does not apply: compound keys, or no string key at all)."""
+        values = [d.get(keys[0]) for d in docs] if len(keys) == 1 else []
+        strings = sorted({v for v in values if isinstance(v, str)})
+        if not strings:
+            return None
+        found: dict[str, int] = {}
+        sql = f"SELECT rid, {extract(keys[0])} FROM {quote(self.collection_name)} WHERE "
+        for k in range(0, len(strings), 500):
+            where = translate({keys[0]: {"$in": strings[k : k + 500]}}, census)
+            if not where.exact:
+                return None
+            for rid, value in conn.execute(sql + where.sql, where.params):
+                found.setdefault(value, int(rid))
+        return found
 
     def _find_rid(self, conn: sqlite3.Connection, match: dict, census: Census) -> int | None:
         where = translate(match, census)
