@@ -104,7 +104,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     cfg = load_study(args.config, args.store)
     scfg = with_overrides(cfg.sample, {"n": args.n, "steps": args.steps, "guidance": args.guidance,
                                        "sampler": args.sampler, "seed": args.seed, "batch_size": args.batch_size,
-                                       "eta_dt": args.eta_dt, "relax": args.relax})
+                                       "eta_dt": args.eta_dt, "relax": args.relax,
+                                       "energy_target": args.energy_target, "cfg_scale": args.cfg_scale})
     targets = sample_targets(cfg, [args.cell] if args.cell else None,
                              [args.composition] if args.composition else None)
     for t in targets:  # validate every target (cell, composition, box) before any work
@@ -338,6 +339,10 @@ def _add_stage_parsers(sub) -> None:
     s.add_argument("--relax", action=argparse.BooleanOptionalAction, default=None,
                    help="short MLFF relaxation after sampling")
     s.add_argument("--eta-dt", type=float, default=None, help="guidance strength ηΔt in Å²/eV (paper: 0.001)")
+    s.add_argument("--energy-target", type=float, default=None,
+                   help="energy-conditioned models: E_diff to sample at, eV per movable atom above the lowest "
+                        "training structure (0 = as low as the data goes)")
+    s.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (default 2)")
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--model-id", default=None,

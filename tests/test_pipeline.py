@@ -156,3 +156,14 @@ def test_relax_best_candidates_with_emt(trained):
         assert rel[0].energy is not None and rel[0].oracle == "emt"
     again = relax.run(cfg, store, candidates=cands, run_id="test")
     assert again.skipped == 1 and store.count({"source": "relaxed"}) == 1
+
+
+def test_energy_target_is_refused_for_an_unconditioned_model(trained):
+    from surfdiff_core.errors import ConfigError
+
+    cfg, store, summary = trained
+    n = store.count({})
+    scfg = cfg.sample.model_copy(update={"energy_target": 0.0})
+    with pytest.raises(ConfigError, match="energy-conditioned model"):
+        sample.run(cfg, store, summary, scfg=scfg, run_id="refused", progress=False)
+    assert store.count({}) == n  # nothing written
