@@ -59,6 +59,16 @@ def test_rounds_label_samples_and_fine_tune_on_them(study):
     assert t.active_learning_labels == len(in_cell) == 4
     assert t.generative_energies[:4] == pytest.approx([d.energy for d in in_cell])
     assert len(t.generative_energies) == 4 + len(t.relaxed_ids)
+    # no oracle relaxation is spent again on a structure already labelled: make the top sample a label
+    drawn = sample.run(cfg, store, res.model, progress=False)
+    first_pick = store.get(after.targets[0].relaxed_ids[0]).parent_id
+    top = store.get(first_pick)
+    store.put(top.model_copy(update={"doc_id": "relaxed-known", "source": "relaxed", "energy_model": "emt",
+                                     "parent_id": "generated-elsewhere", "energy": 1.0,
+                                     "meta": {"active_learning": True, "round": 1, "mlff_energy": 0.0}}))
+    again = evaluate.run(cfg, store, drawn, progress=False).targets[0]
+    assert again.active_learning_labels == 5 and first_pick not in {
+        store.get(i).parent_id for i in again.relaxed_ids}
     # the model before any round learned from no label, and its evaluation counts none
     assert evaluate.run(cfg, store, model_id=first.model_id, progress=False).targets[0].active_learning_labels == 0
     assert cost["structures"] == len([d for d in store.find({"study": cfg.name, "source": "rss",

@@ -90,7 +90,7 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
         speedup,
         steps_summary,
     )
-    from surfdiff_core.evaluate.matching import deduplicate, novelty
+    from surfdiff_core.evaluate.matching import deduplicate, novel_mask, novelty
     from surfdiff_core.evaluate.validity import validity_counts
 
     system = target_system(cfg, target)
@@ -102,13 +102,17 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
     valid = sorted((d for d in docs if d.valid and d.in_box and d.energy is not None),
                    key=lambda d: (d.energy, d.doc_id))
     distinct = deduplicate(valid)
-    relaxed = relax_samples(cfg, store, system, distinct[: cfg.evaluate.budget], calculator,
-                            tag="evaluate", progress=progress)
-    # Active-learning labels in this cell were oracle relaxations too: the arm spent them first.
+    # Active-learning labels in this cell were oracle relaxations too: the arm spent them first, and a sample
+    # that is one of those structures again would only repeat its relaxation.
     labels = sorted((d for d in training_docs if d.meta.get("active_learning") and d.system_id == system.system_id),
                     key=lambda d: (d.meta.get("round", 0), d.meta.get("mlff_energy") or 0.0, d.doc_id))
+    fresh = distinct
+    if labels:
+        fresh = [d for d, new in zip(distinct, novel_mask(distinct, labels), strict=True) if new]
+    relaxed = relax_samples(cfg, store, system, fresh[: cfg.evaluate.budget], calculator,
+                            tag="evaluate", progress=progress)
     gen_ranked = np.concatenate([[np.nan if d.energy is None else d.energy for d in labels],
-                                 generative_ranked_energies(distinct, relaxed)])
+                                 generative_ranked_energies(fresh, relaxed)])
     rss_docs = [d for d in rss_arm(cfg, store, target, progress) if d.energy is not None and d.in_box]
     rss_energies = [d.energy for d in rss_docs]
     sp = speedup(rss_energies, gen_ranked, tol=cfg.evaluate.tol) if rss_energies and len(gen_ranked) else None
@@ -121,7 +125,7 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
         speedup=None if sp is None else sp.__dict__,
         steps_generative=steps_summary([d for d in relaxed if not d.error]), steps_rss=steps_summary(rss_docs),
         reference_rank=_reference_rank(cfg, key, relaxed), active_learning_labels=len(labels),
-        mlff_rank_correlation=mlff_rank_correlation(distinct, relaxed),
+        mlff_rank_correlation=mlff_rank_correlation(fresh, relaxed),
         relaxed_ids=[d.doc_id for d in relaxed], rss_ids=[d.doc_id for d in rss_docs],
     )
 
