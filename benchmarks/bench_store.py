@@ -69,7 +69,10 @@ def explain(store) -> None:
     coll = store.store._collection
     crit = {"system_id": SYSTEMS[1], "source": "rss", "composition": COMPOSITIONS[3]}
     plan = coll.find(crit).sort("energy", 1).limit(10).explain()
-    print("explain():", json.dumps(plan.get("queryPlanner", {}).get("winningPlan", plan), default=str)[:2000])
+    winning = json.dumps(plan.get("queryPlanner", {}).get("winningPlan", plan), default=str)
+    print("explain():", winning[:2000])
+    sorts_in_memory = '"SORT"' in winning
+    print(f"index-backed: {'IXSCAN' in winning}; in-memory sort: {sorts_in_memory}")
 
 
 def main() -> None:
