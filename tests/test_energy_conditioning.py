@@ -179,3 +179,21 @@ def test_unconditioned_model_ids_ignore_the_conditioning_settings(tmp_path):
            for f in (0, 8) for p in (0.1, 0.3)}
     assert ids[(0, 0.1)] == ids[(0, 0.3)]  # dropout means nothing without conditioning
     assert len({ids[(0, 0.1)], ids[(8, 0.1)], ids[(8, 0.3)]}) == 3
+
+
+def test_checkpoints_from_before_energy_conditioning_still_fine_tune(tmp_path):
+    from surfdiff_core.errors import SurfdiffError
+    from surfdiff_core.train.trainer import warm_start
+
+    plain = ModelSpec(**{**SPEC.to_dict(), "energy_features": 0})
+    old = SurfaceModel(plain)
+    spec = plain.to_dict()
+    del spec["energy_features"]  # as written by earlier versions
+    path = tmp_path / "old.pt"
+    torch.save({"spec": spec, "state_dict": old.state_dict()}, path)
+    new = SurfaceModel(plain)
+    warm_start(new, path, torch.device("cpu"))
+    for a, b in zip(new.score_head.parameters(), old.score_head.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(SurfdiffError, match="another architecture"):
+        warm_start(SurfaceModel(SPEC), path, torch.device("cpu"))  # conditioned: a different score head

@@ -99,7 +99,8 @@ class EMA:
 def warm_start(model: SurfaceModel, checkpoint: str | Path, device: torch.device) -> None:
     """Start from a trained model's (EMA) weights; the energy normalisation of the new data is kept."""
     ck = torch.load(checkpoint, map_location=device, weights_only=True)
-    if ck.get("spec") != model.spec.to_dict():
+    # through ModelSpec, so that a checkpoint written before a field was added compares with its default
+    if ModelSpec.from_dict(ck.get("spec") or {}).to_dict() != model.spec.to_dict():
         raise SurfdiffError(f"cannot fine-tune from {checkpoint}: another architecture or element set")
     own = model.state_dict()
     normalisation = ("atomref", "energy_shift", "energy_scale")
