@@ -21,7 +21,7 @@ from surfdiff_core.config import SampleConfig
 from surfdiff_core.diffusion.guidance import ForceFieldGuidance
 from surfdiff_core.diffusion.samplers import SAMPLERS
 from surfdiff_core.diffusion.validity import check_validity
-from surfdiff_core.errors import SurfdiffError
+from surfdiff_core.errors import ConfigError, SurfdiffError
 from surfdiff_core.geometry.batch import SlabBatch, collate
 from surfdiff_core.relax.mlff import mlff_relax
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
@@ -150,8 +150,8 @@ def conditioned_denoiser(model, scfg: SampleConfig):
     """The sampler's model call: plain, or steered to E_diff = scfg.energy_target by classifier-free guidance."""
     if scfg.energy_target is None:
         return model.denoise
-    if model.energy_condition is None:
-        raise SurfdiffError("sample.energy_target needs an energy-conditioned model (train with "
+    if model.energy_condition is None:  # raised before the first batch: nothing is written
+        raise ConfigError("sample.energy_target needs an energy-conditioned model (train with "
                             "model.energy_features > 0), or leave energy_target out")
     return functools.partial(model.denoise, condition=scfg.energy_target, cfg_scale=scfg.cfg_scale)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from surfdiff_core.config import SampleConfig, SampleTarget, SurfdiffConfig
-from surfdiff_core.errors import ConfigError
 from surfdiff_core.stages.common import (
     model_registry,
     new_run_id,
@@ -72,9 +71,6 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: TrainResult | None =
     model = resolve_model(cfg, upstream, model_id)
     run_id = run_id or new_run_id()
     scfg = scfg or cfg.sample
-    if scfg.energy_target is not None and model.model and not model.model.get("energy_features"):
-        raise ConfigError(f"sample.energy_target needs an energy-conditioned model; {model.model_id} was trained "
-                          "without (model.energy_features = 0)")
     result = SampleResult(study=cfg.name, run_id=run_id, config_hash=cfg.section_hash("sample"),
                           model_id=model.model_id, checkpoint=model.checkpoint)
     for target in targets or sample_targets(cfg):
