@@ -41,10 +41,12 @@ def _extension_kwargs() -> dict[str, Any]:
             except Exception as err:  # noqa: BLE001 - any build failure leaves the eager fallback
                 _warn(f"{type(err).__name__}: {err}")
 
-    flags = ["-O3", "-ffp-contract=fast", "-fopenmp-simd"]  # ISO C++ would otherwise forbid FMA contraction
+    # -fopenmp: at::parallel_for is an `omp parallel` region compiled into this extension; without the flag
+    # it silently runs on one thread. The OpenMP runtime resolves to the libgomp torch has already loaded.
+    flags = ["-O3", "-ffp-contract=fast", "-fopenmp"]  # -ffp-contract: ISO C++ would otherwise forbid FMA
     if os.environ.get("SURFDIFF_PORTABLE_BUILD", "") in ("", "0"):
         flags.append("-march=native")  # built where it runs, like any local install; see compiled_isa()
-    ext = CppExtension(EXTENSION, SOURCES, extra_compile_args=flags)
+    ext = CppExtension(EXTENSION, SOURCES, extra_compile_args=flags, extra_link_args=["-fopenmp"])
     return {"ext_modules": [ext], "cmdclass": {"build_ext": GuardedBuildExtension}}
 
 

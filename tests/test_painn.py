@@ -286,6 +286,20 @@ def test_op_matches_eager_reference(with_v: bool, n_pairs: int) -> None:
 
 
 @needs_op
+def test_op_runs_on_every_intra_op_thread() -> None:
+    """at::parallel_for in the extension is an OpenMP region: built without -fopenmp it runs on one thread."""
+    from surfdiff_core.ml import _painn_ops
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert _painn_ops.parallel_team_size() == 3
+    finally:
+        torch.set_num_threads(threads)
+    assert _painn_ops.parallel_team_size() == threads
+
+
+@needs_op
 @pytest.mark.parametrize("with_v", [True, False])
 def test_op_first_and_second_derivatives(with_v: bool) -> None:
     phi, weight, direction, x, v, pair_a, pair_b = _op_inputs(with_v)

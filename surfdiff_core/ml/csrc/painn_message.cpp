@@ -447,6 +447,19 @@ std::string compiled_isa() {
   return isa;
 }
 
+// How many threads one at::parallel_for region of this build really runs on. at::parallel_for is an
+// OpenMP region compiled into the extension: built without -fopenmp it quietly runs on one thread.
+int64_t parallel_team_size() {
+  std::vector<int64_t> seen(std::max(1, at::get_num_threads()), 0);
+  at::parallel_for(0, static_cast<int64_t>(seen.size()), 1, [&](int64_t, int64_t) {
+    const int64_t id = at::get_thread_num();
+    if (id >= 0 && id < static_cast<int64_t>(seen.size())) seen[id] = 1;
+  });
+  int64_t team = 0;
+  for (int64_t s : seen) team += s;
+  return team;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(surfdiff, m) {
@@ -467,12 +480,16 @@ TORCH_LIBRARY_IMPL(surfdiff, CPU, m) {
 }  // namespace surfdiff
 
 // A Python module so that `import surfdiff_core.ml._painn_ops` loads the library (and runs the
-// registrations above); it also reports the instruction set the build assumes.
+// registrations above); it also reports the instruction set the build assumes and its real thread count.
 static PyObject* py_compiled_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(surfdiff::compiled_isa().c_str());
 }
+static PyObject* py_parallel_team_size(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(surfdiff::parallel_team_size());
+}
 static PyMethodDef kMethods[] = {
     {"compiled_isa", py_compiled_isa, METH_NOARGS, "CPU extensions the build was compiled for."},
+    {"parallel_team_size", py_parallel_team_size, METH_NOARGS, "Threads one at::parallel_for region runs on."},
     {nullptr, nullptr, 0, nullptr}};
 static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_painn_ops", nullptr, -1, kMethods};
 PyMODINIT_FUNC PyInit__painn_ops(void) { return PyModule_Create(&kModule); }
