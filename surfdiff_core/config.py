@@ -228,6 +228,9 @@ class SampleConfig(_Strict):
     eta_dt: float = Field(0.001, ge=0)  # the paper's η·Δt in Å/(eV/Å)
     relax: bool = True  # short MLFF relaxation after sampling
     relax_steps: int = Field(50, ge=0, le=MAX_STEPS)
+    # pairs closer than this fraction of their covalent radii sum are pushed apart in the guidance and the
+    # MLFF relaxation (diffusion/repulsion.py); 0 = off, the MLFF alone
+    repulsion: float = Field(0.75, ge=0, le=1.5)
     batch_size: int = Field(64, ge=1, le=MAX_SAMPLES)
     seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -134,9 +134,10 @@ def test_guided_samples_have_lower_mlff_energy(trained):
     model.set_energy_normalisation({8: -1.0, 47: -2.0}, 100.0)
     loaded = LoadedModel(model=model.eval(), process=make_process(cfg.model), model_id="random", meta={})
     system = target_system(cfg, SampleTarget(cell="p(3x3)", composition="Ag2O1"))
-    # The deterministic ODE sampler isolates guidance from the SDE noise of the last steps (few steps here).
+    # The deterministic ODE sampler isolates guidance from the SDE noise of the last steps (few steps here);
+    # the overlap wall is off: it follows its own energy, not the MLFF's.
     base = cfg.sample.model_copy(update={"relax": False, "steps": 20, "n": 8, "batch_size": 8, "eta_dt": 0.01,
-                                         "sampler": "ode"})
+                                         "sampler": "ode", "repulsion": 0.0})
     guided = generate(loaded, system, base.model_copy(update={"guidance": True}), seed=3, progress=False)
     unguided = generate(loaded, system, base.model_copy(update={"guidance": False}), seed=3, progress=False)
     lower = np.asarray(guided.energies) < np.asarray(unguided.energies)
@@ -167,3 +168,22 @@ def test_energy_target_is_refused_for_an_unconditioned_model(trained):
     with pytest.raises(ConfigError, match="energy-conditioned model"):
         sample.run(cfg, store, summary, scfg=scfg, run_id="refused", progress=False)
     assert store.count({}) == n  # nothing written
+
+
+def test_overlap_wall_joins_sample_ids_only_when_on(trained):
+    """Samples drawn without the wall keep the ids they had before it existed; with it they are new documents,
+    and the wall really acts: no sample drawn with it has a pair inside 1 Å."""
+    from surfdiff_core.sample.generate import generated_doc_id
+    from surfdiff_core.store import make_doc_id
+
+    cfg, _, summary = trained
+    loaded = load_checkpoint(summary.checkpoint)
+    system = target_system(cfg, SampleTarget(cell="p(3x3)", composition="Ag2O1"))
+    off = cfg.sample.model_copy(update={"repulsion": 0.0})
+    legacy = make_doc_id("generated", loaded.model_id, system.system_id, system.composition, off.sampler, off.steps,
+                         True, off.eta_dt, off.relax, off.relax_steps, off.batch_size, 5, 0)
+    assert generated_doc_id(loaded, system, off, 5, 0) == legacy
+    on = cfg.sample.model_copy(update={"repulsion": 0.75, "n": 8, "batch_size": 8})
+    assert generated_doc_id(loaded, system, on, 5, 0) != legacy
+    res = generate(loaded, system, on, seed=5, progress=False)
+    assert all(res.valid), res.reasons

@@ -33,8 +33,9 @@ from surfdiff_core.stages.common import open_study_store  # noqa: E402
 
 COMPOSITIONS = ["Ag4O2", "Ag4O3", "Ag4O4", "Ag5O2", "Ag5O3", "Ag5O4", "Ag5O5", "Ag6O2", "Ag6O3", "Ag6O4", "Ag6O5"]
 # D+AL: the D model after active-learning rounds; D+CFG: D with an energy-conditioned denoiser, sampled at
-# E_diff = 0 with classifier-free guidance; D+ODE: the D model sampled with the probability-flow ODE (Heun)
-WINDOWS = {"D": 2.0, "D_lowE": 0.5, "D+AL": 2.0, "D+CFG": 2.0, "D+ODE": 2.0}
+# E_diff = 0 with classifier-free guidance; D+CFG+AL: both; D+ODE: the D model sampled with the
+# probability-flow ODE (Heun)
+WINDOWS = {"D": 2.0, "D_lowE": 0.5, "D+AL": 2.0, "D+CFG": 2.0, "D+CFG+AL": 2.0, "D+ODE": 2.0}
 MODELS = {"demo": {"n_features": 32, "n_rbf": 20, "n_interactions": 3, "cutoff": 5.0},
           "paper": {"n_features": 64, "n_rbf": 30, "n_interactions": 4, "cutoff": 6.0}}
 
@@ -47,7 +48,7 @@ def study_config(args, seed: int, window: str, store: Path) -> dict:
         "oracle": {"name": args.energy_model},
         "rss": {"cell": "c(2x8)", "compositions": COMPOSITIONS, "n": args.rss_train, "seed": seed,
                 "fmax": 0.05, "steps": 300, "workers": args.workers},
-        "model": {**MODELS[args.model], "energy_features": 16 if window.endswith("+CFG") else 0},
+        "model": {**MODELS[args.model], "energy_features": 16 if "+CFG" in window else 0},
         "train": {"energy_window": WINDOWS[window], "repeat": 2, "epochs": args.epochs, "batch_size": 8,
                   "lr": 1e-3, "patience": 25, "seed": seed},
         "sample": {"targets": [{"cell": t.split()[1], "composition": t.split()[0]} for t in args.targets],
@@ -55,12 +56,12 @@ def study_config(args, seed: int, window: str, store: Path) -> dict:
                    "sampler": "ode" if window.endswith("+ODE") else "em",
                    "steps": args.ode_steps if window.endswith("+ODE") else args.steps,
                    "relax_steps": args.relax_steps, "batch_size": 32, "seed": seed,
-                   **({"energy_target": 0.0, "cfg_scale": args.cfg_scale} if window.endswith("+CFG") else {})},
+                   **({"energy_target": 0.0, "cfg_scale": args.cfg_scale} if "+CFG" in window else {})},
         "evaluate": {"budget": args.budget, "rss_budget": args.rss_budget, "seed": seed + 7919,
                      "guidance_samples": args.extras_n if args.extras and window == args.windows[-1] else 0,
                      "steps_sweep": [25, 100, args.steps] if args.extras and window == args.windows[-1] else []},
         "store": {"backend": "sqlite", "path": str(store)},
-        "active_learning": {"rounds": args.al_rounds if window.endswith("+AL") else 0,
+        "active_learning": {"rounds": args.al_rounds if "+AL" in window else 0,
                             "relax_per_round": args.al_labels, "epochs": args.al_epochs},
     }
 
@@ -120,7 +121,8 @@ def summarise(rows: list[dict], args, out: Path, wall: float) -> Path:
              "composition; D_lowE = within 0.5 eV; D+AL = the D model after "
              f"{args.al_rounds} active-learning rounds of {args.al_labels} oracle labels per target (counted "
              f"in the budget), {args.al_epochs} fine-tuning epochs each; D+CFG = D with an energy-conditioned "
-             f"denoiser sampled at E_diff = 0 with classifier-free guidance w = {args.cfg_scale}; D+ODE = the D "
+             f"denoiser sampled at E_diff = 0 with classifier-free guidance w = {args.cfg_scale}; D+CFG+AL = "
+             "both; D+ODE = the D "
              f"model sampled with the probability-flow ODE in {args.ode_steps} Heun steps (2 model evaluations "
              "each) instead of Euler–Maruyama.\n",
              "| target | window | seed | best surfdiff (eV) | best RSS (eV) | surfdiff relaxations to reach RSS best "

@@ -2,8 +2,9 @@
 
 A trained checkpoint (denoiser + MLFF) samples `n` structures of a SurfaceSystem in batches on the
 accelerator: uniform prior over the confinement box, reverse SDE (or probability-flow ODE) with force-field
-guidance, a short batched MLFF relaxation, then validity checks (distances < 1 Å or atoms outside the box
-are rejected and counted). Every sample becomes a `generated` document with full provenance.
+guidance, a short batched MLFF relaxation (both with a short-range overlap wall, diffusion/repulsion.py),
+then validity checks (distances < 1 Å or atoms outside the box are rejected and counted). Every sample
+becomes a `generated` document with full provenance.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from surfdiff_core.config import SampleConfig
 from surfdiff_core.diffusion.guidance import ForceFieldGuidance
+from surfdiff_core.diffusion.repulsion import OverlapRepulsion
 from surfdiff_core.diffusion.samplers import SAMPLERS
 from surfdiff_core.diffusion.validity import check_validity
 from surfdiff_core.errors import ConfigError, SurfdiffError
@@ -98,7 +100,10 @@ def generate(
     n = scfg.n if n is None else n
     seed = scfg.seed if seed is None else seed
     model, process = loaded.model.to(device).eval(), loaded.process
-    denoise = conditioned_denoiser(model, scfg)
+    denoise, relax_forces = conditioned_denoiser(model, scfg), model.denoise
+    if scfg.repulsion > 0:
+        wall = OverlapRepulsion(scale=scfg.repulsion)
+        denoise, relax_forces = wall.wrap(denoise), wall.wrap(relax_forces)
     sampler = SAMPLERS[scfg.sampler]
     guidance = ForceFieldGuidance(eta_dt=scfg.eta_dt) if scfg.guidance and scfg.eta_dt > 0 else None
     res = GenerationResult(system=system)
@@ -116,7 +121,7 @@ def generate(
                     callback=lambda i, t, b: bar.update(1), generator=gen)
         part.structure_steps = size * scfg.steps
         if scfg.relax and scfg.relax_steps > 0:
-            x, info = mlff_relax(model.denoise, x, steps=scfg.relax_steps)
+            x, info = mlff_relax(relax_forces, x, steps=scfg.relax_steps)
             steps = info.steps.tolist()
         else:
             steps = [0] * size
@@ -160,9 +165,10 @@ def generated_doc_id(loaded: LoadedModel, system: SurfaceSystem, scfg: SampleCon
     guided = bool(scfg.guidance and scfg.eta_dt > 0)
     # the energy condition joins the id only when set: unconditioned samples keep their ids
     conditioned = () if scfg.energy_target is None else (scfg.energy_target, scfg.cfg_scale)
+    repelled = () if scfg.repulsion == 0 else ("repulsion", scfg.repulsion)
     return make_doc_id("generated", loaded.model_id, system.system_id, system.composition, scfg.sampler,
                        scfg.steps, guided, scfg.eta_dt, scfg.relax, scfg.relax_steps, scfg.batch_size, seed, i,
-                       *conditioned)
+                       *conditioned, *repelled)
 
 
 def generated_docs(
@@ -191,7 +197,7 @@ def generated_docs(
             meta={"sampler": scfg.sampler, "diffusion_steps": scfg.steps, "guidance": guided,
                   "eta_dt": scfg.eta_dt, "mlff_relax": scfg.relax, "mlff_relax_steps": res.relax_steps[j],
                   "index": i, "checkpoint": checkpoint, "wall_time_batch": res.wall_time,
-                  "energy_target": scfg.energy_target,
+                  "energy_target": scfg.energy_target, "repulsion": scfg.repulsion,
                   "cfg_scale": None if scfg.energy_target is None else scfg.cfg_scale},
         ))
     return docs
