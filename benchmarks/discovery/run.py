@@ -27,7 +27,8 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 import torch  # noqa: E402
 
-from surfdiff_core.config import config_from_dict  # noqa: E402
+from surfdiff_core.config import config_from_dict, load_config  # noqa: E402
+from surfdiff_core.errors import ConfigError, SurfdiffError  # noqa: E402
 from surfdiff_core.stages import active, evaluate, rss, sample, train  # noqa: E402
 from surfdiff_core.stages.common import open_study_store  # noqa: E402
 
@@ -40,18 +41,40 @@ MODELS = {"demo": {"n_features": 32, "n_rbf": 20, "n_interactions": 3, "cutoff":
           "paper": {"n_features": 64, "n_rbf": 30, "n_interactions": 4, "cutoff": 6.0}}
 
 
+def system_of(args) -> dict:
+    """The surface system under test: the paper's Ag-O on Ag(111), or the one of a study config (`--config`):
+    its substrate, confinement box, RSS cell and compositions, and (unless --targets) its sample targets."""
+    if args.config:
+        cfg = load_config(args.config)
+        system = {"name": f"{cfg.name}-", "substrate": cfg.substrate.model_dump(),
+                  "confinement": cfg.confinement.model_dump(), "cell": cfg.rss.cell,
+                  "compositions": list(cfg.rss.compositions),
+                  "targets": [{"cell": t.cell, "composition": t.composition} for t in cfg.sample.targets]}
+    else:
+        system = {"name": "", "substrate": {"element": "Ag", "facet": "fcc111", "lattice_constant": "auto",
+                                            "layers": 3, "fixed_layers": 1, "vacuum": 10.0},
+                  "cell": "c(2x8)", "compositions": COMPOSITIONS,
+                  "targets": [{"cell": "p(4x4)", "composition": "Ag12O6"}, {"cell": "p(3x3)", "composition": "Ag6O3"}]}
+    if args.targets:
+        system["targets"] = [{"cell": t.split()[1], "composition": t.split()[0]} for t in args.targets]
+    if not system["targets"]:
+        raise ConfigError(f"{args.config}: no sample targets; give --targets 'COMPOSITION CELL' ...")
+    return system
+
+
 def study_config(args, seed: int, window: str, store: Path) -> dict:
+    system = system_of(args)
     return {
-        "name": f"bench-{args.energy_model}-s{seed}",
-        "substrate": {"element": "Ag", "facet": "fcc111", "lattice_constant": "auto", "layers": 3,
-                      "fixed_layers": 1, "vacuum": 10.0},
+        "name": f"bench-{system['name']}{args.energy_model}-s{seed}",
+        "substrate": system["substrate"],
+        **({"confinement": system["confinement"]} if "confinement" in system else {}),
         "oracle": {"name": args.energy_model},
-        "rss": {"cell": "c(2x8)", "compositions": COMPOSITIONS, "n": args.rss_train, "seed": seed,
+        "rss": {"cell": system["cell"], "compositions": system["compositions"], "n": args.rss_train, "seed": seed,
                 "fmax": 0.05, "steps": 300, "workers": args.workers},
         "model": {**MODELS[args.model], "energy_features": 16 if "+CFG" in window else 0},
         "train": {"energy_window": WINDOWS[window], "repeat": 2, "epochs": args.epochs, "batch_size": 8,
                   "lr": 1e-3, "patience": 25, "seed": seed},
-        "sample": {"targets": [{"cell": t.split()[1], "composition": t.split()[0]} for t in args.targets],
+        "sample": {"targets": system["targets"],
                    "n": args.samples, "guidance": True, "eta_dt": 0.001,
                    "sampler": "ode" if window.endswith("+ODE") else "em",
                    "steps": args.ode_steps if window.endswith("+ODE") else args.steps,
@@ -104,6 +127,7 @@ def summarise(rows: list[dict], args, out: Path, wall: float) -> Path:
     from surfdiff_core.evaluate.plots import best_energy_curves, energy_distributions, energy_vs_diffusion_steps
 
     evals = [r for r in rows if "target" in r]
+    system = system_of(args)
     lines = [f"# Discovery benchmark: surfdiff against RSS ({args.energy_model})\n",
              "Commands (each resumable; rows of earlier invocations into this folder are kept):\n",
              *[f"    {c}" for c in (out / "commands.txt").read_text().splitlines()],
@@ -112,7 +136,8 @@ def summarise(rows: list[dict], args, out: Path, wall: float) -> Path:
              f"{torch.get_num_threads()}); seeds {sorted({r['seed'] for r in rows})}"
              + (f"; wall time of the last invocation {wall / 60:.1f} min" if wall else
                 "; per-stage wall times of every seed in results.json") + ".  ",
-             f"Training data: RSS on c(2x8) {COMPOSITIONS[0]}..{COMPOSITIONS[-1]}, {args.rss_train} structures per "
+             f"Training data: RSS on {system['cell']} {', '.join(system['compositions'])}, {args.rss_train} "
+             "structures per "
              f"seed; model '{args.model}', {args.epochs} epochs; {args.samples} guided samples of {args.steps} "
              f"steps per target; generative arm: the best {args.budget} distinct samples in MLFF rank order; "
              f"RSS arm: {args.rss_budget} relaxations in the target cell. Both relaxed by the same ASE "
@@ -193,7 +218,9 @@ def main() -> None:
     p.add_argument("--relax-steps", type=int, default=100, help="MLFF relaxation steps after sampling")
     p.add_argument("--budget", type=int, default=24)
     p.add_argument("--rss-budget", type=int, default=256)
-    p.add_argument("--targets", nargs="+", default=["Ag12O6 p(4x4)", "Ag6O3 p(3x3)"])
+    p.add_argument("--config", default=None, help="a study config whose surface system to benchmark (default: "
+                   "the paper's Ag-O on Ag(111)); sizes, seeds and the energy model still come from these options")
+    p.add_argument("--targets", nargs="+", default=None, help="'COMPOSITION CELL' ... (default: the system's)")
     p.add_argument("--windows", nargs="+", default=list(WINDOWS), choices=list(WINDOWS))
     p.add_argument("--al-rounds", type=int, default=2, help="active-learning rounds of the D+AL arm")
     p.add_argument("--al-labels", type=int, default=4, help="oracle labels per target and round (D+AL)")
@@ -207,7 +234,13 @@ def main() -> None:
     p.add_argument("--out", default=None, help="default benchmarks/discovery/<energy model>")
     p.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from results.json, run nothing")
     args = p.parse_args()
-    out = Path(args.out or HERE / args.energy_model)
+    try:
+        system = system_of(args)
+    except SurfdiffError as err:  # a bad --config or --targets: one line, nothing written
+        sys.exit(f"error: {err}")
+    out = Path(args.out or HERE / f"{system['name']}{args.energy_model}")
+    if args.report_only and not (out / "results.json").is_file():
+        sys.exit(f"error: no results to report in {out}: run the benchmark first")
     out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         rows = json.loads((out / "results.json").read_text())
