@@ -21,7 +21,8 @@ VALIDITY_WARNING = 0.5  # below this fraction of valid samples the model is too 
 def sample_validity_check(cfg: SurfdiffConfig, checkpoint: str, *, n_train: int, device: str = "auto",
                           n: int = 8) -> tuple[float | None, str | None]:
     """Valid fraction of a few samples of the first target (or the training cell) right after training,
-    with a warning when the data or the model are too small for valid samples."""
+    with a warning when the data or the model are too small for valid samples. The model's own samples: the
+    overlap wall (sample.repulsion) is off here, since it repairs exactly the collapse this check detects."""
     from surfdiff_core.config import SampleTarget
     from surfdiff_core.sample.generate import generate
     from surfdiff_core.stages.common import target_system
@@ -30,7 +31,8 @@ def sample_validity_check(cfg: SurfdiffConfig, checkpoint: str, *, n_train: int,
     target = (cfg.sample.targets or [SampleTarget(cell=cfg.rss.cell, composition=cfg.rss.compositions[0])])[0]
     system = target_system(cfg, target)
     dev = pick_device(device)
-    scfg = cfg.sample.model_copy(update={"n": n, "batch_size": n, "seed": cfg.sample.seed + 104729})
+    scfg = cfg.sample.model_copy(update={"n": n, "batch_size": n, "seed": cfg.sample.seed + 104729,
+                                         "repulsion": 0.0})
     try:
         res = generate(load_checkpoint(checkpoint, device=dev), system, scfg, device=dev, progress=False)
     except SurfdiffError:  # a target the model cannot sample (elements) is reported by the sample stage
