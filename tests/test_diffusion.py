@@ -6,6 +6,7 @@ All models here are analytic: the exact eps of a known data distribution and a h
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -163,12 +164,28 @@ def harmonic(batch: SlabBatch, x_star: torch.Tensor, k: float) -> tuple[torch.Te
 
 
 class HarmonicMLFF:
-    def __init__(self, x_star: torch.Tensor, k: float) -> None:
-        self.x_star, self.k = x_star, k
+    """Harmonic wells at x_star. Given a sub-batch (batch.select), it finds each structure's wells by the
+    length of its third cell vector, which `distinct_cells` makes unique per structure."""
+
+    def __init__(self, x_star: torch.Tensor, k: float, full: SlabBatch | None = None) -> None:
+        self.x_star, self.k, self.full = x_star, k, full
+        self.calls: list[int] = []
 
     def __call__(self, batch: SlabBatch, t: torch.Tensor, *, with_forces: bool) -> DenoiserOutput:
-        f, e = harmonic(batch, self.x_star, self.k)
+        self.calls.append(batch.n_structures)
+        x_star = self.x_star
+        if self.full is not None and batch.n_structures != self.full.n_structures:
+            original = [int((self.full.cell[:, 2, 2] == c).nonzero()) for c in batch.cell[:, 2, 2]]
+            x_star = torch.cat([self.x_star[self.full.batch == b] for b in original])
+        f, e = harmonic(batch, x_star, self.k)
         return DenoiserOutput(eps=torch.zeros_like(f), forces=f, energy=e)
+
+
+def distinct_cells(batch: SlabBatch) -> SlabBatch:
+    """The same slabs with the (non-periodic) third cell vector lengthened by b Å in structure b."""
+    cell = batch.cell.clone()
+    cell[:, 2, 2] += torch.arange(batch.n_structures, dtype=cell.dtype)
+    return replace(batch, cell=cell)
 
 
 def gaussian_setup(n_struct: int, z_rel: float = sum(BOX) / 2, dtype: torch.dtype = torch.float32):
@@ -491,7 +508,17 @@ def test_mlff_relax_batched_and_confined(method: str) -> None:
     g = torch.Generator().manual_seed(15)
     x_star = batch.positions + torch.randn(batch.n_atoms, 3, generator=g, dtype=torch.float64) * 0.5
     x_star[:, 2] = torch.where(batch.batch == 0, zb[:, 1] + 2.0, (zb[:, 0] + zb[:, 1]) / 2)  # 0: above box
-    relaxed, info = mlff_relax(HarmonicMLFF(x_star, 5.0), batch, steps=200, fmax=0.01, method=method, step_size=0.05)
+    batch = distinct_cells(batch)
+    mlff = HarmonicMLFF(x_star, 5.0, full=batch)
+    relaxed, info = mlff_relax(mlff, batch, steps=200, fmax=0.01, method=method, step_size=0.05)
+    # converged structures leave the batch: the model sees fewer structures as they converge, never more
+    assert mlff.calls[0] == 5 and mlff.calls[-2] == 1 and mlff.calls[:-1] == sorted(mlff.calls[:-1], reverse=True)
+    for b in range(1, 5):  # each structure relaxes as it would alone
+        alone = batch.select(torch.arange(5) == b)
+        one, one_info = mlff_relax(HarmonicMLFF(x_star[batch.batch == b], 5.0), alone, steps=200, fmax=0.01,
+                                   method=method, step_size=0.05)
+        assert torch.allclose(one.positions, relaxed.positions[batch.batch == b])
+        assert int(one_info.steps[0]) == int(info.steps[b])
     assert torch.equal(relaxed.positions[~m], batch.positions[~m])
     z = relaxed.positions[m, 2]
     assert bool(((z >= zb[m, 0]) & (z <= zb[m, 1])).all())
@@ -532,3 +559,16 @@ def test_check_validity() -> None:
     assert "closer than" in reasons[2] and "outside" not in reasons[2]
     assert "outside the z box" in reasons[3] and "closer" not in reasons[3]
     assert "non-finite" in reasons[4]
+
+
+def test_select_keeps_structures_in_order_and_refuses_wrong_masks() -> None:
+    batch = make_batch(4, 2, seed=16)
+    keep = torch.tensor([False, True, False, True])
+    sub = batch.select(keep)
+    assert sub.n_structures == 2 and torch.equal(sub.batch.unique(), torch.tensor([0, 1]))
+    for new, old in [(0, 1), (1, 3)]:
+        assert torch.equal(sub.positions[sub.batch == new], batch.positions[batch.batch == old])
+        assert torch.equal(sub.movable[sub.batch == new], batch.movable[batch.batch == old])
+    assert torch.equal(sub.z_bounds, batch.z_bounds[keep])
+    with pytest.raises(ValueError, match="bool mask"):
+        batch.select(torch.tensor([0, 1]))

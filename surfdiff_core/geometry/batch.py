@@ -50,6 +50,21 @@ class SlabBatch:
             z_bounds=self.z_bounds.to(device, fdtype),
         )
 
+    def select(self, keep: torch.Tensor) -> SlabBatch:
+        """The sub-batch of the structures where keep ([B] bool) is True, in their order, renumbered from 0."""
+        if keep.shape != (self.n_structures,) or keep.dtype != torch.bool:
+            raise ValueError(f"select needs a [{self.n_structures}] bool mask, got {tuple(keep.shape)} {keep.dtype}")
+        atoms = keep[self.batch]
+        new_index = torch.cumsum(keep.long(), 0) - 1
+        return SlabBatch(
+            positions=self.positions[atoms],
+            numbers=self.numbers[atoms],
+            cell=self.cell[keep],
+            batch=new_index[self.batch[atoms]],
+            movable=self.movable[atoms],
+            z_bounds=self.z_bounds[keep],
+        )
+
     def atoms_per_structure(self) -> torch.Tensor:
         return torch.bincount(self.batch, minlength=self.n_structures)
 

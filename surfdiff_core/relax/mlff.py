@@ -40,6 +40,21 @@ def _forces(model: DenoiserFn, batch: SlabBatch, t: torch.Tensor) -> tuple[torch
     return torch.where(batch.movable[:, None], out.forces, torch.zeros_like(out.forces)), out
 
 
+def _forces_of_unconverged(
+    model: DenoiserFn, batch: SlabBatch, t: torch.Tensor, done: torch.Tensor
+) -> torch.Tensor:
+    """Forces of the structures not yet done (zero on the others): a converged structure no longer moves, so
+    its forces need no new evaluation and the batch shrinks as structures converge."""
+    if not bool(done.any()):
+        return _forces(model, batch, t)[0]
+    todo = ~done
+    atoms = todo[batch.batch]
+    f_todo, _ = _forces(model, batch.select(todo), t[todo])
+    f = torch.zeros_like(batch.positions)
+    f[atoms] = f_todo
+    return f
+
+
 @torch.no_grad()
 def mlff_relax(
     model: DenoiserFn,
@@ -75,10 +90,12 @@ def mlff_relax(
     n_pos = torch.zeros(n_struct, device=pos.device, dtype=torch.long)
     taken = torch.zeros(n_struct, device=pos.device, dtype=torch.long)
 
+    done = torch.zeros(n_struct, device=pos.device, dtype=torch.bool)
     for k in range(steps):
-        f, _out = _forces(model, batch.with_positions(pos), tt)
+        f = _forces_of_unconverged(model, batch.with_positions(pos), tt, done)
         fnorm = _per_structure_max(torch.linalg.norm(f, dim=-1), idx, n_struct)
-        active = fnorm >= fmax
+        done = done | (fnorm < fmax)
+        active = ~done
         if not bool(active.any()):
             break
         taken += active.long()
