@@ -223,7 +223,7 @@ class SampleConfig(_Strict):
     targets: list[SampleTarget] = Field(default_factory=list)
     n: int = Field(16, ge=1, le=MAX_SAMPLES)
     steps: int = Field(500, ge=1, le=MAX_STEPS)
-    sampler: Literal["em", "ode"] = "em"
+    sampler: Literal["em", "ode", "ddim"] = "em"
     guidance: bool = True
     eta_dt: float = Field(0.001, ge=0)  # the paper's η·Δt in Å/(eV/Å)
     relax: bool = True  # short MLFF relaxation after sampling

@@ -35,8 +35,17 @@ from surfdiff_core.stages.common import open_study_store  # noqa: E402
 COMPOSITIONS = ["Ag4O2", "Ag4O3", "Ag4O4", "Ag5O2", "Ag5O3", "Ag5O4", "Ag5O5", "Ag6O2", "Ag6O3", "Ag6O4", "Ag6O5"]
 # D+AL: the D model after active-learning rounds; D+CFG: D with an energy-conditioned denoiser, sampled at
 # E_diff = 0 with classifier-free guidance; D+CFG+AL: both; D+ODE: the D model sampled with the
-# probability-flow ODE (Heun)
-WINDOWS = {"D": 2.0, "D_lowE": 0.5, "D+AL": 2.0, "D+CFG": 2.0, "D+CFG+AL": 2.0, "D+ODE": 2.0}
+# probability-flow ODE (Heun); D+DDIM: the D model sampled with deterministic DDIM steps
+WINDOWS = {"D": 2.0, "D_lowE": 0.5, "D+AL": 2.0, "D+CFG": 2.0, "D+CFG+AL": 2.0, "D+ODE": 2.0, "D+DDIM": 2.0}
+FEW_STEP_SAMPLERS = {"+ODE": "ode", "+DDIM": "ddim"}
+
+
+def sampler_of(window: str, args) -> tuple[str, int]:
+    """(sampler, steps) of an arm: EM with --steps, or a few-step sampler with its own step count."""
+    for suffix, name in FEW_STEP_SAMPLERS.items():
+        if window.endswith(suffix):
+            return name, args.ode_steps if name == "ode" else args.ddim_steps
+    return "em", args.steps
 MODELS = {"demo": {"n_features": 32, "n_rbf": 20, "n_interactions": 3, "cutoff": 5.0},
           "paper": {"n_features": 64, "n_rbf": 30, "n_interactions": 4, "cutoff": 6.0}}
 
@@ -76,8 +85,7 @@ def study_config(args, seed: int, window: str, store: Path) -> dict:
                   "lr": 1e-3, "patience": 25, "seed": seed},
         "sample": {"targets": system["targets"],
                    "n": args.samples, "guidance": True, "eta_dt": 0.001,
-                   "sampler": "ode" if window.endswith("+ODE") else "em",
-                   "steps": args.ode_steps if window.endswith("+ODE") else args.steps,
+                   "sampler": sampler_of(window, args)[0], "steps": sampler_of(window, args)[1],
                    "relax_steps": args.relax_steps, "batch_size": 32, "seed": seed,
                    **({"energy_target": 0.0, "cfg_scale": args.cfg_scale} if "+CFG" in window else {})},
         "evaluate": {"budget": args.budget, "rss_budget": args.rss_budget, "seed": seed + 7919,
@@ -149,7 +157,8 @@ def summarise(rows: list[dict], args, out: Path, wall: float) -> Path:
              f"denoiser sampled at E_diff = 0 with classifier-free guidance w = {args.cfg_scale}; D+CFG+AL = "
              "both; D+ODE = the D "
              f"model sampled with the probability-flow ODE in {args.ode_steps} Heun steps (2 model evaluations "
-             "each) instead of Euler–Maruyama.\n",
+             f"each) instead of Euler–Maruyama; D+DDIM = the D model sampled in {args.ddim_steps} deterministic "
+             "DDIM steps (1 model evaluation each).\n",
              "| target | window | seed | best surfdiff (eV) | best RSS (eV) | surfdiff relaxations to reach RSS best "
              "(±0.05 eV) | RSS expected | ratio | median steps surfdiff / RSS | AL labels in the cell | "
              "MLFF/oracle rank corr. | training force calls |",
@@ -226,6 +235,7 @@ def main() -> None:
     p.add_argument("--al-labels", type=int, default=4, help="oracle labels per target and round (D+AL)")
     p.add_argument("--al-epochs", type=int, default=10, help="fine-tuning epochs per round (D+AL)")
     p.add_argument("--ode-steps", type=int, default=50, help="Heun steps of the D+ODE arm (2 evaluations each)")
+    p.add_argument("--ddim-steps", type=int, default=100, help="DDIM steps of the D+DDIM arm (1 evaluation each)")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (D+CFG)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
