@@ -59,20 +59,40 @@ def test_rounds_label_samples_and_fine_tune_on_them(study):
     assert t.active_learning_labels == len(in_cell) == 4
     assert t.generative_energies[:4] == pytest.approx([d.energy for d in in_cell])
     assert len(t.generative_energies) == 4 + len(t.relaxed_ids)
-    # no oracle relaxation is spent again on a structure already labelled: make the top sample a label
+    # no oracle relaxation is spent again on a structure already labelled: make one label the top sample
     drawn = sample.run(cfg, store, res.model, progress=False)
     first_pick = store.get(after.targets[0].relaxed_ids[0]).parent_id
-    top = store.get(first_pick)
-    store.put(top.model_copy(update={"doc_id": "relaxed-known", "source": "relaxed", "energy_model": "emt",
-                                     "parent_id": "generated-elsewhere", "energy": 1.0,
-                                     "meta": {"active_learning": True, "round": 1, "mlff_energy": 0.0}}))
+    top, label = store.get(first_pick), in_cell[0]
+    store.put(top.model_copy(update={"doc_id": label.doc_id, "source": "relaxed", "energy_model": "emt",
+                                     "parent_id": label.parent_id, "energy": label.energy, "meta": label.meta}))
     again = evaluate.run(cfg, store, drawn, progress=False).targets[0]
-    assert again.active_learning_labels == 5 and first_pick not in {
+    assert again.active_learning_labels == 4 and first_pick not in {
         store.get(i).parent_id for i in again.relaxed_ids}
     # the model before any round learned from no label, and its evaluation counts none
     assert evaluate.run(cfg, store, model_id=first.model_id, progress=False).targets[0].active_learning_labels == 0
     assert cost["structures"] == len([d for d in store.find({"study": cfg.name, "source": "rss",
                                                              "system_id": training_system(cfg).system_id})]) + 4
+
+
+def test_two_chains_in_one_study_keep_their_labels_apart(study):
+    """Two active-learning runs from one model (other sampling settings) share the study's store: each
+    round trains on its own chain's labels only, and each evaluation counts only its own."""
+    cfg, store, first = study
+    one = active.run(cfg, store, first, progress=False)
+    other_cfg = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"seed": cfg.sample.seed + 1})})
+    two = active.run(other_cfg, store, first, progress=False)
+    assert one.model.model_id != two.model.model_id
+    own = {name: set(res.model.learned_labels) for name, res in (("one", one), ("two", two))}
+    assert len(own["one"]) == len(own["two"]) == 4 and not own["one"] & own["two"]
+    assert store.count({"meta.active_learning": True}) == 8
+    for name, res in (("one", one), ("two", two)):
+        data = set(load_checkpoint(res.model.checkpoint).meta["data"]["doc_ids"])
+        labels_seen = {i for i in data if store.get(i).meta.get("active_learning")}
+        assert labels_seen == own[name], name
+        run_cfg = cfg if name == "one" else other_cfg
+        evaluated = evaluate.run(run_cfg, store, sample.run(run_cfg, store, res.model, progress=False),
+                                 progress=False)
+        assert evaluated.training_cost["active_learning_labels"] == 4, name
 
 
 def _checkpoint(cfg, model_id: str) -> str:

@@ -40,7 +40,7 @@ def run_round(cfg: SurfdiffConfig, store: ResultsStore, model: TrainResult, k: i
     calculator = get_calculator(cfg.oracle.name, **cfg.oracle.settings)
     scfg = cfg.sample.model_copy(update={"n": al.samples or cfg.sample.n, "seed": cfg.sample.seed + 7919 * k})
     drawn = sample.run(cfg, store, model, targets=targets, scfg=scfg, run_id=f"{run_id}-al{k}", progress=progress)
-    labels, best = 0, {}
+    labels, best, label_ids = 0, {}, []
     for t in drawn.targets:
         quota = al.relax_per_round if left is None else min(al.relax_per_round, left - labels)
         if quota <= 0:
@@ -51,11 +51,13 @@ def run_round(cfg: SurfdiffConfig, store: ResultsStore, model: TrainResult, k: i
                                 meta={"active_learning": True, "round": k, "model_id": model.model_id},
                                 progress=progress)
         labels += len(relaxed)
+        label_ids += [d.doc_id for d in relaxed]
         energies = [d.energy for d in relaxed if d.energy is not None and not d.error]
         best[f"{t.composition} {t.cell}"] = min(energies) if energies else None
     learned = tuple(sorted({s.system_id for s in systems.values()}))
     new = train.run(cfg, store, epochs=al.epochs, run_id=run_id, progress=progress, round_index=k,
-                    learned_systems=learned, init_from=model.checkpoint)
+                    learned_systems=learned, learned_labels=(*model.learned_labels, *label_ids),
+                    init_from=model.checkpoint)
     return new, {"round": k, "model_id": new.model_id, "samples": len(drawn.doc_ids), "labels": labels,
                  "n_train": new.n_train, "best_labelled": best, "best_val": new.best_val}
 

@@ -161,10 +161,10 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
         targets = [SampleTarget(cell=t.cell, composition=t.composition) for t in upstream.targets]
     targets = targets or sample_targets(cfg)
     # what the model learned from: RSS data of the training cell, and the active-learning labels (in target
-    # cells) of the rounds up to the model's own
+    # cells) of its own chain of rounds, by id
     learned: list[dict] = [{"system_id": training_system(cfg).system_id, "source": {"$in": ["rss", "relaxed", "dft"]}}]
-    if record.round:
-        learned.append({"meta.active_learning": True, "meta.round": {"$lte": record.round}})
+    if record.learned_labels:
+        learned.append({"meta.active_learning": True, "doc_id": {"$in": record.learned_labels}})
     training_docs = list(store.find({"study": cfg.name, "energy_model": {"$in": list(training_energy_models(cfg))},
                                      "$or": learned}))
     calculator = get_calculator(cfg.oracle.name, **cfg.oracle.settings)

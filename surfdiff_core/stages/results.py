@@ -56,6 +56,7 @@ class TrainResult(StageResult):
     resumed_from: int = 0
     sample_validity: float | None = None  # valid fraction of a few test samples right after training
     warning: str | None = None  # set when that fraction is too low to trust the model
+    learned_labels: list[str] = field(default_factory=list)  # ids of the active-learning labels it learned
     training_doc_ids: list[str] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
 

@@ -26,7 +26,7 @@ def resolve_model(cfg: SurfdiffConfig, upstream: TrainResult | None = None,
             if rec is None:  # a result handed over without a registry entry: trust its own hash
                 rec = ModelRecord(model_id=upstream.model_id, checkpoint=upstream.checkpoint, sha256=upstream.sha256,
                                   study=upstream.study, system_id=upstream.system_id,
-                                  energy_models=upstream.energy_models)
+                                  energy_models=upstream.energy_models, learned_labels=upstream.learned_labels)
             verify_checkpoint(rec)
             return rec
         return registry.resolve(study=cfg.name, system_id=training_system(cfg).system_id,
@@ -39,7 +39,7 @@ def registered_model(cfg: SurfdiffConfig, run_id: str, model_id: str | None = No
     rec = resolve_model(cfg, model_id=model_id)
     return TrainResult(study=cfg.name, run_id=run_id, config_hash="", model_id=rec.model_id,
                        checkpoint=rec.checkpoint, sha256=rec.sha256, system_id=rec.system_id,
-                       energy_models=rec.energy_models)
+                       energy_models=rec.energy_models, learned_labels=rec.learned_labels)
 
 
 def sample_one(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, model: ModelRecord, *,

@@ -48,12 +48,13 @@ def sample_validity_check(cfg: SurfdiffConfig, checkpoint: str, *, n_train: int,
 def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = None, *,
         epochs: int | None = None, device: str | None = None, run_id: str | None = None, progress: bool = True,
         round_index: int | None = None, learned_systems: tuple[str, ...] = (),
-        init_from: str | None = None) -> TrainResult:
+        learned_labels: tuple[str, ...] = (), init_from: str | None = None) -> TrainResult:
     """Train (or resume) on the documents of this study, training system and energy model(s).
 
     `upstream` (the RSS stage's result) fixes the system and energy model; without it they come from the
-    config. Active learning passes `learned_systems` (its relaxed samples in those cells join the data),
-    `init_from` (the previous round's checkpoint) and `round_index`."""
+    config. Active learning passes `learned_systems` and `learned_labels` (the ids of its oracle labels in
+    those cells, every round of its own chain so far: they join the data), `init_from` (the previous round's
+    checkpoint) and `round_index`."""
     from surfdiff_core.train.data import DataScope
     from surfdiff_core.train.trainer import train
 
@@ -64,7 +65,7 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = N
                             f"study's training system and energy model ({system_id}, {models[0]})")
     tcfg = cfg.train if device is None else cfg.train.model_copy(update={"device": device})
     scope = DataScope(study=cfg.name, system_id=system_id, energy_models=models, learned_systems=learned_systems,
-                      learned_rounds=round_index)
+                      learned_labels=learned_labels)
     res = train(store, cfg.model, tcfg, scope=scope, checkpoint_dir=checkpoint_dir(cfg), progress=progress,
                 max_epochs=epochs, init_from=init_from)
     sha = file_sha256(res.checkpoint)
@@ -73,7 +74,7 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = N
             model_id=res.model_id, checkpoint=str(res.checkpoint), sha256=sha, study=cfg.name,
             system_id=system_id, energy_models=list(models), epochs=res.epochs, best_val=res.best_val,
             n_train=res.n_train, n_val=res.n_val, model=cfg.model.model_dump(mode="json"),
-            train=cfg.train.model_dump(mode="json"), round=round_index,
+            train=cfg.train.model_dump(mode="json"), round=round_index, learned_labels=list(learned_labels),
         ))
     validity, warning = sample_validity_check(cfg, str(res.checkpoint), n_train=res.n_train, device=tcfg.device)
     return TrainResult(
@@ -82,5 +83,6 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = N
         model_id=res.model_id, checkpoint=str(res.checkpoint), sha256=sha, system_id=system_id,
         energy_models=list(models), epochs=res.epochs, best_val=res.best_val, n_train=res.n_train,
         n_val=res.n_val, samples_per_second=res.samples_per_second, resumed_from=res.resumed_from,
+        learned_labels=list(learned_labels),
         training_doc_ids=res.doc_ids, history=res.history,
     )

@@ -35,6 +35,7 @@ class ModelRecord(BaseModel):
     model: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
     round: int | None = None  # active-learning round, None for a model trained on RSS data alone
+    learned_labels: list[str] = Field(default_factory=list)  # ids of the active-learning labels it learned
     created_at: str = Field(default_factory=lambda: now().isoformat())
 
 

@@ -51,19 +51,18 @@ class DataScope:
     system_id: str
     energy_models: tuple[str, ...]
     # Active learning: oracle relaxations of samples in these (target) systems join the training set, but
-    # never other documents of those cells (the RSS baseline of the evaluation stays unseen).
+    # never other documents of those cells (the RSS baseline of the evaluation stays unseen), and only the
+    # labels passed on by this chain's rounds (`learned_labels`, document ids), never another chain's.
     learned_systems: tuple[str, ...] = ()
-    learned_rounds: int | None = None  # labels of rounds 1..k only (None: all), so a rerun of round k matches
+    learned_labels: tuple[str, ...] = ()
 
     def criteria(self) -> dict:
         crit: dict = {"valid": True, "in_box": True, "energy": {"$ne": None},
                       "energy_model": {"$in": list(self.energy_models)}}
         training = {"system_id": self.system_id, "source": {"$in": ["rss", "relaxed", "dft"]}}
-        if self.learned_systems:
+        if self.learned_systems and self.learned_labels:
             learned = {"system_id": {"$in": list(self.learned_systems)}, "source": {"$in": ["relaxed", "dft"]},
-                       "meta.active_learning": True}
-            if self.learned_rounds is not None:
-                learned["meta.round"] = {"$lte": self.learned_rounds}
+                       "meta.active_learning": True, "doc_id": {"$in": list(self.learned_labels)}}
             crit["$or"] = [training, learned]
         else:
             crit.update(training)
