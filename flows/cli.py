@@ -168,7 +168,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for t in targets:
         target_system(cfg, t)
     with open_study_store(cfg) as store:
-        result = evaluate.run(cfg, store, model_id=args.model_id, targets=targets)
+        result = evaluate.run(cfg, store, model_id=args.model_id, targets=targets, sample_run=args.sample_run)
     report = figure_dir(cfg) / "evaluation" / "report.md"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(markdown_report(result))
@@ -368,6 +368,8 @@ def _add_stage_parsers(sub) -> None:
     e.add_argument("--budget", type=int, default=None, help="oracle relaxations of samples per target")
     e.add_argument("--rss-budget", type=int, default=None, help="RSS relaxations in each target cell")
     e.add_argument("--model-id", default=None, help="samples of this model (default: the newest)")
+    e.add_argument("--sample-run", default=None, metavar="RUN_ID",
+                   help="the model's samples of this sample run (default: those the config's sample section makes)")
     e.add_argument("--reference", default=None, metavar="'COMPOSITION CELL=FILE'",
                    help="a known minimum to look for, e.g. 'Ag12O6 p(4x4)=ag6.extxyz'")
     e.add_argument("--json", action="store_true")

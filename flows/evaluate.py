@@ -15,18 +15,20 @@ from surfdiff_core.stages.results import SampleResult
 
 @task(retries=1, retry_delay_seconds=10)
 def evaluate_task(cfg: SurfdiffConfig, upstream: SampleResult | None, model_id: str | None,
-                  run_id: str | None) -> EvaluationResult:
+                  run_id: str | None, sample_run: str | None = None) -> EvaluationResult:
     with open_study_store(cfg) as store:
-        return evaluate.run(cfg, store, upstream, model_id=model_id, run_id=run_id, progress=show_progress())
+        return evaluate.run(cfg, store, upstream, model_id=model_id, run_id=run_id, sample_run=sample_run,
+                            progress=show_progress())
 
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(study: SurfdiffConfig | None = None, config_path: str | None = None,
                   upstream: SampleResult | None = None, model_id: str | None = None,
-                  store_path: str | None = None) -> EvaluationResult:
-    """Generative arm against RSS at equal oracle budget, sample quality, and the γ(Δμ) phase diagram."""
+                  store_path: str | None = None, sample_run: str | None = None) -> EvaluationResult:
+    """Generative arm against RSS at equal oracle budget, sample quality, and the γ(Δμ) phase diagram.
+    Without `upstream`: the samples of `sample_run`, or else those the study's sample section makes."""
     cfg = resolve_study(study, config_path, store_path)
-    result = evaluate_task(cfg, upstream, model_id, upstream.run_id if upstream else flow_run_id())
+    result = evaluate_task(cfg, upstream, model_id, upstream.run_id if upstream else flow_run_id(), sample_run)
     rows = result.rows()
     if rows:
         create_table_artifact(key=artifact_key(f"{cfg.name}-evaluation"), table=rows,

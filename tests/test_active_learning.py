@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from surfdiff_core.config import load_config
+from surfdiff_core.errors import SurfdiffError
 from surfdiff_core.stages import active, evaluate, rss, sample, train
 from surfdiff_core.stages.common import model_registry, open_study_store, training_system
 from surfdiff_core.train.trainer import load_checkpoint
@@ -26,7 +27,8 @@ def study(tmp_path):
 def test_rounds_label_samples_and_fine_tune_on_them(study):
     cfg, store, first = study
     # the RSS baseline in the target cell exists before learning: it must never become training data
-    baseline = evaluate.run(cfg, store, sample.run(cfg, store, first, progress=False), progress=False)
+    drawn_first = sample.run(cfg, store, first, progress=False)
+    baseline = evaluate.run(cfg, store, drawn_first, progress=False)
     assert baseline.targets[0].rss_ids
     res = active.run(cfg, store, first, progress=False)
     assert [r["round"] for r in res.rounds] == [1, 2] and res.relaxations == 4
@@ -68,8 +70,17 @@ def test_rounds_label_samples_and_fine_tune_on_them(study):
     again = evaluate.run(cfg, store, drawn, progress=False).targets[0]
     assert again.active_learning_labels == 4 and first_pick not in {
         store.get(i).parent_id for i in again.relaxed_ids}
-    # the model before any round learned from no label, and its evaluation counts none
-    assert evaluate.run(cfg, store, model_id=first.model_id, progress=False).targets[0].active_learning_labels == 0
+    # the model before any round learned from no label, and its evaluation counts none; without the sample
+    # stage's result it judges the samples the config's sample section makes, not those the rounds drew
+    alone = evaluate.run(cfg, store, model_id=first.model_id, progress=False).targets[0]
+    assert alone.active_learning_labels == 0 and alone.relaxed_ids
+    assert {store.get(i).parent_id for i in alone.relaxed_ids} <= set(drawn_first.targets[0].doc_ids)
+    round_one = store.get(next(d.parent_id for d in labels.values() if d.meta["round"] == 1))
+    assert round_one.model_id == first.model_id and round_one.doc_id not in drawn_first.targets[0].doc_ids
+    named = evaluate.run(cfg, store, model_id=first.model_id, sample_run=round_one.run_id, progress=False).targets[0]
+    assert {store.get(store.get(i).parent_id).run_id for i in named.relaxed_ids} == {round_one.run_id}
+    with pytest.raises(SurfdiffError, match="sample run 'nope'"):
+        evaluate.run(cfg, store, model_id=first.model_id, sample_run="nope", progress=False)
     assert cost["structures"] == len([d for d in store.find({"study": cfg.name, "source": "rss",
                                                              "system_id": training_system(cfg).system_id})]) + 4
 

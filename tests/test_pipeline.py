@@ -182,8 +182,8 @@ def test_overlap_wall_joins_sample_ids_only_when_on(trained):
     off = cfg.sample.model_copy(update={"repulsion": 0.0})
     legacy = make_doc_id("generated", loaded.model_id, system.system_id, system.composition, off.sampler, off.steps,
                          True, off.eta_dt, off.relax, off.relax_steps, off.batch_size, 5, 0)
-    assert generated_doc_id(loaded, system, off, 5, 0) == legacy
+    assert generated_doc_id(loaded.model_id, system, off, 5, 0) == legacy
     on = cfg.sample.model_copy(update={"repulsion": 0.75, "n": 8, "batch_size": 8})
-    assert generated_doc_id(loaded, system, on, 5, 0) != legacy
+    assert generated_doc_id(loaded.model_id, system, on, 5, 0) != legacy
     res = generate(loaded, system, on, seed=5, progress=False)
     assert all(res.valid), res.reasons

@@ -161,12 +161,12 @@ def conditioned_denoiser(model, scfg: SampleConfig):
     return functools.partial(model.denoise, condition=scfg.energy_target, cfg_scale=scfg.cfg_scale)
 
 
-def generated_doc_id(loaded: LoadedModel, system: SurfaceSystem, scfg: SampleConfig, seed: int, i: int) -> str:
+def generated_doc_id(model_id: str, system: SurfaceSystem, scfg: SampleConfig, seed: int, i: int) -> str:
     guided = bool(scfg.guidance and scfg.eta_dt > 0)
     # the energy condition joins the id only when set: unconditioned samples keep their ids
     conditioned = () if scfg.energy_target is None else (scfg.energy_target, scfg.cfg_scale)
     repelled = () if scfg.repulsion == 0 else ("repulsion", scfg.repulsion)
-    return make_doc_id("generated", loaded.model_id, system.system_id, system.composition, scfg.sampler,
+    return make_doc_id("generated", model_id, system.system_id, system.composition, scfg.sampler,
                        scfg.steps, guided, scfg.eta_dt, scfg.relax, scfg.relax_steps, scfg.batch_size, seed, i,
                        *conditioned, *repelled)
 
@@ -183,7 +183,7 @@ def generated_docs(
         i = first_index + j
         atoms = system.compose(res.positions[j][system.n_substrate :])
         atoms.positions = res.positions[j]
-        doc_id = generated_doc_id(loaded, system, scfg, seed, i)
+        doc_id = generated_doc_id(loaded.model_id, system, scfg, seed, i)
         docs.append(StructureDoc(
             doc_id=doc_id, source="generated", study=study, energy_model=f"mlff:{loaded.model_id}",
             structure=atoms_to_structure_dict(atoms),
@@ -212,7 +212,7 @@ def sample_into_store(
     most one batch, and a rerun generates only the batches that are missing."""
     seed = scfg.seed if seed is None else seed
     n = scfg.n if n is None else n
-    ids = [generated_doc_id(loaded, system, scfg, seed, i) for i in range(n)]
+    ids = [generated_doc_id(loaded.model_id, system, scfg, seed, i) for i in range(n)]
     have = store.existing_ids(ids)
     bs = scfg.batch_size
     missing = [k for k in range(-(-n // bs)) if not all(i in have for i in ids[k * bs : (k + 1) * bs])]

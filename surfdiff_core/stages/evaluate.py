@@ -42,14 +42,21 @@ def target_key(target: SampleTarget | TargetEvaluation, system: SurfaceSystem | 
 
 
 def generated_docs(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem, upstream: SampleResult | None,
-                   model_id: str) -> list[StructureDoc]:
-    """The samples being judged: the sample stage's documents, or all of this study's model's samples."""
+                   model_id: str, sample_run: str | None = None) -> list[StructureDoc]:
+    """The samples being judged: the sample stage's documents; without it, the model's samples of one named
+    sample run, or else those the config's sample section makes (never every sample the model ever drew:
+    active-learning rounds and other settings sample with the same model)."""
+    from surfdiff_core.sample.generate import generated_doc_id
+
     crit: dict = {"source": "generated", "study": cfg.name, "system_id": system.system_id,
-                  "composition": system.composition}
+                  "composition": system.composition, "model_id": model_id}
     if upstream is not None:
         crit["doc_id"] = {"$in": upstream.doc_ids}
+    elif sample_run is not None:
+        crit["run_id"] = sample_run
     else:
-        crit["model_id"] = model_id
+        scfg = cfg.sample
+        crit["doc_id"] = {"$in": [generated_doc_id(model_id, system, scfg, scfg.seed, i) for i in range(scfg.n)]}
     return list(store.find(crit))
 
 
@@ -83,7 +90,8 @@ def _reference_rank(cfg: SurfdiffConfig, key: str, relaxed: list[StructureDoc]) 
 
 
 def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, upstream: SampleResult | None,
-                    model_id: str, calculator, training_docs: list[StructureDoc], progress: bool) -> TargetEvaluation:
+                    model_id: str, calculator, training_docs: list[StructureDoc], progress: bool,
+                    sample_run: str | None = None) -> TargetEvaluation:
     from surfdiff_core.evaluate.budget import (
         generative_ranked_energies,
         mlff_rank_correlation,
@@ -95,9 +103,11 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
 
     system = target_system(cfg, target)
     key = target_key(target, system)
-    docs = generated_docs(cfg, store, system, upstream, model_id)
+    docs = generated_docs(cfg, store, system, upstream, model_id, sample_run)
     if not docs:
-        raise SurfdiffError(f"no generated structures of {key} for study {cfg.name!r} (run `surfdiff sample`)")
+        which = f"sample run {sample_run!r}" if sample_run else "the config's sample settings"
+        raise SurfdiffError(f"no generated structures of {key} from model {model_id} and {which} in study "
+                            f"{cfg.name!r} (run `surfdiff sample` with them, or name a sample run)")
     counts = validity_counts(docs)[(system.system_id, system.composition)]
     valid = sorted((d for d in docs if d.valid and d.in_box and d.energy is not None),
                    key=lambda d: (d.energy, d.doc_id))
@@ -148,7 +158,7 @@ def extras(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | No
 
 def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None = None, *,
         model_id: str | None = None, targets: list[SampleTarget] | None = None, run_id: str | None = None,
-        progress: bool = True) -> EvaluationResult:
+        sample_run: str | None = None, progress: bool = True) -> EvaluationResult:
     from surfdiff_core.evaluate.budget import training_cost
     from surfdiff_core.oracles import get_calculator
     from surfdiff_core.stages.sample import resolve_model
@@ -175,7 +185,8 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
                                              "active_learning_labels": sum(bool(d.meta.get("active_learning"))
                                                                            for d in training_docs)})
     for t in targets:
-        result.targets.append(evaluate_target(cfg, store, t, upstream, model, calculator, training_docs, progress))
+        result.targets.append(evaluate_target(cfg, store, t, upstream, model, calculator, training_docs, progress,
+                                              sample_run))
     extras(cfg, store, upstream, model, targets[0], calculator, result)
     lines = phase_lines_for(cfg, store, result, calculator)
     result.phase_diagram = phase_rows(lines, cfg.evaluate.dmu_range)
