@@ -194,6 +194,8 @@ def test_cli_train_then_sample_into_a_larger_cell(tiny_config):
     report = json.loads(ev.stdout[ev.stdout.index("{"):ev.stdout.rindex("}") + 1])
     assert [(t["composition"], t["cell"]) for t in report["targets"]] == [("Ag4O2", "p(4x4)")]
     assert all(len(t["rss_energies"]) == 2 and len(t["generative_energies"]) <= 2 for t in report["targets"])
+    # sampled with other options than the config's: the evaluation judged that (newest) sample run, named
+    assert report["targets"][0]["sample_runs"] == [q[0]["run_id"]]
     bad = _surfdiff("sample", cfg, "--cell", "p(4x4)", "--composition", "Pt3", "--n", "2", cwd=".")
     assert bad.returncode == 2 and "not trained on Pt" in bad.stderr and "Traceback" not in bad.stderr
     bad = _surfdiff("sample", cfg, "--cell", "p(4x4)", "--composition", "Ag4O2", "--steps", "0", cwd=".")

@@ -44,20 +44,29 @@ def target_key(target: SampleTarget | TargetEvaluation, system: SurfaceSystem | 
 def generated_docs(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem, upstream: SampleResult | None,
                    model_id: str, sample_run: str | None = None) -> list[StructureDoc]:
     """The samples being judged: the sample stage's documents; without it, the model's samples of one named
-    sample run, or else those the config's sample section makes (never every sample the model ever drew:
-    active-learning rounds and other settings sample with the same model)."""
+    sample run, or else those the config's sample section makes, or else (a `surfdiff sample` with other
+    options) the model's newest sample run. Never every sample the model ever drew: active-learning rounds
+    and other settings sample with the same model."""
     from surfdiff_core.sample.generate import generated_doc_id
 
     crit: dict = {"source": "generated", "study": cfg.name, "system_id": system.system_id,
                   "composition": system.composition, "model_id": model_id}
     if upstream is not None:
-        crit["doc_id"] = {"$in": upstream.doc_ids}
-    elif sample_run is not None:
-        crit["run_id"] = sample_run
-    else:
-        scfg = cfg.sample
-        crit["doc_id"] = {"$in": [generated_doc_id(model_id, system, scfg, scfg.seed, i) for i in range(scfg.n)]}
-    return list(store.find(crit))
+        return list(store.find({**crit, "doc_id": {"$in": upstream.doc_ids}}))
+    if sample_run is not None:
+        return list(store.find({**crit, "run_id": sample_run}))
+    scfg = cfg.sample
+    ids = [generated_doc_id(model_id, system, scfg, scfg.seed, i) for i in range(scfg.n)]
+    docs = list(store.find({**crit, "doc_id": {"$in": ids}}))
+    if docs:
+        return docs
+    latest: dict[str | None, str] = {}
+    for row in store.find_raw(crit, properties=["run_id", "created_at"]):
+        run, at = row.get("run_id"), str(row.get("created_at") or "")
+        latest[run] = max(latest.get(run, at), at)
+    if not latest:
+        return []
+    return list(store.find({**crit, "run_id": max(latest, key=lambda r: latest[r])}))
 
 
 def rss_arm(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, progress: bool) -> list[StructureDoc]:
@@ -135,6 +144,7 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
         speedup=None if sp is None else sp.__dict__,
         steps_generative=steps_summary([d for d in relaxed if not d.error]), steps_rss=steps_summary(rss_docs),
         reference_rank=_reference_rank(cfg, key, relaxed), active_learning_labels=len(labels),
+        sample_runs=sorted({d.run_id or "" for d in docs}),
         mlff_rank_correlation=mlff_rank_correlation(fresh, relaxed),
         relaxed_ids=[d.doc_id for d in relaxed], rss_ids=[d.doc_id for d in rss_docs],
     )

@@ -33,6 +33,7 @@ class TargetEvaluation:
     steps_rss: dict[str, float]
     reference_rank: int | None = None
     active_learning_labels: int = 0  # oracle relaxations in this cell spent on labels: the arm's first entries
+    sample_runs: list[str] = field(default_factory=list)  # the sample runs whose structures were judged
     mlff_rank_correlation: float | None = None  # Spearman, MLFF energy against relaxed oracle energy
     relaxed_ids: list[str] = field(default_factory=list)
     rss_ids: list[str] = field(default_factory=list)
@@ -79,7 +80,7 @@ class EvaluationResult(StageResult):
                 "steps_generative_median": t.steps_generative.get("median"),
                 "steps_rss_median": t.steps_rss.get("median"), "reference_rank": t.reference_rank,
                 "active_learning_labels": t.active_learning_labels,
-                "mlff_rank_correlation": r4(t.mlff_rank_correlation),
+                "mlff_rank_correlation": r4(t.mlff_rank_correlation), "sample_runs": ", ".join(t.sample_runs),
             })
         return out
 
