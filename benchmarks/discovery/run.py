@@ -211,7 +211,9 @@ def summarise(rows: list[dict], args, out: Path, wall: float) -> Path:
             lines.append(f"\n![steps]({p.relative_to(out)})\n")
     report = out / "REPORT.md"
     report.write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps(rows, indent=1, default=str))
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(rows, indent=1, default=str))
+    os.replace(tmp, out / "results.json")  # whole or not at all, for the next invocation's read
     return report
 
 
@@ -260,13 +262,20 @@ def main() -> None:
         fh.write(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')} .venv/bin/python "
                  f"{' '.join(sys.argv)}  # {time.strftime('%Y-%m-%d %H:%M')}\n")
     t0 = time.perf_counter()
-    # Rows of other seeds and windows from earlier invocations into the same folder stay in the report.
-    old = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else []
-    rows = [r for r in old if (r["seed"], r["window"]) not in {(s, w) for s in args.seeds for w in args.windows}]
+    mine = {(s, w) for s in args.seeds for w in args.windows}
+    done: list[dict] = []
+
+    def rows() -> list[dict]:
+        # Rows of other seeds and windows stay in the report; read again before every write, since another
+        # invocation into the same folder may have added rows meanwhile.
+        path = out / "results.json"
+        old = json.loads(path.read_text()) if path.exists() else []
+        return [r for r in old if (r["seed"], r["window"]) not in mine] + done
+
     for seed in args.seeds:
-        rows += run_seed(args, seed, out)
-        summarise(rows, args, out, time.perf_counter() - t0)  # a partial report after every seed
-    print(f"report: {summarise(rows, args, out, time.perf_counter() - t0)}")
+        done += run_seed(args, seed, out)
+        summarise(rows(), args, out, time.perf_counter() - t0)  # a partial report after every seed
+    print(f"report: {summarise(rows(), args, out, time.perf_counter() - t0)}")
 
 
 if __name__ == "__main__":
