@@ -38,6 +38,8 @@ COMPOSITIONS = ["Ag4O2", "Ag4O3", "Ag4O4", "Ag5O2", "Ag5O3", "Ag5O4", "Ag5O5", "
 # probability-flow ODE (Heun); D+DDIM: the D model sampled with deterministic DDIM steps
 WINDOWS = {"D": 2.0, "D_lowE": 0.5, "D+AL": 2.0, "D+CFG": 2.0, "D+CFG+AL": 2.0, "D+ODE": 2.0, "D+DDIM": 2.0}
 FEW_STEP_SAMPLERS = {"+ODE": "ode", "+DDIM": "ddim"}
+MODELS = {"demo": {"n_features": 32, "n_rbf": 20, "n_interactions": 3, "cutoff": 5.0},
+          "paper": {"n_features": 64, "n_rbf": 30, "n_interactions": 4, "cutoff": 6.0}}
 
 
 def sampler_of(window: str, args) -> tuple[str, int]:
@@ -46,8 +48,6 @@ def sampler_of(window: str, args) -> tuple[str, int]:
         if window.endswith(suffix):
             return name, args.ode_steps if name == "ode" else args.ddim_steps
     return "em", args.steps
-MODELS = {"demo": {"n_features": 32, "n_rbf": 20, "n_interactions": 3, "cutoff": 5.0},
-          "paper": {"n_features": 64, "n_rbf": 30, "n_interactions": 4, "cutoff": 6.0}}
 
 
 def system_of(args) -> dict:
@@ -73,6 +73,7 @@ def system_of(args) -> dict:
 
 def study_config(args, seed: int, window: str, store: Path) -> dict:
     system = system_of(args)
+    sampler, steps = sampler_of(window, args)
     return {
         "name": f"bench-{system['name']}{args.energy_model}-s{seed}",
         "substrate": system["substrate"],
@@ -85,7 +86,7 @@ def study_config(args, seed: int, window: str, store: Path) -> dict:
                   "lr": 1e-3, "patience": 25, "seed": seed},
         "sample": {"targets": system["targets"],
                    "n": args.samples, "guidance": True, "eta_dt": 0.001,
-                   "sampler": sampler_of(window, args)[0], "steps": sampler_of(window, args)[1],
+                   "sampler": sampler, "steps": steps,
                    "relax_steps": args.relax_steps, "batch_size": 32, "seed": seed,
                    **({"energy_target": 0.0, "cfg_scale": args.cfg_scale} if "+CFG" in window else {})},
         "evaluate": {"budget": args.budget, "rss_budget": args.rss_budget, "seed": seed + 7919,
