@@ -193,6 +193,9 @@ class TrainConfig(_Strict):
     max_frames_per_structure: int = Field(4, ge=1)  # relaxation frames used for the MLFF loss
     # energy-conditioned models: the fraction of structures trained without their condition (the null score)
     condition_dropout: float = Field(0.2, ge=0, le=1)
+    # MLFF committee: models trained besides this one (seeds seed+1.., the MLFF loss only, their own validation
+    # split); the mean of all relaxes and ranks the samples and their spread is stored. 1 = one model.
+    ensemble: int = Field(1, ge=1, le=16)
     # Energy models whose documents train the model (None = the study's oracle only). Several models need
     # `combine: reference_shift`: per-model element reference energies are fitted and removed, so energies
     # land on the first model's scale.

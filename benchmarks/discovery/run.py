@@ -35,8 +35,10 @@ from surfdiff_core.stages.common import open_study_store  # noqa: E402
 COMPOSITIONS = ["Ag4O2", "Ag4O3", "Ag4O4", "Ag5O2", "Ag5O3", "Ag5O4", "Ag5O5", "Ag6O2", "Ag6O3", "Ag6O4", "Ag6O5"]
 # D+AL: the D model after active-learning rounds; D+CFG: D with an energy-conditioned denoiser, sampled at
 # E_diff = 0 with classifier-free guidance; D+CFG+AL: both; D+ODE: the D model sampled with the
-# probability-flow ODE (Heun); D+DDIM: the D model sampled with deterministic DDIM steps
-WINDOWS = {"D": 2.0, "D_lowE": 0.5, "D+AL": 2.0, "D+CFG": 2.0, "D+CFG+AL": 2.0, "D+ODE": 2.0, "D+DDIM": 2.0}
+# probability-flow ODE (Heun); D+DDIM: the D model sampled with deterministic DDIM steps; D+ENS: the D model with an
+# MLFF committee (train.ensemble) relaxing and ranking its samples
+WINDOWS = {"D": 2.0, "D_lowE": 0.5, "D+AL": 2.0, "D+CFG": 2.0, "D+CFG+AL": 2.0, "D+ODE": 2.0, "D+DDIM": 2.0,
+           "D+ENS": 2.0}
 FEW_STEP_SAMPLERS = {"+ODE": "ode", "+DDIM": "ddim"}
 MODELS = {"demo": {"n_features": 32, "n_rbf": 20, "n_interactions": 3, "cutoff": 5.0},
           "paper": {"n_features": 64, "n_rbf": 30, "n_interactions": 4, "cutoff": 6.0}}
@@ -83,7 +85,7 @@ def study_config(args, seed: int, window: str, store: Path) -> dict:
                 "fmax": 0.05, "steps": 300, "workers": args.workers},
         "model": {**MODELS[args.model], "energy_features": 16 if "+CFG" in window else 0},
         "train": {"energy_window": WINDOWS[window], "repeat": 2, "epochs": args.epochs, "batch_size": 8,
-                  "lr": 1e-3, "patience": 25, "seed": seed},
+                  "lr": 1e-3, "patience": 25, "seed": seed, "ensemble": args.ensemble if "+ENS" in window else 1},
         "sample": {"targets": system["targets"],
                    "n": args.samples, "guidance": True, "eta_dt": 0.001,
                    "sampler": sampler, "steps": steps,
@@ -159,7 +161,9 @@ def summarise(rows: list[dict], args, out: Path, wall: float) -> Path:
              "both; D+ODE = the D "
              f"model sampled with the probability-flow ODE in {args.ode_steps} Heun steps (2 model evaluations "
              f"each) instead of Euler–Maruyama; D+DDIM = the D model sampled in {args.ddim_steps} deterministic "
-             "DDIM steps (1 model evaluation each).\n",
+             "DDIM steps (1 model evaluation each); D+ENS = the D model with a committee of "
+             f"{args.ensemble} MLFFs (itself and {args.ensemble - 1} MLFF-only models of other seeds) whose mean "
+             "relaxes and ranks the samples.\n",
              "| target | window | seed | best surfdiff (eV) | best RSS (eV) | surfdiff relaxations to reach RSS best "
              "(±0.05 eV) | RSS expected | ratio | median steps surfdiff / RSS | AL labels in the cell | "
              "MLFF/oracle rank corr. | training force calls |",
@@ -239,6 +243,7 @@ def main() -> None:
     p.add_argument("--al-epochs", type=int, default=10, help="fine-tuning epochs per round (D+AL)")
     p.add_argument("--ode-steps", type=int, default=50, help="Heun steps of the D+ODE arm (2 evaluations each)")
     p.add_argument("--ddim-steps", type=int, default=100, help="DDIM steps of the D+DDIM arm (1 evaluation each)")
+    p.add_argument("--ensemble", type=int, default=4, help="MLFF committee size of the D+ENS arm")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (D+CFG)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +25,7 @@ from surfdiff_core.diffusion.samplers import SAMPLERS
 from surfdiff_core.diffusion.validity import check_validity
 from surfdiff_core.errors import ConfigError, SurfdiffError
 from surfdiff_core.geometry.batch import SlabBatch, collate
+from surfdiff_core.ml.committee import Committee
 from surfdiff_core.relax.mlff import mlff_relax
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
 from surfdiff_core.store.documents import atoms_to_structure_dict
@@ -37,6 +38,7 @@ class GenerationResult:
     system: SurfaceSystem
     positions: list[np.ndarray] = field(default_factory=list)  # full slab positions per sample
     energies: list[float | None] = field(default_factory=list)
+    energy_std: list[float | None] = field(default_factory=list)  # committee spread (None: one model)
     forces: list[np.ndarray] = field(default_factory=list)
     fmax: list[float] = field(default_factory=list)
     relax_steps: list[int] = field(default_factory=list)
@@ -50,7 +52,7 @@ class GenerationResult:
         return len(self.valid)
 
     def extend(self, other: GenerationResult) -> None:
-        for name in ("positions", "energies", "forces", "fmax", "relax_steps", "valid", "reasons"):
+        for name in ("positions", "energies", "energy_std", "forces", "fmax", "relax_steps", "valid", "reasons"):
             getattr(self, name).extend(getattr(other, name))
         self.structure_steps += other.structure_steps
 
@@ -89,18 +91,22 @@ def generate(
     progress: bool = True,
     batches: list[int] | None = None,
     on_batch: Callable[[int, GenerationResult], None] | None = None,
+    committee: Sequence[LoadedModel] = (),
 ) -> GenerationResult:
     """Sample `n` structures in batches of scfg.batch_size (only the batch numbers in `batches` when given);
-    `on_batch(k, result_of_batch_k)` runs as each batch finishes (the store write, for resumable runs)."""
-    missing = _unknown_elements(loaded, system)
-    if missing:
-        raise SurfdiffError(
-            f"the model was not trained on {', '.join(sorted(missing))}: cannot sample {system.composition}"
-        )
+    `on_batch(k, result_of_batch_k)` runs as each batch finishes (the store write, for resumable runs).
+    `committee`: MLFF-only models whose mean with this model's MLFF relaxes and scores the samples (guidance
+    stays with the sampling model)."""
+    for member in (loaded, *committee):
+        missing = _unknown_elements(member, system)
+        if missing:
+            raise SurfdiffError(f"model {member.model_id} was not trained on {', '.join(sorted(missing))}: "
+                                f"cannot sample {system.composition}")
     n = scfg.n if n is None else n
     seed = scfg.seed if seed is None else seed
     model, process = loaded.model.to(device).eval(), loaded.process
-    denoise, relax_forces = conditioned_denoiser(model, scfg), model.denoise
+    mlff = Committee([model, *(m.model.to(device).eval() for m in committee)])
+    denoise, relax_forces = conditioned_denoiser(model, scfg), mlff
     if scfg.repulsion > 0:
         wall = OverlapRepulsion(scale=scfg.repulsion)
         denoise, relax_forces = wall.wrap(denoise), wall.wrap(relax_forces)
@@ -125,10 +131,11 @@ def generate(
             steps = info.steps.tolist()
         else:
             steps = [0] * size
-        out = model(x, None, score=False, energy=True, forces=True)
+        out = mlff.predict(x)
         valid, reasons = check_validity(x, min_distance=1.0)
         forces = out.forces.detach().cpu().numpy()
         energies = out.energy.detach().cpu().numpy()
+        spread = out.energy_std.detach().cpu().numpy()
         mov = x.movable.cpu().numpy()
         idx = x.batch.cpu().numpy()
         pos = x.positions.detach().cpu().numpy()
@@ -137,6 +144,7 @@ def generate(
             f = forces[sel]
             part.positions.append(pos[sel])
             part.energies.append(float(energies[b]))
+            part.energy_std.append(float(spread[b]) if len(mlff) > 1 else None)
             part.forces.append(f)
             part.fmax.append(float(np.linalg.norm(f[mov[sel]], axis=1).max()) if mov[sel].any() else 0.0)
             part.relax_steps.append(int(steps[b]))
@@ -161,21 +169,24 @@ def conditioned_denoiser(model, scfg: SampleConfig):
     return functools.partial(model.denoise, condition=scfg.energy_target, cfg_scale=scfg.cfg_scale)
 
 
-def generated_doc_id(model_id: str, system: SurfaceSystem, scfg: SampleConfig, seed: int, i: int) -> str:
+def generated_doc_id(model_id: str, system: SurfaceSystem, scfg: SampleConfig, seed: int, i: int,
+                     committee: Sequence[str] = ()) -> str:
     guided = bool(scfg.guidance and scfg.eta_dt > 0)
-    # the energy condition joins the id only when set: unconditioned samples keep their ids
+    # the energy condition and the committee join the id only when set: samples without them keep their ids
     conditioned = () if scfg.energy_target is None else (scfg.energy_target, scfg.cfg_scale)
     repelled = () if scfg.repulsion == 0 else ("repulsion", scfg.repulsion)
+    ranked_by = ("committee", *committee) if committee else ()
     return make_doc_id("generated", model_id, system.system_id, system.composition, scfg.sampler,
                        scfg.steps, guided, scfg.eta_dt, scfg.relax, scfg.relax_steps, scfg.batch_size, seed, i,
-                       *conditioned, *repelled)
+                       *conditioned, *repelled, *ranked_by)
 
 
 def generated_docs(
     res: GenerationResult, loaded: LoadedModel, scfg: SampleConfig, *, seed: int, run_id: str | None,
-    checkpoint: str | None = None, study: str | None = None, first_index: int = 0,
+    checkpoint: str | None = None, study: str | None = None, first_index: int = 0, committee: Sequence[str] = (),
 ) -> list[StructureDoc]:
-    """Documents of the samples in `res`, whose first one is sample number `first_index` of the run."""
+    """Documents of the samples in `res`, whose first one is sample number `first_index` of the run;
+    `committee`: the ids of the MLFF-only models whose mean with this model relaxed and scored them."""
     system = res.system
     guided = bool(scfg.guidance and scfg.eta_dt > 0)
     docs = []
@@ -183,7 +194,7 @@ def generated_docs(
         i = first_index + j
         atoms = system.compose(res.positions[j][system.n_substrate :])
         atoms.positions = res.positions[j]
-        doc_id = generated_doc_id(loaded.model_id, system, scfg, seed, i)
+        doc_id = generated_doc_id(loaded.model_id, system, scfg, seed, i, committee)
         docs.append(StructureDoc(
             doc_id=doc_id, source="generated", study=study, energy_model=f"mlff:{loaded.model_id}",
             structure=atoms_to_structure_dict(atoms),
@@ -198,7 +209,8 @@ def generated_docs(
                   "eta_dt": scfg.eta_dt, "mlff_relax": scfg.relax, "mlff_relax_steps": res.relax_steps[j],
                   "index": i, "checkpoint": checkpoint, "wall_time_batch": res.wall_time,
                   "energy_target": scfg.energy_target, "repulsion": scfg.repulsion,
-                  "cfg_scale": None if scfg.energy_target is None else scfg.cfg_scale},
+                  "cfg_scale": None if scfg.energy_target is None else scfg.cfg_scale,
+                  "committee": list(committee), "mlff_energy_std": res.energy_std[j]},
         ))
     return docs
 
@@ -207,12 +219,14 @@ def sample_into_store(
     store: ResultsStore, loaded: LoadedModel, system: SurfaceSystem, scfg: SampleConfig, *,
     n: int | None = None, seed: int | None = None, device="cpu", run_id: str | None = None,
     checkpoint: str | None = None, progress: bool = True, study: str | None = None,
+    committee: Sequence[LoadedModel] = (),
 ) -> tuple[GenerationResult | None, list[StructureDoc]]:
     """Generate into the store batch by batch: each batch is written as it finishes, so a killed run loses at
     most one batch, and a rerun generates only the batches that are missing."""
     seed = scfg.seed if seed is None else seed
     n = scfg.n if n is None else n
-    ids = [generated_doc_id(loaded.model_id, system, scfg, seed, i) for i in range(n)]
+    member_ids = [m.model_id for m in committee]
+    ids = [generated_doc_id(loaded.model_id, system, scfg, seed, i, member_ids) for i in range(n)]
     have = store.existing_ids(ids)
     bs = scfg.batch_size
     missing = [k for k in range(-(-n // bs)) if not all(i in have for i in ids[k * bs : (k + 1) * bs])]
@@ -220,9 +234,9 @@ def sample_into_store(
     if missing:
         def write(k: int, part: GenerationResult) -> None:
             store.put_many(generated_docs(part, loaded, scfg, seed=seed, run_id=run_id, checkpoint=checkpoint,
-                                          study=study, first_index=k * bs))
+                                          study=study, first_index=k * bs, committee=member_ids))
 
         res = generate(loaded, system, scfg, n=n, seed=seed, device=device, progress=progress,
-                       batches=missing, on_batch=write)
+                       batches=missing, on_batch=write, committee=committee)
     by_id = {d.doc_id: d for d in store.find({"doc_id": {"$in": ids}})}
     return res, [by_id[i] for i in ids if i in by_id]

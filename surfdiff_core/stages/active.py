@@ -57,7 +57,7 @@ def run_round(cfg: SurfdiffConfig, store: ResultsStore, model: TrainResult, k: i
     learned = tuple(sorted({s.system_id for s in systems.values()}))
     new = train.run(cfg, store, epochs=al.epochs, run_id=run_id, progress=progress, round_index=k,
                     learned_systems=learned, learned_labels=(*model.learned_labels, *label_ids),
-                    init_from=model.checkpoint)
+                    init_from=model.checkpoint, init_committee=tuple(model.committee))
     return new, {"round": k, "model_id": new.model_id, "samples": len(drawn.doc_ids), "labels": labels,
                  "n_train": new.n_train, "best_labelled": best, "best_val": new.best_val}
 

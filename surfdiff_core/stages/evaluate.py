@@ -42,7 +42,7 @@ def target_key(target: SampleTarget | TargetEvaluation, system: SurfaceSystem | 
 
 
 def generated_docs(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem, upstream: SampleResult | None,
-                   model_id: str, sample_run: str | None = None) -> list[StructureDoc]:
+                   model_id: str, sample_run: str | None = None, committee: tuple[str, ...] = ()) -> list[StructureDoc]:
     """The samples being judged: the sample stage's documents; without it, the model's samples of one named
     sample run, or else those the config's sample section makes, or else (a `surfdiff sample` with other
     options) the model's newest sample run. Never every sample the model ever drew: active-learning rounds
@@ -56,7 +56,7 @@ def generated_docs(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSyst
     if sample_run is not None:
         return list(store.find({**crit, "run_id": sample_run}))
     scfg = cfg.sample
-    ids = [generated_doc_id(model_id, system, scfg, scfg.seed, i) for i in range(scfg.n)]
+    ids = [generated_doc_id(model_id, system, scfg, scfg.seed, i, committee) for i in range(scfg.n)]
     docs = list(store.find({**crit, "doc_id": {"$in": ids}}))
     if docs:
         return docs
@@ -100,7 +100,7 @@ def _reference_rank(cfg: SurfdiffConfig, key: str, relaxed: list[StructureDoc]) 
 
 def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, upstream: SampleResult | None,
                     model_id: str, calculator, training_docs: list[StructureDoc], progress: bool,
-                    sample_run: str | None = None) -> TargetEvaluation:
+                    sample_run: str | None = None, committee: tuple[str, ...] = ()) -> TargetEvaluation:
     from surfdiff_core.evaluate.budget import (
         generative_ranked_energies,
         mlff_rank_correlation,
@@ -112,7 +112,7 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
 
     system = target_system(cfg, target)
     key = target_key(target, system)
-    docs = generated_docs(cfg, store, system, upstream, model_id, sample_run)
+    docs = generated_docs(cfg, store, system, upstream, model_id, sample_run, committee)
     if not docs:
         which = f"sample run {sample_run!r}" if sample_run else "the config's sample settings"
         raise SurfdiffError(f"no generated structures of {key} from model {model_id} and {which} in study "
@@ -196,7 +196,7 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
                                                                            for d in training_docs)})
     for t in targets:
         result.targets.append(evaluate_target(cfg, store, t, upstream, model, calculator, training_docs, progress,
-                                              sample_run))
+                                              sample_run, tuple(record.committee)))
     extras(cfg, store, upstream, model, targets[0], calculator, result)
     lines = phase_lines_for(cfg, store, result, calculator)
     result.phase_diagram = phase_rows(lines, cfg.evaluate.dmu_range)

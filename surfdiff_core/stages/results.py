@@ -57,6 +57,7 @@ class TrainResult(StageResult):
     sample_validity: float | None = None  # valid fraction of a few test samples right after training
     warning: str | None = None  # set when that fraction is too low to trust the model
     learned_labels: list[str] = field(default_factory=list)  # ids of the active-learning labels it learned
+    committee: list[str] = field(default_factory=list)  # MLFF-only models whose mean relaxes and ranks samples
     training_doc_ids: list[str] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from surfdiff_core.config import SampleConfig, SampleTarget, SurfdiffConfig
+from surfdiff_core.errors import SurfdiffError
 from surfdiff_core.stages.common import (
     model_registry,
     new_run_id,
@@ -26,7 +27,8 @@ def resolve_model(cfg: SurfdiffConfig, upstream: TrainResult | None = None,
             if rec is None:  # a result handed over without a registry entry: trust its own hash
                 rec = ModelRecord(model_id=upstream.model_id, checkpoint=upstream.checkpoint, sha256=upstream.sha256,
                                   study=upstream.study, system_id=upstream.system_id,
-                                  energy_models=upstream.energy_models, learned_labels=upstream.learned_labels)
+                                  energy_models=upstream.energy_models, learned_labels=upstream.learned_labels,
+                                  committee=upstream.committee)
             verify_checkpoint(rec)
             return rec
         return registry.resolve(study=cfg.name, system_id=training_system(cfg).system_id,
@@ -39,7 +41,21 @@ def registered_model(cfg: SurfdiffConfig, run_id: str, model_id: str | None = No
     rec = resolve_model(cfg, model_id=model_id)
     return TrainResult(study=cfg.name, run_id=run_id, config_hash="", model_id=rec.model_id,
                        checkpoint=rec.checkpoint, sha256=rec.sha256, system_id=rec.system_id,
-                       energy_models=rec.energy_models, learned_labels=rec.learned_labels)
+                       energy_models=rec.energy_models, learned_labels=rec.learned_labels, committee=rec.committee)
+
+
+def committee_records(cfg: SurfdiffConfig, model: ModelRecord) -> list[ModelRecord]:
+    """The MLFF-only members registered beside `model`, their checkpoints verified."""
+    members = []
+    with model_registry(cfg) as registry:
+        for member_id in model.committee:
+            rec = registry.get(member_id)
+            if rec is None:
+                raise SurfdiffError(f"committee member {member_id} of model {model.model_id} is not in the model "
+                                    f"registry (retrain with `surfdiff train`)")
+            verify_checkpoint(rec)
+            members.append(rec)
+    return members
 
 
 def sample_one(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, model: ModelRecord, *,
@@ -51,9 +67,11 @@ def sample_one(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, m
     scfg = scfg or cfg.sample
     dev = pick_device(device or scfg.device)
     loaded = load_checkpoint(model.checkpoint, device=dev)
+    committee = [load_checkpoint(rec.checkpoint, device=dev) for rec in committee_records(cfg, model)]
     system = target_system(cfg, target)
     res, docs = sample_into_store(store, loaded, system, scfg, device=dev, run_id=run_id,
-                                  checkpoint=model.checkpoint, progress=progress, study=cfg.name)
+                                  checkpoint=model.checkpoint, progress=progress, study=cfg.name,
+                                  committee=committee)
     valid = [d for d in docs if d.valid and d.in_box and d.energy is not None]
     wall = res.wall_time if res else 0.0
     return TargetSamples(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from surfdiff_core.config import SurfdiffConfig
+from typing import TYPE_CHECKING
+
+from surfdiff_core.config import SurfdiffConfig, TrainConfig
 from surfdiff_core.errors import SurfdiffError
 from surfdiff_core.stages.common import (
     checkpoint_dir,
@@ -14,6 +16,9 @@ from surfdiff_core.stages.common import (
 from surfdiff_core.stages.results import RSSResult, TrainResult
 from surfdiff_core.store import ResultsStore
 from surfdiff_core.store.models import ModelRecord, file_sha256
+
+if TYPE_CHECKING:
+    from surfdiff_core.train.trainer import TrainingRun
 
 VALIDITY_WARNING = 0.5  # below this fraction of valid samples the model is too weak to rank on
 
@@ -48,13 +53,15 @@ def sample_validity_check(cfg: SurfdiffConfig, checkpoint: str, *, n_train: int,
 def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = None, *,
         epochs: int | None = None, device: str | None = None, run_id: str | None = None, progress: bool = True,
         round_index: int | None = None, learned_systems: tuple[str, ...] = (),
-        learned_labels: tuple[str, ...] = (), init_from: str | None = None) -> TrainResult:
-    """Train (or resume) on the documents of this study, training system and energy model(s).
+        learned_labels: tuple[str, ...] = (), init_from: str | None = None,
+        init_committee: tuple[str, ...] = ()) -> TrainResult:
+    """Train (or resume) on the documents of this study, training system and energy model(s), and the
+    MLFF committee members when `train.ensemble` > 1.
 
     `upstream` (the RSS stage's result) fixes the system and energy model; without it they come from the
     config. Active learning passes `learned_systems` and `learned_labels` (the ids of its oracle labels in
     those cells, every round of its own chain so far: they join the data), `init_from` (the previous round's
-    checkpoint) and `round_index`."""
+    checkpoint), `init_committee` (the previous round's member model ids) and `round_index`."""
     from surfdiff_core.train.data import DataScope
     from surfdiff_core.train.trainer import train
 
@@ -68,14 +75,23 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = N
                       learned_labels=learned_labels)
     res = train(store, cfg.model, tcfg, scope=scope, checkpoint_dir=checkpoint_dir(cfg), progress=progress,
                 max_epochs=epochs, init_from=init_from)
+    members = _train_committee(cfg, store, tcfg, scope, epochs=epochs, progress=progress,
+                               init_committee=init_committee)
     sha = file_sha256(res.checkpoint)
-    with model_registry(cfg) as registry:
-        registry.record(ModelRecord(
-            model_id=res.model_id, checkpoint=str(res.checkpoint), sha256=sha, study=cfg.name,
-            system_id=system_id, energy_models=list(models), epochs=res.epochs, best_val=res.best_val,
-            n_train=res.n_train, n_val=res.n_val, model=cfg.model.model_dump(mode="json"),
-            train=cfg.train.model_dump(mode="json"), round=round_index, learned_labels=list(learned_labels),
-        ))
+
+    def record(trained: TrainingRun, member_tcfg: TrainConfig, **extra) -> ModelRecord:
+        return ModelRecord(
+            model_id=trained.model_id, checkpoint=str(trained.checkpoint),
+            sha256=sha if trained is res else file_sha256(trained.checkpoint),
+            study=cfg.name, system_id=system_id, energy_models=list(models), epochs=trained.epochs,
+            best_val=trained.best_val, n_train=trained.n_train, n_val=trained.n_val,
+            model=cfg.model.model_dump(mode="json"), train=member_tcfg.model_dump(mode="json"), round=round_index,
+            learned_labels=list(learned_labels), **extra)
+
+    with model_registry(cfg) as registry:  # members first: a recorded model's committee is always there
+        for member, member_tcfg in members:
+            registry.record(record(member, member_tcfg, member_of=res.model_id))
+        registry.record(record(res, cfg.train, committee=[m.model_id for m, _ in members]))
     validity, warning = sample_validity_check(cfg, str(res.checkpoint), n_train=res.n_train, device=tcfg.device)
     return TrainResult(
         study=cfg.name, run_id=run_id or new_run_id(), config_hash=cfg.section_hash("model", "train"),
@@ -83,6 +99,33 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = N
         model_id=res.model_id, checkpoint=str(res.checkpoint), sha256=sha, system_id=system_id,
         energy_models=list(models), epochs=res.epochs, best_val=res.best_val, n_train=res.n_train,
         n_val=res.n_val, samples_per_second=res.samples_per_second, resumed_from=res.resumed_from,
-        learned_labels=list(learned_labels),
+        learned_labels=list(learned_labels), committee=[m.model_id for m, _ in members],
         training_doc_ids=res.doc_ids, history=res.history,
     )
+
+
+def committee_config(tcfg: TrainConfig, k: int) -> TrainConfig:
+    """Member k (1..ensemble-1) of the committee: its own seed (initial weights, validation split, batches)
+    and the MLFF loss alone, since only its energies and forces are used."""
+    return tcfg.model_copy(update={"seed": tcfg.seed + k, "score_weight": 0.0, "ensemble": 1})
+
+
+def _train_committee(cfg: SurfdiffConfig, store: ResultsStore, tcfg: TrainConfig, scope, *, epochs: int | None,
+                     progress: bool, init_committee: tuple[str, ...]) -> list[tuple[TrainingRun, TrainConfig]]:
+    from surfdiff_core.train.trainer import train
+
+    inits: list[str | None] = [None] * (tcfg.ensemble - 1)
+    if init_committee:  # fine-tuning: member k starts from the previous round's member k
+        with model_registry(cfg) as registry:
+            previous = [registry.get(mid) for mid in init_committee]
+        for k, rec in enumerate(previous[: len(inits)]):
+            if rec is None:
+                raise SurfdiffError(f"committee member {init_committee[k]} is not in the model registry")
+            inits[k] = rec.checkpoint
+    members = []
+    for k in range(1, tcfg.ensemble):
+        member_tcfg = committee_config(tcfg, k)
+        trained = train(store, cfg.model, member_tcfg, scope=scope, checkpoint_dir=checkpoint_dir(cfg),
+                        progress=progress, max_epochs=epochs, init_from=inits[k - 1])
+        members.append((trained, member_tcfg))
+    return members

@@ -36,6 +36,8 @@ class ModelRecord(BaseModel):
     train: dict[str, Any] = Field(default_factory=dict)
     round: int | None = None  # active-learning round, None for a model trained on RSS data alone
     learned_labels: list[str] = Field(default_factory=list)  # ids of the active-learning labels it learned
+    committee: list[str] = Field(default_factory=list)  # ids of the MLFF-only models ranked beside it
+    member_of: str | None = None  # set on a committee member: the model it ranks beside (never sampled with)
     created_at: str = Field(default_factory=lambda: now().isoformat())
 
 
@@ -93,8 +95,12 @@ class ModelRegistry:
                 raise SurfdiffError(f"no model {model_id!r} in the model registry (see `surfdiff query --models`)")
             if study is not None and rec.study not in (None, study):
                 raise SurfdiffError(f"model {model_id} belongs to study {rec.study!r}, not {study!r}")
+            if rec.member_of:
+                raise SurfdiffError(f"model {model_id} is an MLFF-only committee member of {rec.member_of}: "
+                                    f"name that model instead")
         else:
-            recs = self.find(study=study, system_id=system_id, energy_model=energy_model)
+            recs = [r for r in self.find(study=study, system_id=system_id, energy_model=energy_model)
+                    if not r.member_of]
             if not recs:
                 raise SurfdiffError(f"no trained model for study {study!r}, system {system_id}, energy model "
                                     f"{energy_model}: run `surfdiff train CONFIG` first")

@@ -113,7 +113,8 @@ def model_id_for(mcfg: ModelConfig, tcfg: TrainConfig, fingerprint: str, scope: 
     # fields added for energy conditioning stay out of the id of an unconditioned model: its id is unchanged
     plain = mcfg.energy_features == 0
     parts = [mcfg.model_dump(mode="json", exclude={"energy_features"} if plain else None),
-             tcfg.model_dump(mode="json", exclude={"device", "condition_dropout"} if plain else {"device"}),
+             # the committee size does not change how this one model trains
+             tcfg.model_dump(mode="json", exclude={"device", "ensemble", *(("condition_dropout",) if plain else ())}),
              fingerprint, scope.system_id, list(scope.energy_models), scope.study]
     if parent is not None:  # fine-tuned from another model: not the same as trained from scratch
         parts.append(parent)
@@ -131,12 +132,8 @@ def split_by_group(samples: list[Sample], val_fraction: float,
     return ([s for s in samples if s.group not in val_groups], [s for s in samples if s.group in val_groups])
 
 
-def _losses(
-    model: SurfaceModel, process: SurfaceDiffusion, samples: list[Sample], tcfg: TrainConfig,
-    device: torch.device, gen: torch.Generator, rng: np.random.Generator, *, create_graph: bool,
-    force_scale: float,
-    energy_scale: float | None = None,
-) -> dict[str, torch.Tensor]:
+def _score_loss(model: SurfaceModel, process: SurfaceDiffusion, samples: list[Sample], tcfg: TrainConfig,
+                device: torch.device, gen: torch.Generator) -> torch.Tensor:
     batch = structure_batch(samples, device)
     t = process.t_min + (1 - process.t_min) * torch.rand(batch.n_structures, generator=gen, device=device)
     noisy, eps_target = process.perturb(batch, t, generator=gen)
@@ -146,7 +143,19 @@ def _losses(
         dropped = torch.rand(len(samples), generator=gen, device=device) < tcfg.condition_dropout
         condition = torch.where(dropped, torch.full_like(condition, math.nan), condition)
     out = model(noisy, t, score=True, condition=condition)
-    loss_score = process.dsm_loss(out.eps, eps_target, noisy)
+    return process.dsm_loss(out.eps, eps_target, noisy)
+
+
+def _losses(
+    model: SurfaceModel, process: SurfaceDiffusion, samples: list[Sample], tcfg: TrainConfig,
+    device: torch.device, gen: torch.Generator, rng: np.random.Generator, *, create_graph: bool,
+    force_scale: float,
+    energy_scale: float | None = None,
+) -> dict[str, torch.Tensor]:
+    if tcfg.score_weight > 0:
+        loss_score = _score_loss(model, process, samples, tcfg, device, gen)
+    else:  # an MLFF-only model (a committee member): no denoiser forward at all
+        loss_score = torch.zeros((), device=device)
     fb, e_ref, f_ref = frame_batch(samples, rng, device)
     mo = model(fb, None, score=False, energy=True, forces=True, training_forces=create_graph)
     n_atoms = fb.atoms_per_structure().to(e_ref.dtype)
@@ -230,7 +239,7 @@ def train(
     provenance = {"system_id": scope.system_id, "study": scope.study,
                   "energy_models": list(scope.energy_models), "fingerprint": fingerprint, "n_structures": len(doc_ids),
                   "doc_ids": doc_ids, "train": tcfg.model_dump(mode="json"), "n_train": len(train_set),
-                  "n_val": len(val_set)}
+                  "n_val": len(val_set), "parent": Path(init_from).stem if init_from else None}
 
     def save(path: Path, epoch_done: int, bad: int) -> None:
         _save(path, ema.shadow, model, opt, sched, epoch_done, best_val, bad, history, model_id, mcfg, process,
