@@ -251,6 +251,24 @@ def test_mlff_rank_correlation_orders_and_edge_cases():
     assert budget.mlff_rank_correlation(generated, relaxed([-9.0, -9.0, -9.0])) is None  # constant
 
 
+def test_committee_calibration_rewards_a_spread_that_flags_the_errors():
+    a = base_slab()
+    mlff = [-3.0, -5.0, -4.0, -1.0, -2.0]
+    oracle = [-13.0, -15.5, -14.0, -12.0, -11.0]  # offset -10; errors 0, 0.5, 0, 1, 1 eV away from it
+
+    def arm(spreads):
+        generated = [make_doc(a, N_SUB, energy=e, doc_id=f"g{i}", meta={"mlff_energy_std": s})
+                     for i, (e, s) in enumerate(zip(mlff, spreads, strict=True))]
+        relaxed = [make_doc(a, N_SUB, energy=e, doc_id=f"r{i}", parent_id=f"g{i}") for i, e in enumerate(oracle)]
+        return budget.committee_calibration(generated, relaxed)
+
+    flags = arm([0.01, 0.2, 0.02, 0.5, 0.4])
+    misleads = arm([0.5, 0.2, 0.4, 0.01, 0.02])
+    assert flags > 0.8 and misleads < -0.8
+    assert arm([0.1] * 5) is None  # no spread to rank by
+    assert arm([None] * 5) is None  # no committee
+
+
 # ---- phase diagram -----------------------------------------------------------------------------------------
 def test_gamma_formula_hand_case():
     # (E − E_clean − n_Ag·μ_Ag − n_O·(½E_O2 + Δμ)) / A = (−100 + 90 + 2·3 − 3·(−5 − 1)) / 50 = 14 / 50

@@ -99,6 +99,24 @@ def mlff_rank_correlation(generated: Sequence[StructureDoc], relaxed: Sequence[S
     return float(spearmanr(mlff, oracle).statistic)
 
 
+def committee_calibration(generated: Sequence[StructureDoc], relaxed: Sequence[StructureDoc]) -> float | None:
+    """Spearman rank correlation of the MLFF committee's spread (meta.mlff_energy_std) with the size of the
+    MLFF's error against the oracle-relaxed energy, after removing their median offset: positive when the
+    spread flags the samples the MLFF misjudges (None without a committee or with fewer than 3 pairs)."""
+    from scipy.stats import spearmanr
+
+    child = {d.parent_id: d.energy for d in relaxed if d.parent_id is not None and d.energy is not None}
+    rows = [(p.meta.get("mlff_energy_std"), p.energy - child[p.doc_id]) for p in generated
+            if p.doc_id in child and p.energy is not None and p.meta.get("mlff_energy_std") is not None]
+    if len(rows) < 3:
+        return None
+    spread, error = (np.asarray(x, dtype=float) for x in zip(*rows, strict=True))
+    error = np.abs(error - np.median(error))
+    if np.ptp(spread) == 0 or np.ptp(error) == 0:
+        return None
+    return float(spearmanr(spread, error).statistic)
+
+
 def relaxations_to_reach(curve_or_energies: Sequence[float], target: float, tol: float = 0.05) -> int | None:
     """Fewest relaxations (1-based) after which the best energy is within `tol` eV of `target`; None if never.
 

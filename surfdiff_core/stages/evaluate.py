@@ -102,6 +102,7 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
                     model_id: str, calculator, training_docs: list[StructureDoc], progress: bool,
                     sample_run: str | None = None, committee: tuple[str, ...] = ()) -> TargetEvaluation:
     from surfdiff_core.evaluate.budget import (
+        committee_calibration,
         generative_ranked_energies,
         mlff_rank_correlation,
         speedup,
@@ -146,6 +147,7 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
         reference_rank=_reference_rank(cfg, key, relaxed), active_learning_labels=len(labels),
         sample_runs=sorted({d.run_id or "" for d in docs}),
         mlff_rank_correlation=mlff_rank_correlation(fresh, relaxed),
+        committee_calibration=committee_calibration(fresh, relaxed),
         relaxed_ids=[d.doc_id for d in relaxed], rss_ids=[d.doc_id for d in rss_docs],
     )
 

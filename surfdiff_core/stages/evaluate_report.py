@@ -35,6 +35,7 @@ class TargetEvaluation:
     active_learning_labels: int = 0  # oracle relaxations in this cell spent on labels: the arm's first entries
     sample_runs: list[str] = field(default_factory=list)  # the sample runs whose structures were judged
     mlff_rank_correlation: float | None = None  # Spearman, MLFF energy against relaxed oracle energy
+    committee_calibration: float | None = None  # Spearman, committee spread against the MLFF's error size
     relaxed_ids: list[str] = field(default_factory=list)
     rss_ids: list[str] = field(default_factory=list)
 
@@ -80,7 +81,8 @@ class EvaluationResult(StageResult):
                 "steps_generative_median": t.steps_generative.get("median"),
                 "steps_rss_median": t.steps_rss.get("median"), "reference_rank": t.reference_rank,
                 "active_learning_labels": t.active_learning_labels,
-                "mlff_rank_correlation": r4(t.mlff_rank_correlation), "sample_runs": ", ".join(t.sample_runs),
+                "mlff_rank_correlation": r4(t.mlff_rank_correlation),
+                "committee_calibration": r4(t.committee_calibration), "sample_runs": ", ".join(t.sample_runs),
             })
         return out
 
