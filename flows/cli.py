@@ -333,7 +333,7 @@ def _add_stage_parsers(sub) -> None:
     s.add_argument("--composition", default=None, help="e.g. Ag12O6")
     s.add_argument("--n", type=int, default=None)
     s.add_argument("--steps", type=int, default=None)
-    s.add_argument("--sampler", choices=["em", "ode", "ddim"], default=None)
+    s.add_argument("--sampler", choices=["em", "ode", "ddim", "flow"], default=None)
     s.add_argument("--guidance", action=argparse.BooleanOptionalAction, default=None,
                    help="force-field guidance (default: sample.guidance)")
     s.add_argument("--relax", action=argparse.BooleanOptionalAction, default=None,

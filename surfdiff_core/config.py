@@ -170,6 +170,9 @@ class ModelConfig(_Strict):
     # > 0: the denoiser is also conditioned on E_diff, the energy above the lowest structure of the same
     # composition and cell per movable atom, for classifier-free guidance toward low energies (sample.energy_target)
     energy_features: int = Field(0, ge=0, le=1024)
+    # the generative process the vector head learns: the VP diffusion's eps, or the velocity of flow matching
+    # (straight paths from the uniform box prior; sampled with `sample.sampler: flow`)
+    generative: Literal["diffusion", "flow"] = "diffusion"
 
 
 class TrainConfig(_Strict):
@@ -226,7 +229,7 @@ class SampleConfig(_Strict):
     targets: list[SampleTarget] = Field(default_factory=list)
     n: int = Field(16, ge=1, le=MAX_SAMPLES)
     steps: int = Field(500, ge=1, le=MAX_STEPS)
-    sampler: Literal["em", "ode", "ddim"] = "em"
+    sampler: Literal["em", "ode", "ddim", "flow"] = "em"
     guidance: bool = True
     eta_dt: float = Field(0.001, ge=0)  # the paper's η·Δt in Å/(eV/Å)
     relax: bool = True  # short MLFF relaxation after sampling
@@ -330,6 +333,10 @@ class SurfdiffConfig(_Strict):
                 cell_matrix(cell, facet)
             except ConfigError as exc:
                 raise ValueError(f"{where}: {exc}") from None
+        if (self.model.generative == "flow") != (self.sample.sampler == "flow"):
+            raise ValueError(f"sample.sampler {self.sample.sampler!r} does not fit model.generative "
+                             f"{self.model.generative!r}: a flow-matching model samples with 'flow', a diffusion "
+                             f"model with 'em', 'ode' or 'ddim'")
         if self.sample.energy_target is not None and self.model.energy_features == 0:
             raise ValueError("sample.energy_target needs an energy-conditioned model: set model.energy_features "
                              "(e.g. 16), or leave energy_target out")

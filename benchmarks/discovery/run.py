@@ -36,10 +36,10 @@ COMPOSITIONS = ["Ag4O2", "Ag4O3", "Ag4O4", "Ag5O2", "Ag5O3", "Ag5O4", "Ag5O5", "
 # D+AL: the D model after active-learning rounds; D+CFG: D with an energy-conditioned denoiser, sampled at
 # E_diff = 0 with classifier-free guidance; D+CFG+AL: both; D+ODE: the D model sampled with the
 # probability-flow ODE (Heun); D+DDIM: the D model sampled with deterministic DDIM steps; D+ENS: the D model with an
-# MLFF committee (train.ensemble) relaxing and ranking its samples
+# MLFF committee (train.ensemble) relaxing and ranking its samples; D+FM: a flow-matching model on D
 WINDOWS = {"D": 2.0, "D_lowE": 0.5, "D+AL": 2.0, "D+CFG": 2.0, "D+CFG+AL": 2.0, "D+ODE": 2.0, "D+DDIM": 2.0,
-           "D+ENS": 2.0}
-FEW_STEP_SAMPLERS = {"+ODE": "ode", "+DDIM": "ddim"}
+           "D+ENS": 2.0, "D+FM": 2.0}
+FEW_STEP_SAMPLERS = {"+ODE": "ode", "+DDIM": "ddim", "+FM": "flow"}
 MODELS = {"demo": {"n_features": 32, "n_rbf": 20, "n_interactions": 3, "cutoff": 5.0},
           "paper": {"n_features": 64, "n_rbf": 30, "n_interactions": 4, "cutoff": 6.0}}
 
@@ -48,7 +48,7 @@ def sampler_of(window: str, args) -> tuple[str, int]:
     """(sampler, steps) of an arm: EM with --steps, or a few-step sampler with its own step count."""
     for suffix, name in FEW_STEP_SAMPLERS.items():
         if window.endswith(suffix):
-            return name, args.ode_steps if name == "ode" else args.ddim_steps
+            return name, {"ode": args.ode_steps, "ddim": args.ddim_steps, "flow": args.fm_steps}[name]
     return "em", args.steps
 
 
@@ -83,7 +83,8 @@ def study_config(args, seed: int, window: str, store: Path) -> dict:
         "oracle": {"name": args.energy_model},
         "rss": {"cell": system["cell"], "compositions": system["compositions"], "n": args.rss_train, "seed": seed,
                 "fmax": 0.05, "steps": 300, "workers": args.workers},
-        "model": {**MODELS[args.model], "energy_features": 16 if "+CFG" in window else 0},
+        "model": {**MODELS[args.model], "energy_features": 16 if "+CFG" in window else 0,
+                  "generative": "flow" if "+FM" in window else "diffusion"},
         "train": {"energy_window": WINDOWS[window], "repeat": 2, "epochs": args.epochs, "batch_size": 8,
                   "lr": 1e-3, "patience": 25, "seed": seed, "ensemble": args.ensemble if "+ENS" in window else 1},
         "sample": {"targets": system["targets"],
@@ -163,7 +164,8 @@ def summarise(rows: list[dict], args, out: Path, wall: float) -> Path:
              f"each) instead of Euler–Maruyama; D+DDIM = the D model sampled in {args.ddim_steps} deterministic "
              "DDIM steps (1 model evaluation each); D+ENS = the D model with a committee of "
              f"{args.ensemble} MLFFs (itself and {args.ensemble - 1} MLFF-only models of other seeds) whose mean "
-             "relaxes and ranks the samples.\n",
+             f"relaxes and ranks the samples; D+FM = a flow-matching model on D, sampled in {args.fm_steps} Euler "
+             "steps.\n",
              "| target | window | seed | best surfdiff (eV) | best RSS (eV) | surfdiff relaxations to reach RSS best "
              "(±0.05 eV) | RSS expected | ratio | median steps surfdiff / RSS | AL labels in the cell | "
              "MLFF/oracle rank corr. | training force calls |",
@@ -243,6 +245,7 @@ def main() -> None:
     p.add_argument("--al-epochs", type=int, default=10, help="fine-tuning epochs per round (D+AL)")
     p.add_argument("--ode-steps", type=int, default=50, help="Heun steps of the D+ODE arm (2 evaluations each)")
     p.add_argument("--ddim-steps", type=int, default=100, help="DDIM steps of the D+DDIM arm (1 evaluation each)")
+    p.add_argument("--fm-steps", type=int, default=100, help="Euler steps of the D+FM arm (1 evaluation each)")
     p.add_argument("--ensemble", type=int, default=4, help="MLFF committee size of the D+ENS arm")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (D+CFG)")
     p.add_argument("--workers", type=int, default=2)

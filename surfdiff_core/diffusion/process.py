@@ -381,6 +381,10 @@ class SurfaceDiffusion:
         s = self.std(self._per_structure_time(t, batch))[batch.batch]
         return torch.where(batch.movable[:, None], -score * s[:, None], torch.zeros_like(score))
 
+    def training_loss(self, eps_pred: torch.Tensor, eps_target: torch.Tensor, batch: SlabBatch) -> torch.Tensor:
+        """The vector head's loss (the one name every generative process gives it): denoising score matching."""
+        return self.dsm_loss(eps_pred, eps_target, batch)
+
     def dsm_loss(self, eps_pred: torch.Tensor, eps_target: torch.Tensor, batch: SlabBatch) -> torch.Tensor:
         """Denoising score matching: mean over movable atoms of ‖eps_pred − eps_target‖²."""
         err = ((eps_pred - eps_target) ** 2).sum(-1)

@@ -36,6 +36,7 @@ from typing import Protocol
 
 import torch
 
+from surfdiff_core.diffusion.flow import SurfaceFlow, flow_euler
 from surfdiff_core.diffusion.guidance import DenoiserFn, Guidance
 from surfdiff_core.diffusion.process import SlabGeometry, SurfaceDiffusion, truncated_normal
 from surfdiff_core.geometry.batch import SlabBatch
@@ -48,7 +49,7 @@ class Sampler(Protocol):
         self,
         model: DenoiserFn,
         x: SlabBatch,
-        process: SurfaceDiffusion,
+        process: SurfaceDiffusion | SurfaceFlow,
         *,
         steps: int,
         guidance: Guidance | None = None,
@@ -219,4 +220,5 @@ def ddim(
     return x.with_positions(pos)
 
 
-SAMPLERS: dict[str, Sampler] = {"em": euler_maruyama, "ode": probability_flow_ode, "ddim": ddim}
+SAMPLERS: dict[str, Sampler] = {"em": euler_maruyama, "ode": probability_flow_ode, "ddim": ddim,
+                                 "flow": flow_euler}

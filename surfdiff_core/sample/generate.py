@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from surfdiff_core.config import SampleConfig
+from surfdiff_core.diffusion.flow import SurfaceFlow
 from surfdiff_core.diffusion.guidance import ForceFieldGuidance
 from surfdiff_core.diffusion.repulsion import OverlapRepulsion
 from surfdiff_core.diffusion.samplers import SAMPLERS
@@ -105,6 +106,10 @@ def generate(
     n = scfg.n if n is None else n
     seed = scfg.seed if seed is None else seed
     model, process = loaded.model.to(device).eval(), loaded.process
+    if (scfg.sampler == "flow") != isinstance(process, SurfaceFlow):  # raised before anything is written
+        kind = "a flow-matching" if isinstance(process, SurfaceFlow) else "a diffusion"
+        raise ConfigError(f"model {loaded.model_id} is {kind} model: sample.sampler {scfg.sampler!r} cannot "
+                          f"sample it ('flow' for flow matching; 'em', 'ode' or 'ddim' for diffusion)")
     mlff = Committee([model, *(m.model.to(device).eval() for m in committee)])
     denoise, relax_forces = conditioned_denoiser(model, scfg), mlff
     if scfg.repulsion > 0:

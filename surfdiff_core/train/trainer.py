@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from surfdiff_core.config import ModelConfig, TrainConfig
+from surfdiff_core.diffusion.flow import SurfaceFlow
 from surfdiff_core.diffusion.process import SurfaceDiffusion
 from surfdiff_core.diffusion.schedule import VPSchedule
 from surfdiff_core.errors import SurfdiffError
@@ -53,8 +54,18 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def make_process(mcfg: ModelConfig) -> SurfaceDiffusion:
+def make_process(mcfg: ModelConfig) -> SurfaceDiffusion | SurfaceFlow:
+    if mcfg.generative == "flow":
+        return SurfaceFlow(length_scale=mcfg.length_scale)
     return SurfaceDiffusion(VPSchedule(mcfg.beta_min, mcfg.beta_max), length_scale=mcfg.length_scale)
+
+
+def process_settings(process: SurfaceDiffusion | SurfaceFlow) -> dict[str, Any]:
+    """What a checkpoint records of its generative process (read back by `load_checkpoint`)."""
+    if isinstance(process, SurfaceFlow):
+        return {"kind": "flow", "length_scale": process.length_scale, "t_min": process.t_min}
+    return {"beta_min": process.schedule.beta_min, "beta_max": process.schedule.beta_max,
+            "length_scale": process.length_scale, "t_min": process.t_min}
 
 
 def make_model(mcfg: ModelConfig, elements: list[int]) -> SurfaceModel:
@@ -112,7 +123,9 @@ def model_id_for(mcfg: ModelConfig, tcfg: TrainConfig, fingerprint: str, scope: 
                  parent: str | None = None) -> str:
     # fields added for energy conditioning stay out of the id of an unconditioned model: its id is unchanged
     plain = mcfg.energy_features == 0
-    parts = [mcfg.model_dump(mode="json", exclude={"energy_features"} if plain else None),
+    # fields added later stay out of the id at their defaults, so earlier models keep their ids
+    later = {*(("energy_features",) if plain else ()), *(("generative",) if mcfg.generative == "diffusion" else ())}
+    parts = [mcfg.model_dump(mode="json", exclude=later),
              # the committee size does not change how this one model trains
              tcfg.model_dump(mode="json", exclude={"device", "ensemble", *(("condition_dropout",) if plain else ())}),
              fingerprint, scope.system_id, list(scope.energy_models), scope.study]
@@ -143,7 +156,7 @@ def _score_loss(model: SurfaceModel, process: SurfaceDiffusion, samples: list[Sa
         dropped = torch.rand(len(samples), generator=gen, device=device) < tcfg.condition_dropout
         condition = torch.where(dropped, torch.full_like(condition, math.nan), condition)
     out = model(noisy, t, score=True, condition=condition)
-    return process.dsm_loss(out.eps, eps_target, noisy)
+    return process.training_loss(out.eps, eps_target, noisy)
 
 
 def _losses(
@@ -320,8 +333,7 @@ def _save(path, ema_model, raw_model, opt, sched, epoch, best_val, bad_epochs, h
     ck = {
         "format": CHECKPOINT_FORMAT, "model_id": model_id, "spec": ema_model.spec.to_dict(),
         "model_config": mcfg.model_dump(mode="json"),
-        "diffusion": {"beta_min": process.schedule.beta_min, "beta_max": process.schedule.beta_max,
-                      "length_scale": process.length_scale, "t_min": process.t_min},
+        "diffusion": process_settings(process),
         "state_dict": ema_model.state_dict(), "raw_state_dict": raw_model.state_dict(),
         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
         "best_val": best_val, "bad_epochs": bad_epochs, "history": history, "data": provenance,
@@ -354,7 +366,10 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
     model.load_state_dict(ck["state_dict"])
     model.to(device).eval()
     d = ck["diffusion"]
-    process = SurfaceDiffusion(VPSchedule(d["beta_min"], d["beta_max"]), length_scale=d["length_scale"],
-                               t_min=d["t_min"])
+    if d.get("kind") == "flow":
+        process = SurfaceFlow(length_scale=d["length_scale"], t_min=d["t_min"])
+    else:
+        process = SurfaceDiffusion(VPSchedule(d["beta_min"], d["beta_max"]), length_scale=d["length_scale"],
+                                   t_min=d["t_min"])
     meta = {k: ck[k] for k in ("epoch", "best_val", "history", "data", "model_config")}
     return LoadedModel(model=model, process=process, model_id=ck["model_id"], meta=meta)
