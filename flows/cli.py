@@ -275,10 +275,12 @@ def cmd_query(args: argparse.Namespace) -> int:
     if args.models:
         with model_registry(cfg) as registry:
             records = registry.find(study=study)
-        keys = ["model_id", "study", "system_id", "energy_models", "epochs", "best_val", "n_train", "checkpoint"]
+        keys = ["model_id", "study", "system_id", "energy_models", "epochs", "best_val", "n_train", "member_of",
+                "checkpoint"]
         rows = [{k: getattr(r, k) for k in keys} for r in records]
         print(json.dumps(rows, indent=1, default=str) if args.json else
-              "\n".join(" ".join(str(r[k]) for k in keys) for r in rows) or "no trained models")
+              "\n".join(" ".join("-" if r[k] is None else str(r[k]) for k in keys) for r in rows)
+              or "no trained models")
         return 0
     with open_study_store(cfg) as store:
         if args.lineage:
