@@ -88,6 +88,8 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"(score {last.get('val_score', float('nan')):.4f}, forces {last.get('val_forces', float('nan')):.4f}); "
           f"{s.n_train} train / {s.n_val} validation structures; {s.samples_per_second:.1f} samples/s")
     print(f"trained on study {s.study}, system {s.system_id}, energy model {', '.join(s.energy_models)}")
+    if s.committee:
+        print(f"MLFF committee (ranks its samples with it): {', '.join(s.committee)}")
     if s.warning:
         print(f"warning: {s.warning}", file=sys.stderr)
     print(f"checkpoint: {s.checkpoint}")
