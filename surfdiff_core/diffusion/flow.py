@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from surfdiff_core.diffusion.guidance import DenoiserFn, Guidance
-from surfdiff_core.diffusion.process import SlabGeometry
+from surfdiff_core.diffusion.process import SlabGeometry, movable_mse, uniform_box_prior
 from surfdiff_core.geometry.batch import SlabBatch
 
 
@@ -48,8 +48,7 @@ class SurfaceFlow:
 
     def sample_prior(self, batch: SlabBatch, generator: torch.Generator | None = None) -> SlabBatch:
         """Movable atoms uniform over the box; masked atoms where they are."""
-        geo = self.geometry(batch)
-        return batch.with_positions(torch.where(batch.movable[:, None], geo.uniform(generator), batch.positions))
+        return uniform_box_prior(batch, generator)
 
     def displacement(self, x0: torch.Tensor, x1: torch.Tensor, geo: SlabGeometry) -> torch.Tensor:
         """d = x1 − x0: the shortest periodic image in-plane, plain along z; zero on masked atoms."""
@@ -71,9 +70,7 @@ class SurfaceFlow:
 
     def training_loss(self, pred: torch.Tensor, target: torch.Tensor, batch: SlabBatch) -> torch.Tensor:
         """Mean over movable atoms of ‖pred − target‖²."""
-        err = ((pred - target) ** 2).sum(-1)
-        mov = batch.movable.to(err.dtype)
-        return (err * mov).sum() / mov.sum().clamp_min(1.0)
+        return movable_mse(pred, target, batch)
 
     def velocity(self, u: torch.Tensor) -> torch.Tensor:
         """dx/dt (Å per unit time, toward the prior) from the model's output u."""

@@ -252,6 +252,20 @@ class SlabGeometry:
         return torch.cat([xy, z[:, None]], dim=1)
 
 
+def uniform_box_prior(batch: SlabBatch, generator: torch.Generator | None = None) -> SlabBatch:
+    """Movable atoms uniform over the box (cell × [z_min, z_max]); masked atoms where they are. The prior of
+    the diffusion (its limiting distribution) and of flow matching."""
+    geo = SlabGeometry.from_batch(batch)
+    return batch.with_positions(torch.where(batch.movable[:, None], geo.uniform(generator), batch.positions))
+
+
+def movable_mse(pred: torch.Tensor, target: torch.Tensor, batch: SlabBatch) -> torch.Tensor:
+    """Mean over movable atoms of ‖pred − target‖²: the vector head's loss under either process."""
+    err = ((pred - target) ** 2).sum(-1)
+    mov = batch.movable.to(err.dtype)
+    return (err * mov).sum() / mov.sum().clamp_min(1.0)
+
+
 @dataclass(frozen=True)
 class SurfaceDiffusion:
     schedule: VPSchedule = field(default_factory=VPSchedule)
@@ -337,9 +351,7 @@ class SurfaceDiffusion:
 
     def sample_prior(self, batch: SlabBatch, generator: torch.Generator | None = None) -> SlabBatch:
         """The limiting distribution: movable atoms uniform over the box (cell × [z_min, z_max])."""
-        geo = self.geometry(batch)
-        pos = torch.where(batch.movable[:, None], geo.uniform(generator), batch.positions)
-        return batch.with_positions(pos)
+        return uniform_box_prior(batch, generator)
 
     def perturb(
         self,
@@ -387,6 +399,4 @@ class SurfaceDiffusion:
 
     def dsm_loss(self, eps_pred: torch.Tensor, eps_target: torch.Tensor, batch: SlabBatch) -> torch.Tensor:
         """Denoising score matching: mean over movable atoms of ‖eps_pred − eps_target‖²."""
-        err = ((eps_pred - eps_target) ** 2).sum(-1)
-        mov = batch.movable.to(err.dtype)
-        return (err * mov).sum() / mov.sum().clamp_min(1.0)
+        return movable_mse(eps_pred, eps_target, batch)
