@@ -84,13 +84,20 @@ def generative_ranked_energies(
     return ranked_energies(mlff, [np.nan if e is None else e for e in oracle])
 
 
+def _with_oracle_energy(generated: Sequence[StructureDoc],
+                        relaxed: Sequence[StructureDoc]) -> list[tuple[StructureDoc, float]]:
+    """(sample, oracle energy of its relaxed child) for samples with an MLFF energy and a relaxed child that
+    has an energy."""
+    child = {d.parent_id: d.energy for d in relaxed if d.parent_id is not None and d.energy is not None}
+    return [(p, child[p.doc_id]) for p in generated if p.doc_id in child and p.energy is not None]
+
+
 def mlff_rank_correlation(generated: Sequence[StructureDoc], relaxed: Sequence[StructureDoc]) -> float | None:
     """Spearman rank correlation of the samples' MLFF energies with their oracle-relaxed energies: how well
     the product's ranking predicts the oracle's (None with fewer than 3 relaxed pairs or constant ranks)."""
     from scipy.stats import spearmanr
 
-    child = {d.parent_id: d.energy for d in relaxed if d.parent_id is not None and d.energy is not None}
-    pairs = [(p.energy, child[p.doc_id]) for p in generated if p.doc_id in child and p.energy is not None]
+    pairs = [(p.energy, oracle) for p, oracle in _with_oracle_energy(generated, relaxed)]
     if len(pairs) < 3:
         return None
     mlff, oracle = zip(*pairs, strict=True)
@@ -105,9 +112,8 @@ def committee_calibration(generated: Sequence[StructureDoc], relaxed: Sequence[S
     spread flags the samples the MLFF misjudges (None without a committee or with fewer than 3 pairs)."""
     from scipy.stats import spearmanr
 
-    child = {d.parent_id: d.energy for d in relaxed if d.parent_id is not None and d.energy is not None}
-    rows = [(p.meta.get("mlff_energy_std"), p.energy - child[p.doc_id]) for p in generated
-            if p.doc_id in child and p.energy is not None and p.meta.get("mlff_energy_std") is not None]
+    rows = [(p.meta["mlff_energy_std"], p.energy - oracle) for p, oracle in _with_oracle_energy(generated, relaxed)
+            if p.meta.get("mlff_energy_std") is not None]
     if len(rows) < 3:
         return None
     spread, error = (np.asarray(x, dtype=float) for x in zip(*rows, strict=True))

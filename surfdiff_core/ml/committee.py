@@ -2,8 +2,8 @@
 
 The sampling model (denoiser + MLFF) and its MLFF-only members (train.ensemble) each predict energies and
 forces; the committee's mean relaxes the samples and ranks them, since errors that differ from model to model
-average out, and the standard deviation of the energies says how far a sample lies from what the models
-learned.
+average out. The standard deviation of the energies is stored beside it; whether it flags the MLFF's errors is
+measured by the evaluation (`committee_calibration`), not assumed.
 """
 
 from __future__ import annotations
