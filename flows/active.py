@@ -40,7 +40,9 @@ def active_learning_flow(study: SurfdiffConfig | None = None, config_path: str |
         result.model, record = round_task(cfg, result.model, k, result.relaxations, run_id)
         result.rounds.append(record)
         result.relaxations += record["labels"]
-        print(f"round {k}: {record['labels']} labels, model {record['model_id']}, best {record['best_labelled']}")
+        result.single_points += record["single_points"]
+        print(f"round {k}: {record['labels']} relaxed labels, {record['single_points']} single points, "
+              f"model {record['model_id']}, best {record['best_labelled']}")
     if result.rounds:
         create_table_artifact(key=artifact_key(f"{cfg.name}-active-learning"),
                               table=[{k: v for k, v in r.items() if k != "best_labelled"} | {

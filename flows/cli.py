@@ -186,6 +186,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                  if r["mlff_rank_correlation"] is not None else "")
               + (f"; {r['active_learning_labels']} of the relaxations were active-learning labels"
                  if r["active_learning_labels"] else "")
+              + (f"; {r['active_learning_single_points']} active-learning single points, charged as "
+                 f"{r['single_point_charge']} relaxations" if r["active_learning_single_points"] else "")
               + (f"; reference found at rank {r['reference_rank']}" if r["reference_rank"] else ""))
     for seg in result.phase_diagram:
         print(f"  Δμ {seg['dmu_min']:+.2f} .. {seg['dmu_max']:+.2f} eV: {seg['phase']}")

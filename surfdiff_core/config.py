@@ -263,13 +263,22 @@ class RelaxConfig(_Strict):
 
 class ActiveLearningConfig(_Strict):
     """Rounds of: sample with the current model, relax the best distinct samples with the oracle, fine-tune
-    on them (relaxed structures for the denoiser, their relaxation frames for the MLFF). 0 rounds = off."""
+    on them (relaxed structures for the denoiser, their relaxation frames for the MLFF). 0 rounds = off.
+    Single points: the next best distinct samples get one oracle energy+force call each, which teaches the
+    MLFF where its own minima are wrong at a fraction of a relaxation's cost (MLFF data only)."""
 
     rounds: int = Field(0, ge=0)
-    relax_per_round: int = Field(8, ge=1)  # oracle relaxations per target and round
+    relax_per_round: int = Field(8, ge=0)  # oracle relaxations per target and round
+    single_points_per_round: int = Field(0, ge=0)  # oracle single points per target and round, after those
     max_relaxations: int | None = Field(None, ge=1)  # budget over all rounds and targets (None: rounds decide)
     samples: int | None = Field(None, ge=1)  # samples per target and round (None: sample.n)
     epochs: int = Field(20, ge=1)  # fine-tuning epochs per round
+
+    @model_validator(mode="after")
+    def _labels_per_round(self) -> ActiveLearningConfig:
+        if self.rounds and not (self.relax_per_round or self.single_points_per_round):
+            raise ValueError("active learning needs relax_per_round or single_points_per_round above 0")
+        return self
 
 
 class EvaluateConfig(_Strict):

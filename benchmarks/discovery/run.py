@@ -36,10 +36,11 @@ COMPOSITIONS = ["Ag4O2", "Ag4O3", "Ag4O4", "Ag5O2", "Ag5O3", "Ag5O4", "Ag5O5", "
 # D+AL: the D model after active-learning rounds; D+CFG: D with an energy-conditioned denoiser, sampled at
 # E_diff = 0 with classifier-free guidance; D+CFG+AL: both; D+ODE: the D model sampled with the
 # probability-flow ODE (Heun); D+DDIM: the D model sampled with deterministic DDIM steps; D+ENS: the D model with an
-# MLFF committee (train.ensemble) relaxing and ranking its samples; D+FM: a flow-matching model on D; arms
-# joined by + combine (D+ENS+DDIM, D+ENS+AL)
+# MLFF committee (train.ensemble) relaxing and ranking its samples; D+FM: a flow-matching model on D; D+SP:
+# active learning with oracle single points only (MLFF labels at one force call each); arms joined by + combine
+# (D+ENS+DDIM, D+ENS+AL, D+ENS+SP)
 WINDOWS = {"D": 2.0, "D_lowE": 0.5, "D+AL": 2.0, "D+CFG": 2.0, "D+CFG+AL": 2.0, "D+ODE": 2.0, "D+DDIM": 2.0,
-           "D+ENS": 2.0, "D+FM": 2.0, "D+ENS+DDIM": 2.0, "D+ENS+AL": 2.0}
+           "D+ENS": 2.0, "D+FM": 2.0, "D+ENS+DDIM": 2.0, "D+ENS+AL": 2.0, "D+SP": 2.0, "D+ENS+SP": 2.0}
 FEW_STEP_SAMPLERS = {"+ODE": "ode", "+DDIM": "ddim", "+FM": "flow"}
 MODELS = {"demo": {"n_features": 32, "n_rbf": 20, "n_interactions": 3, "cutoff": 5.0},
           "paper": {"n_features": 64, "n_rbf": 30, "n_interactions": 4, "cutoff": 6.0}}
@@ -97,8 +98,10 @@ def study_config(args, seed: int, window: str, store: Path) -> dict:
                      "guidance_samples": args.extras_n if args.extras and window == args.windows[-1] else 0,
                      "steps_sweep": [25, 100, args.steps] if args.extras and window == args.windows[-1] else []},
         "store": {"backend": "sqlite", "path": str(store)},
-        "active_learning": {"rounds": args.al_rounds if "+AL" in window else 0,
-                            "relax_per_round": args.al_labels, "epochs": args.al_epochs},
+        "active_learning": {"rounds": args.al_rounds if "+AL" in window or "+SP" in window else 0,
+                            "relax_per_round": args.al_labels if "+AL" in window else 0,
+                            "single_points_per_round": args.sp_labels if "+SP" in window else 0,
+                            "epochs": args.al_epochs},
     }
 
 
@@ -115,7 +118,7 @@ def run_seed(args, seed: int, out: Path) -> list[dict]:
             cfg = config_from_dict(study_config(args, seed, window, store_path))
             t0 = time.perf_counter()
             model = train.run(cfg, store, r, progress=True)
-            if cfg.active_learning.rounds:  # labels in the target cells: the evaluation counts them in the budget
+            if cfg.active_learning.rounds:  # labels in the target cells: the evaluation charges them in the budget
                 model = active.run(cfg, store, model, progress=True).model
             t_train = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -166,7 +169,8 @@ def summarise(rows: list[dict], args, out: Path, wall: float) -> Path:
              "DDIM steps (1 model evaluation each); D+ENS = the D model with a committee of "
              f"{args.ensemble} MLFFs (itself and {args.ensemble - 1} MLFF-only models of other seeds) whose mean "
              f"relaxes and ranks the samples; D+FM = a flow-matching model on D, sampled in {args.fm_steps} Euler "
-             "steps.\n",
+             f"steps; D+SP = {args.al_rounds} active-learning rounds of {args.sp_labels} oracle single points per "
+             "target (MLFF data only; charged as the RSS relaxations their force calls would buy).\n",
              "| target | window | seed | best surfdiff (eV) | best RSS (eV) | surfdiff relaxations to reach RSS best "
              "(±0.05 eV) | RSS expected | ratio | median steps surfdiff / RSS | AL labels in the cell | "
              "MLFF/oracle rank corr. | training force calls |",
@@ -175,7 +179,10 @@ def summarise(rows: list[dict], args, out: Path, wall: float) -> Path:
         lines.append(f"| {r['target']} | {r['window']} | {r['seed']} | {r['best_generative_eV']} | {r['best_rss_eV']} "
                      f"| {r['generative_to_reach_rss_best'] or 'not reached'} | {r['rss_expected_to_reach']} | "
                      f"{r['speedup'] or '-'} | {r['steps_generative_median']} / {r['steps_rss_median']} | "
-                     f"{r.get('active_learning_labels', 0)} | {r.get('mlff_rank_correlation', '-')} | "
+                     f"{r.get('active_learning_labels', 0)}"
+                     + (f" + {r['active_learning_single_points']} single points (= {r['single_point_charge']})"
+                        if r.get("active_learning_single_points") else "")
+                     + f" | {r.get('mlff_rank_correlation', '-')} | "
                      f"{r['training_cost']['force_calls']} |")
     lines.append("\n## Median over seeds\n")
     lines.append("Ratio = RSS relaxations (expected, random order) / surfdiff relaxations (active-learning labels "
@@ -243,7 +250,8 @@ def main() -> None:
     p.add_argument("--windows", nargs="+", default=list(WINDOWS), choices=list(WINDOWS))
     p.add_argument("--al-rounds", type=int, default=2, help="active-learning rounds of the D+AL arm")
     p.add_argument("--al-labels", type=int, default=4, help="oracle labels per target and round (D+AL)")
-    p.add_argument("--al-epochs", type=int, default=10, help="fine-tuning epochs per round (D+AL)")
+    p.add_argument("--al-epochs", type=int, default=10, help="fine-tuning epochs per round (D+AL, D+SP)")
+    p.add_argument("--sp-labels", type=int, default=32, help="oracle single points per target and round (D+SP)")
     p.add_argument("--ode-steps", type=int, default=50, help="Heun steps of the D+ODE arm (2 evaluations each)")
     p.add_argument("--ddim-steps", type=int, default=100, help="DDIM steps of the D+DDIM arm (1 evaluation each)")
     p.add_argument("--fm-steps", type=int, default=100, help="Euler steps of the D+FM arm (1 evaluation each)")

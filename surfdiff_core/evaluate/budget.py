@@ -189,6 +189,15 @@ def training_cost(docs: Sequence[StructureDoc]) -> TrainingCost:
     return TrainingCost(len(docs), calls, atom_steps)
 
 
+def single_point_charge(n_points: int, relaxations: Sequence[StructureDoc]) -> int:
+    """Relaxations that `n_points` oracle single points are worth: their force calls over the mean force calls
+    of one of `relaxations` (steps + 1), rounded up; one relaxation each when nothing says what one costs."""
+    if n_points <= 0:
+        return 0
+    calls = [(d.steps or 0) + 1 for d in relaxations if d.steps is not None]
+    return int(np.ceil(n_points / float(np.mean(calls)))) if calls else n_points
+
+
 def steps_summary(docs: Sequence[StructureDoc]) -> dict[str, float]:
     """Relaxation steps per structure: count, mean, median, p90 (documents with `steps` only)."""
     steps = np.array([d.steps for d in docs if d.steps is not None], float)

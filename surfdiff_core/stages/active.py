@@ -2,9 +2,11 @@
 
 Each round k: guided samples of every target with the current model (seeded by k), the best
 `relax_per_round` distinct ones per target relaxed with the oracle as RSS relaxes (their relaxed structures
-train the denoiser, their relaxation frames the MLFF), then the model fine-tuned from its own weights on RSS
-data plus every labelled sample so far. Rounds are recorded in the model registry; every id is
-deterministic, so a killed loop resumes where it stopped, and the loop stops at its relaxation budget.
+train the denoiser, their relaxation frames the MLFF), the next `single_points_per_round` given one oracle
+energy+force call each (MLFF data only: the MLFF's own minima, corrected where it is wrong), then the model
+fine-tuned from its own weights on RSS data plus every label so far. Rounds are recorded in the model
+registry; every id is deterministic, so a killed loop resumes where it stopped, and the loop stops at its
+relaxation budget.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from surfdiff_core.config import SurfdiffConfig
 from surfdiff_core.stages import sample, train
 from surfdiff_core.stages.common import new_run_id, sample_targets, target_system
-from surfdiff_core.stages.oracle_relax import relax_samples
+from surfdiff_core.stages.oracle_relax import relax_samples, single_points
 from surfdiff_core.stages.results import StageResult, TrainResult
 from surfdiff_core.store import ResultsStore
 
@@ -24,6 +26,7 @@ class ActiveLearningResult(StageResult):
     model: TrainResult  # the model after the last round (the input model when no round ran)
     rounds: list[dict] = field(default_factory=list)  # per round: model, samples, labels, best labelled energy
     relaxations: int = 0  # oracle relaxations spent on labels (training-data cost, in the target cells)
+    single_points: int = 0  # oracle single points spent on labels (one force call each)
 
 
 def run_round(cfg: SurfdiffConfig, store: ResultsStore, model: TrainResult, k: int, *, spent: int = 0,
@@ -40,18 +43,23 @@ def run_round(cfg: SurfdiffConfig, store: ResultsStore, model: TrainResult, k: i
     calculator = get_calculator(cfg.oracle.name, **cfg.oracle.settings)
     scfg = cfg.sample.model_copy(update={"n": al.samples or cfg.sample.n, "seed": cfg.sample.seed + 7919 * k})
     drawn = sample.run(cfg, store, model, targets=targets, scfg=scfg, run_id=f"{run_id}-al{k}", progress=progress)
-    labels, best, label_ids = 0, {}, []
+    labels, points, best, label_ids = 0, 0, {}, []
+    meta = {"active_learning": True, "round": k, "model_id": model.model_id}
     for t in drawn.targets:
         quota = al.relax_per_round if left is None else min(al.relax_per_round, left - labels)
-        if quota <= 0:
+        if quota <= 0 and not al.single_points_per_round:
             break
+        system = systems[(t.composition, t.cell)]
         docs = [d for d in store.find({"doc_id": {"$in": t.doc_ids}}) if d.valid and d.in_box and d.energy]
-        relaxed = relax_samples(cfg, store, systems[(t.composition, t.cell)], deduplicate(docs, k=quota),
-                                calculator, tag=f"active-learning-{k}",
-                                meta={"active_learning": True, "round": k, "model_id": model.model_id},
-                                progress=progress)
+        ranked = deduplicate(docs, k=max(quota, 0) + al.single_points_per_round)
+        relaxed = relax_samples(cfg, store, system, ranked[: max(quota, 0)], calculator,
+                                tag=f"active-learning-{k}", meta=meta, progress=progress)
+        # the next best distinct samples: where the MLFF put minima that no relaxation checks this round
+        pointed = single_points(cfg, store, system, ranked[max(quota, 0):], calculator,
+                                tag=f"active-learning-{k}", meta=meta, progress=progress)
         labels += len(relaxed)
-        label_ids += [d.doc_id for d in relaxed]
+        points += len(pointed)
+        label_ids += [d.doc_id for d in relaxed + pointed]
         energies = [d.energy for d in relaxed if d.energy is not None and not d.error]
         best[f"{t.composition} {t.cell}"] = min(energies) if energies else None
     learned = tuple(sorted({s.system_id for s in systems.values()}))
@@ -59,7 +67,7 @@ def run_round(cfg: SurfdiffConfig, store: ResultsStore, model: TrainResult, k: i
                     learned_systems=learned, learned_labels=(*model.learned_labels, *label_ids),
                     init_from=model.checkpoint, init_committee=tuple(model.committee))
     return new, {"round": k, "model_id": new.model_id, "samples": len(drawn.doc_ids), "labels": labels,
-                 "n_train": new.n_train, "best_labelled": best, "best_val": new.best_val}
+                 "single_points": points, "n_train": new.n_train, "best_labelled": best, "best_val": new.best_val}
 
 
 def budget_left(cfg: SurfdiffConfig, spent: int) -> bool:
@@ -80,4 +88,5 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: TrainResult, *, run_
                                          progress=progress)
         result.rounds.append(record)
         result.relaxations += record["labels"]
+        result.single_points += record["single_points"]
     return result

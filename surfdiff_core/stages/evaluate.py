@@ -105,6 +105,7 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
         committee_calibration,
         generative_ranked_energies,
         mlff_rank_correlation,
+        single_point_charge,
         speedup,
         steps_summary,
     )
@@ -124,17 +125,22 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
     distinct = deduplicate(valid)
     # Active-learning labels in this cell were oracle relaxations too: the arm spent them first, and a sample
     # that is one of those structures again would only repeat its relaxation.
-    labels = sorted((d for d in training_docs if d.meta.get("active_learning") and d.system_id == system.system_id),
+    in_cell = [d for d in training_docs if d.meta.get("active_learning") and d.system_id == system.system_id]
+    labels = sorted((d for d in in_cell if d.source != "single_point"),
                     key=lambda d: (d.meta.get("round", 0), d.meta.get("mlff_energy") or 0.0, d.doc_id))
+    points = sum(d.source == "single_point" for d in in_cell)
     fresh = distinct
     if labels:
         fresh = [d for d, new in zip(distinct, novel_mask(distinct, labels), strict=True) if new]
     relaxed = relax_samples(cfg, store, system, fresh[: cfg.evaluate.budget], calculator,
                             tag="evaluate", progress=progress)
-    gen_ranked = np.concatenate([[np.nan if d.energy is None else d.energy for d in labels],
-                                 generative_ranked_energies(fresh, relaxed)])
     rss_docs = [d for d in rss_arm(cfg, store, target, progress) if d.energy is not None and d.in_box]
     rss_energies = [d.energy for d in rss_docs]
+    # Single points were oracle calls in the cell too: charged as the relaxations their force calls would buy
+    # (an RSS relaxation's mean here), spent first and finding nothing.
+    charged = single_point_charge(points, rss_docs or [d for d in relaxed if not d.error])
+    gen_ranked = np.concatenate([[np.nan if d.energy is None else d.energy for d in labels], [np.nan] * charged,
+                                 generative_ranked_energies(fresh, relaxed)])
     sp = speedup(rss_energies, gen_ranked, tol=cfg.evaluate.tol) if rss_energies and len(gen_ranked) else None
     same_cell = [d for d in training_docs if d.cell == system.cell and d.composition == system.composition]
     return TargetEvaluation(
@@ -145,6 +151,7 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
         speedup=None if sp is None else sp.__dict__,
         steps_generative=steps_summary([d for d in relaxed if not d.error]), steps_rss=steps_summary(rss_docs),
         reference_rank=_reference_rank(cfg, key, relaxed), active_learning_labels=len(labels),
+        active_learning_single_points=points, single_point_charge=charged,
         sample_runs=sorted({d.run_id or "" for d in docs}),
         mlff_rank_correlation=mlff_rank_correlation(fresh, relaxed),
         committee_calibration=committee_calibration(fresh, relaxed),
@@ -194,8 +201,11 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
                               config_hash=cfg.section_hash("evaluate", "rss", "oracle"), model_id=model,
                               energy_model=cfg.oracle.energy_model,
                               training_cost={**training_cost(training_docs).__dict__,
-                                             "active_learning_labels": sum(bool(d.meta.get("active_learning"))
-                                                                           for d in training_docs)})
+                                             "active_learning_labels": sum(
+                                                 bool(d.meta.get("active_learning")) and d.source != "single_point"
+                                                 for d in training_docs),
+                                             "active_learning_single_points": sum(
+                                                 d.source == "single_point" for d in training_docs)})
     for t in targets:
         result.targets.append(evaluate_target(cfg, store, t, upstream, model, calculator, training_docs, progress,
                                               sample_run, tuple(record.committee)))

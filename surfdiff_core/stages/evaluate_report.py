@@ -33,6 +33,8 @@ class TargetEvaluation:
     steps_rss: dict[str, float]
     reference_rank: int | None = None
     active_learning_labels: int = 0  # oracle relaxations in this cell spent on labels: the arm's first entries
+    active_learning_single_points: int = 0  # oracle single points in this cell spent on labels
+    single_point_charge: int = 0  # the relaxations those are worth in force calls: the next entries, empty
     sample_runs: list[str] = field(default_factory=list)  # the sample runs whose structures were judged
     mlff_rank_correlation: float | None = None  # Spearman, MLFF energy against relaxed oracle energy
     committee_calibration: float | None = None  # Spearman, committee spread against the MLFF's error size
@@ -81,6 +83,8 @@ class EvaluationResult(StageResult):
                 "steps_generative_median": t.steps_generative.get("median"),
                 "steps_rss_median": t.steps_rss.get("median"), "reference_rank": t.reference_rank,
                 "active_learning_labels": t.active_learning_labels,
+                "active_learning_single_points": t.active_learning_single_points,
+                "single_point_charge": t.single_point_charge,
                 "mlff_rank_correlation": r4(t.mlff_rank_correlation),
                 "committee_calibration": r4(t.committee_calibration), "sample_runs": ", ".join(t.sample_runs),
             })
@@ -187,8 +191,9 @@ def markdown_report(result: EvaluationResult) -> str:
     parts = [f"# Evaluation of {result.study} (model {result.model_id}, {result.energy_model})\n",
              f"Training data cost: {cost['structures']} structures, {cost['force_calls']} oracle force calls, "
              f"{cost['atom_steps']} atom-steps ({cost.get('active_learning_labels', 0)} of the structures are "
-             f"active-learning labels in the target cells). The budgets below count oracle relaxations in the "
-             f"target cell.\n",
+             f"active-learning relaxations and {cost.get('active_learning_single_points', 0)} active-learning "
+             f"single points in the target cells). The budgets below count oracle relaxations in the target cell; "
+             f"single points there are charged as the relaxations their force calls would buy.\n",
              markdown_table(rows, list(rows[0])) if rows else "no targets"]
     g = result.guidance
     if g:

@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
-Source = Literal["rss", "generated", "relaxed", "dft"]
-SOURCES: tuple[str, ...] = ("rss", "generated", "relaxed", "dft")
+# single_point: an oracle energy+force call on a sample (an active-learning label for the MLFF, not a minimum)
+Source = Literal["rss", "generated", "relaxed", "dft", "single_point"]
+SOURCES: tuple[str, ...] = ("rss", "generated", "relaxed", "dft", "single_point")
 
 
 def make_doc_id(source: str, *parts: Any) -> str:

@@ -40,6 +40,7 @@ class Sample:
     # energy above the lowest structure of the same composition and cell, per movable atom (eV): the
     # condition of energy-conditioned models; intensive, so tiles keep it
     e_diff: float = 0.0
+    denoise: bool = True  # False: an oracle single point, not a minimum; MLFF frames only
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,8 @@ class DataScope:
                       "energy_model": {"$in": list(self.energy_models)}}
         training = {"system_id": self.system_id, "source": {"$in": ["rss", "relaxed", "dft"]}}
         if self.learned_systems and self.learned_labels:
-            learned = {"system_id": {"$in": list(self.learned_systems)}, "source": {"$in": ["relaxed", "dft"]},
+            learned = {"system_id": {"$in": list(self.learned_systems)},
+                       "source": {"$in": ["relaxed", "dft", "single_point"]},
                        "meta.active_learning": True, "doc_id": {"$in": list(self.learned_labels)}}
             crit["$or"] = [training, learned]
         else:
@@ -86,12 +88,14 @@ def select_documents(store: ResultsStore, scope: DataScope, cfg: TrainConfig) ->
             if (cfg.ratio_side == "above" and r > ratio) or (cfg.ratio_side == "below" and r < ratio):
                 keep.append(d)
         docs = keep
-    if cfg.energy_window is not None:
+    if cfg.energy_window is not None:  # over minima; single points are MLFF data wherever the MLFF went
         emin: dict[tuple[str | None, str], float] = {}
         for d in docs:
             key = (d.energy_model, d.composition)
-            emin[key] = min(emin.get(key, np.inf), d.energy)
-        docs = [d for d in docs if d.energy <= emin[(d.energy_model, d.composition)] + cfg.energy_window]
+            if d.source != "single_point":
+                emin[key] = min(emin.get(key, np.inf), d.energy)
+        docs = [d for d in docs if d.source == "single_point"
+                or d.energy <= emin[(d.energy_model, d.composition)] + cfg.energy_window]
     docs.sort(key=lambda d: d.doc_id)
     return docs
 
@@ -131,11 +135,11 @@ def doc_to_sample(doc: StructureDoc, max_frames: int, shift: dict[int, float] | 
         frames = [(atoms.positions.copy(), float(doc.energy), forces)]
     offset = sum(shift.get(int(z), 0.0) for z in atoms.numbers) if shift else 0.0
     frames = [(p, e - offset, f) for p, e, f in frames]
-    # A relaxation (relaxed, dft) groups with its generated parent: near-identical geometries of one candidate.
-    group = doc.parent_id if doc.source in ("relaxed", "dft") and doc.parent_id else doc.doc_id
+    # A label (relaxation, single point) groups with its generated parent: near-identical geometries of one candidate.
+    group = doc.parent_id if doc.source in ("relaxed", "dft", "single_point") and doc.parent_id else doc.doc_id
     return Sample(atoms=atoms, movable=np.asarray(doc.movable, bool), z_box=(doc.z_box[0], doc.z_box[1]),
                   energy=float(doc.energy) - offset, forces=forces, frames=frames, doc_id=doc.doc_id,
-                  composition=doc.composition, group=group)
+                  composition=doc.composition, group=group, denoise=doc.source != "single_point")
 
 
 def repeat_sample(s: Sample, r: int) -> Sample:
@@ -155,7 +159,7 @@ def repeat_sample(s: Sample, r: int) -> Sample:
     assert len(big) == n * tile
     return Sample(atoms=big, movable=np.tile(s.movable, tile), z_box=s.z_box, energy=s.energy * tile,
                   forces=np.tile(s.forces, (tile, 1)), frames=frames, doc_id=f"{s.doc_id}x{r}",
-                  composition=s.composition, group=s.group, e_diff=s.e_diff)
+                  composition=s.composition, group=s.group, e_diff=s.e_diff, denoise=s.denoise)
 
 
 def load_samples(store: ResultsStore, scope: DataScope, cfg: TrainConfig) -> tuple[list[Sample], list[str]]:
@@ -179,8 +183,10 @@ def set_energy_differences(samples: Sequence[Sample], system_ids: Sequence[str])
     lowest: dict[tuple[str, str], float] = {}
     for s, sid in zip(samples, system_ids, strict=True):
         key = (sid, s.composition)
-        lowest[key] = min(lowest.get(key, np.inf), s.energy)
+        lowest[key] = min(lowest.get(key, np.inf), s.energy if s.denoise else np.inf)
     for s, sid in zip(samples, system_ids, strict=True):
+        if not s.denoise or not np.isfinite(lowest[(sid, s.composition)]):
+            continue  # no condition: never in the denoiser's loss
         s.e_diff = (s.energy - lowest[(sid, s.composition)]) / max(int(np.sum(s.movable)), 1)
 
 

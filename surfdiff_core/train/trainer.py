@@ -165,9 +165,10 @@ def _losses(
     force_scale: float,
     energy_scale: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    if tcfg.score_weight > 0:
-        loss_score = _score_loss(model, process, samples, tcfg, device, gen)
-    else:  # an MLFF-only model (a committee member): no denoiser forward at all
+    minima = [s for s in samples if s.denoise]
+    if tcfg.score_weight > 0 and minima:
+        loss_score = _score_loss(model, process, minima, tcfg, device, gen)
+    else:  # an MLFF-only model (a committee member), or only single points here: no denoiser forward at all
         loss_score = torch.zeros((), device=device)
     fb, e_ref, f_ref = frame_batch(samples, rng, device)
     mo = model(fb, None, score=False, energy=True, forces=True, training_forces=create_graph)
@@ -215,7 +216,7 @@ def train(
     # of the demo data (validation force loss 0.25 against 0.59).
     model.set_energy_normalisation(dict(zip(elements, mu.tolist(), strict=True)), force_scale)
     if model.energy_condition is not None:  # E_diff features span the data's range
-        spread = float(np.quantile([s.e_diff for s in train_set], 0.9))
+        spread = float(np.quantile([s.e_diff for s in train_set if s.denoise] or [0.0], 0.9))
         model.energy_condition.scale.fill_(max(spread, 1e-3))
     if init_from is not None:
         warm_start(model, init_from, device)
