@@ -404,7 +404,7 @@ def _add_query_parser(sub) -> None:
     q.add_argument("--system", default=None, help="system id, e.g. 'Ag(fcc111)-c(2x8)-L3'")
     q.add_argument("--composition", default=None, help="overlayer composition, e.g. Ag6O3")
     q.add_argument("--cell", default=None, help="cell name, e.g. 'p(4x4)'")
-    q.add_argument("--source", default=None, help="rss | generated | relaxed | dft")
+    q.add_argument("--source", default=None, help="rss | generated | relaxed | dft | single_point")
     q.add_argument("--max-energy", type=float, default=None, help="only energies <= E (eV)")
     q.add_argument("--run-id", default=None)
     q.add_argument("--model-id", default=None)

@@ -38,9 +38,10 @@ COMPOSITIONS = ["Ag4O2", "Ag4O3", "Ag4O4", "Ag5O2", "Ag5O3", "Ag5O4", "Ag5O5", "
 # probability-flow ODE (Heun); D+DDIM: the D model sampled with deterministic DDIM steps; D+ENS: the D model with an
 # MLFF committee (train.ensemble) relaxing and ranking its samples; D+FM: a flow-matching model on D; D+SP:
 # active learning with oracle single points only (MLFF labels at one force call each); arms joined by + combine
-# (D+ENS+DDIM, D+ENS+AL, D+ENS+SP)
+# (D+ENS+DDIM, D+ENS+AL, D+ENS+SP, D+ENS+AL+SP)
 WINDOWS = {"D": 2.0, "D_lowE": 0.5, "D+AL": 2.0, "D+CFG": 2.0, "D+CFG+AL": 2.0, "D+ODE": 2.0, "D+DDIM": 2.0,
-           "D+ENS": 2.0, "D+FM": 2.0, "D+ENS+DDIM": 2.0, "D+ENS+AL": 2.0, "D+SP": 2.0, "D+ENS+SP": 2.0}
+           "D+ENS": 2.0, "D+FM": 2.0, "D+ENS+DDIM": 2.0, "D+ENS+AL": 2.0, "D+SP": 2.0, "D+ENS+SP": 2.0,
+           "D+ENS+AL+SP": 2.0}
 FEW_STEP_SAMPLERS = {"+ODE": "ode", "+DDIM": "ddim", "+FM": "flow"}
 MODELS = {"demo": {"n_features": 32, "n_rbf": 20, "n_interactions": 3, "cutoff": 5.0},
           "paper": {"n_features": 64, "n_rbf": 30, "n_interactions": 4, "cutoff": 6.0}}
