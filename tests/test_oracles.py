@@ -176,6 +176,29 @@ def test_chgnet_energy_on_a_small_slab():
     assert f.shape == (len(slab), 3) and np.all(np.isfinite(f))
 
 
+@pytest.mark.chgnet
+def test_chgnet_computes_what_is_asked_and_the_same_numbers():
+    """Energy and forces alone (no stress derivative) in a relaxation; the stress and moments on request, all
+    equal to CHGNet's own calculator, which computes everything on every call."""
+    pytest.importorskip("chgnet", reason="chgnet extra not installed")
+    from chgnet.model.dynamics import CHGNetCalculator
+
+    from surfdiff_core.oracles.registry import chgnet_task
+
+    assert [chgnet_task(p) for p in (["energy"], ["forces"], ["stress"], ["magmoms"], None)] == [
+        "ef", "ef", "efs", "efsm", "ef"]
+    slab, _ = _slab()
+    asked = get_calculator("chgnet")
+    stock = CHGNetCalculator(model=asked.model, use_device="cpu")
+    a, b = slab.copy(), slab.copy()
+    a.calc, b.calc = asked, stock
+    assert a.get_potential_energy() == pytest.approx(b.get_potential_energy(), abs=1e-5)
+    assert np.allclose(a.get_forces(), b.get_forces(), atol=1e-5)
+    assert "stress" not in asked.results and "stress" in stock.results
+    assert np.allclose(a.get_stress(apply_constraint=False), b.get_stress(apply_constraint=False), atol=1e-6)
+    assert np.allclose(asked.get_property("magmoms", a), stock.results["magmoms"], atol=1e-6)
+
+
 @pytest.mark.slow
 def test_sevennet_energy_on_a_small_slab():
     pytest.importorskip("sevenn", reason="sevennet extra not installed")

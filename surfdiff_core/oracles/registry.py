@@ -85,16 +85,31 @@ TRUST_MODEL_FILE = "trust_model_file"
 _PACKAGED_MODEL: dict[str, Callable[[Any], bool]] = {"chgnet": _chgnet_packaged, "sevennet": _sevennet_packaged}
 
 
+def chgnet_task(properties: Iterable[str] | None) -> str:
+    """The CHGNet prediction task for the ASE properties asked: energy and forces unless the stress (a cell
+    derivative, about 40 % of a call) or magnetic moments are asked; a slab relaxation at fixed cell never is."""
+    wanted = set(properties or ())
+    if "magmoms" in wanted:
+        return "efsm"
+    return "efs" if "stress" in wanted else "ef"
+
+
 def _chgnet(s: dict[str, Any]) -> Calculator:
     from chgnet.model import CHGNet
     from chgnet.model.dynamics import CHGNetCalculator
+
+    class AskedCHGNetCalculator(CHGNetCalculator):
+        """CHGNet's ASE calculator computing only the properties asked (it always computes all four)."""
+
+        def calculate(self, atoms=None, properties=None, system_changes=None, task=None) -> None:
+            super().calculate(atoms, properties, system_changes, task=task or chgnet_task(properties))
 
     model = s["model"]
     if _chgnet_packaged(model):
         net = CHGNet.load(model_name=model or "0.3.0", use_device=s["device"], verbose=False)
     else:
         net = CHGNet.from_file(str(model), verbose=False)
-    return CHGNetCalculator(model=net, use_device=s["device"])
+    return AskedCHGNetCalculator(model=net, use_device=s["device"])
 
 
 def _sevennet(s: dict[str, Any]) -> Calculator:
