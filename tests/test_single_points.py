@@ -122,3 +122,14 @@ def test_a_round_without_labels_is_refused(tmp_path):
                     + "active_learning: {rounds: 1, relax_per_round: 0}\n")
     with pytest.raises(ConfigError, match="relax_per_round or single_points_per_round"):
         load_config(path)
+
+
+@pytest.mark.slow
+def test_the_prefect_flow_runs_single_point_rounds(prefect_harness, study):
+    from flows.active import active_learning_flow
+
+    cfg, store, first = study
+    res = active_learning_flow(study=cfg, upstream=first, rounds=2)
+    assert [r["single_points"] for r in res.rounds] == [3, 3] and res.single_points == 6 and res.relaxations == 2
+    assert store.count({"source": "single_point", "meta.round": 2}) == 3
+    assert set(res.model.learned_labels) == {d.doc_id for d in store.find({"meta.active_learning": True})}
