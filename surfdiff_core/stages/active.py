@@ -46,16 +46,16 @@ def run_round(cfg: SurfdiffConfig, store: ResultsStore, model: TrainResult, k: i
     labels, points, best, label_ids = 0, 0, {}, []
     meta = {"active_learning": True, "round": k, "model_id": model.model_id}
     for t in drawn.targets:
-        quota = al.relax_per_round if left is None else min(al.relax_per_round, left - labels)
-        if quota <= 0 and not al.single_points_per_round:
+        quota = max(0, al.relax_per_round if left is None else min(al.relax_per_round, left - labels))
+        if not quota and not al.single_points_per_round:
             break
         system = systems[(t.composition, t.cell)]
         docs = [d for d in store.find({"doc_id": {"$in": t.doc_ids}}) if d.valid and d.in_box and d.energy]
-        ranked = deduplicate(docs, k=max(quota, 0) + al.single_points_per_round)
-        relaxed = relax_samples(cfg, store, system, ranked[: max(quota, 0)], calculator,
+        ranked = deduplicate(docs, k=quota + al.single_points_per_round)
+        relaxed = relax_samples(cfg, store, system, ranked[:quota], calculator,
                                 tag=f"active-learning-{k}", meta=meta, progress=progress)
         # the next best distinct samples: where the MLFF put minima that no relaxation checks this round
-        pointed = single_points(cfg, store, system, ranked[max(quota, 0):], calculator,
+        pointed = single_points(cfg, store, system, ranked[quota:], calculator,
                                 tag=f"active-learning-{k}", meta=meta, progress=progress)
         labels += len(relaxed)
         points += len(pointed)
