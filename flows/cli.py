@@ -212,7 +212,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         load_settings(args.hpc_settings)  # a bad settings file: one line before Prefect starts
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("SURFDIFF_PROGRESS", "1" if sys.stderr.isatty() else "0")
+    # Bars on a terminal; in a log file (nohup, a batch job) the same bars, one refresh every 30 s, not silence.
+    os.environ.setdefault("SURFDIFF_PROGRESS", "1")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # stage lines reach a log file as they are printed
     # The temporary local API needs no telemetry (and its heartbeat races the run for the SQLite lock).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.discovery import discovery_flow

@@ -83,6 +83,7 @@ def test_killed_run_resumes_without_duplicates(tmp_path, tiny_config):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "RSS: 0 new + 8 reused" in r.stdout
     assert "resumed training at epoch" in r.stdout
+    assert "train model-" in r.stderr and "epoch" in r.stderr  # progress reaches a log file, not only a terminal
     with open_study_store(cfg) as store:
         ids = [d["doc_id"] for d in store.find_raw({}, properties=["doc_id"])]
         assert len(ids) == len(set(ids))
