@@ -189,6 +189,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               + (f"; {r['active_learning_single_points']} active-learning single points, charged as "
                  f"{r['single_point_charge']} relaxations" if r["active_learning_single_points"] else "")
               + (f"; reference found at rank {r['reference_rank']}" if r["reference_rank"] else ""))
+    for warning in result.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
     for seg in result.phase_diagram:
         print(f"  Δμ {seg['dmu_min']:+.2f} .. {seg['dmu_max']:+.2f} eV: {seg['phase']}")
     if args.json:
@@ -240,6 +242,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         sp = f"{r['speedup']:.1f}x fewer oracle relaxations" if r["speedup"] else "not reached"
         print(f"evaluated {r['target']}: surfdiff best {r['best_generative_eV']} eV, RSS best {r['best_rss_eV']} eV "
               f"in the same cell; reaching RSS's best: {sp}")
+    for warning in result.get("warnings") or []:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"\nresults store: {cfg.store.path} ({cfg.store.backend}); figures: {data_root(cfg) / 'figures'}")
     print("query them with, e.g.:")
     print(f"  surfdiff query --config {args.config} --source relaxed --top 5")

@@ -38,4 +38,5 @@ def discovery_flow(study: SurfdiffConfig | None = None, config_path: str | None 
     return {"study": cfg.name, "rss": rss.as_dict(ids=False), "model": model.as_dict(ids=False),
             "samples": samples.as_dict(ids=False), "relax": relaxed.as_dict(ids=False),
             "active_learning": learning.rounds if learning else None,
-            "evaluation": evaluation.rows() if evaluation else None}
+            "evaluation": evaluation.rows() if evaluation else None,
+            "warnings": evaluation.warnings() if evaluation else []}

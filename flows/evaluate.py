@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.common import artifact_key, flow_run_id, resolve_study, show_progress
@@ -41,4 +41,6 @@ def evaluate_flow(study: SurfdiffConfig | None = None, config_path: str | None =
     for r in rows:
         print(f"{r['target']}: best generative {r['best_generative_eV']}, best RSS {r['best_rss_eV']}, "
               f"speedup {r['speedup']}")
+    for warning in result.warnings():
+        get_run_logger().warning(warning)
     return result

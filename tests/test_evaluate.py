@@ -251,6 +251,44 @@ def test_mlff_rank_correlation_orders_and_edge_cases():
     assert budget.mlff_rank_correlation(generated, relaxed([-9.0, -9.0, -9.0])) is None  # constant
 
 
+def test_ranking_warning_when_the_mlff_order_is_no_better_than_chance():
+    a = base_slab()
+    rng = np.random.default_rng(7)
+    mlff = np.sort(rng.normal(size=16))
+
+    def arm(oracle, n=16):
+        generated = [make_doc(a, N_SUB, energy=float(e), doc_id=f"g{i}") for i, e in enumerate(mlff[:n])]
+        relaxed = [make_doc(a, N_SUB, energy=float(e), doc_id=f"r{i}", parent_id=f"g{i}")
+                   for i, e in enumerate(oracle[:n])]
+        return budget.mlff_rank_correlation(generated, relaxed), budget.mlff_ranking_warning(generated, relaxed)
+
+    rho, warning = arm(mlff + 0.3 * rng.normal(size=16))  # the oracle mostly agrees with the MLFF's order
+    assert rho > 0.7 and warning is None
+    rho, warning = arm(-mlff)  # the MLFF's best is the oracle's worst
+    assert warning is not None and "no better than chance" in warning and "Spearman -1.00 over 16" in warning
+    for _ in range(5):  # random orders: warned exactly below the one-sided 5 % critical value at n = 16 (0.43)
+        rho, warning = arm(rng.permutation(mlff))
+        assert (warning is None) == (rho > 0.43)
+    assert arm(-mlff, n=7)[1] is None  # too few relaxed samples to tell
+
+
+def test_ranking_warning_reaches_the_report():
+    from surfdiff_core.stages.evaluate_report import EvaluationResult, TargetEvaluation, markdown_report
+
+    def target(cell, warning):
+        return TargetEvaluation(cell=cell, composition="Ag2O1", system_id=cell, validity={"valid": 4, "total": 4},
+                                n_valid=4, n_distinct=4, uniqueness=1.0, novelty=None, generative_energies=[1.0],
+                                rss_energies=[0.5], speedup=None, steps_generative={}, steps_rss={},
+                                ranking_warning=warning)
+
+    result = EvaluationResult(study="s", run_id="r", config_hash="h", model_id="m", energy_model="emt",
+                              training_cost={"structures": 1, "force_calls": 1, "atom_steps": 1},
+                              targets=[target("p(2x2)", None), target("p(3x3)", "the MLFF ranks ... by chance")])
+    assert result.warnings() == ["Ag2O1 p(3x3): the MLFF ranks ... by chance"]
+    assert "**Warning**, Ag2O1 p(3x3): the MLFF ranks" in markdown_report(result)
+    assert "ranking_warning" not in result.rows()[0]  # the table stays a table
+
+
 def test_committee_calibration_rewards_a_spread_that_flags_the_errors():
     a = base_slab()
     mlff = [-3.0, -5.0, -4.0, -1.0, -2.0]

@@ -106,6 +106,27 @@ def mlff_rank_correlation(generated: Sequence[StructureDoc], relaxed: Sequence[S
     return float(spearmanr(mlff, oracle).statistic)
 
 
+def mlff_ranking_warning(generated: Sequence[StructureDoc], relaxed: Sequence[StructureDoc],
+                         min_pairs: int = 8, alpha: float = 0.05) -> str | None:
+    """One line when the MLFF's order of the relaxed samples is no better than chance (one-sided Spearman test
+    at `alpha`, over at least `min_pairs` relaxed samples; fewer cannot tell): the samples relaxed first are
+    then a lottery, however good they are as a population. None when the ranking is informative or untested."""
+    from scipy.stats import spearmanr
+
+    pairs = [(p.energy, oracle) for p, oracle in _with_oracle_energy(generated, relaxed)]
+    if len(pairs) < min_pairs:
+        return None
+    mlff, oracle = zip(*pairs, strict=True)
+    if len(set(mlff)) < 2 or len(set(oracle)) < 2:
+        return None
+    test = spearmanr(mlff, oracle, alternative="greater")
+    if test.pvalue < alpha:
+        return None
+    return (f"the MLFF ranks the relaxed samples no better than chance (Spearman {test.statistic:+.2f} over "
+            f"{len(pairs)}, p = {test.pvalue:.2f}): give it oracle labels in this cell "
+            f"(active_learning.relax_per_round, single_points_per_round) or more training data")
+
+
 def committee_calibration(generated: Sequence[StructureDoc], relaxed: Sequence[StructureDoc]) -> float | None:
     """Spearman rank correlation of the MLFF committee's spread (meta.mlff_energy_std) with the size of the
     MLFF's error against the oracle-relaxed energy, after removing their median offset: positive when the

@@ -105,6 +105,7 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
         committee_calibration,
         generative_ranked_energies,
         mlff_rank_correlation,
+        mlff_ranking_warning,
         single_point_charge,
         speedup,
         steps_summary,
@@ -155,6 +156,7 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
         sample_runs=sorted({d.run_id or "" for d in docs}),
         mlff_rank_correlation=mlff_rank_correlation(fresh, relaxed),
         committee_calibration=committee_calibration(fresh, relaxed),
+        ranking_warning=mlff_ranking_warning(fresh, relaxed),
         relaxed_ids=[d.doc_id for d in relaxed], rss_ids=[d.doc_id for d in rss_docs],
     )
 

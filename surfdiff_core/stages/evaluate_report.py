@@ -38,6 +38,7 @@ class TargetEvaluation:
     sample_runs: list[str] = field(default_factory=list)  # the sample runs whose structures were judged
     mlff_rank_correlation: float | None = None  # Spearman, MLFF energy against relaxed oracle energy
     committee_calibration: float | None = None  # Spearman, committee spread against the MLFF's error size
+    ranking_warning: str | None = None  # set when the MLFF's order of the relaxed samples is no better than chance
     relaxed_ids: list[str] = field(default_factory=list)
     rss_ids: list[str] = field(default_factory=list)
 
@@ -63,6 +64,10 @@ class EvaluationResult(StageResult):
     guidance: dict[str, float | None] = field(default_factory=dict)  # median unrelaxed energies, eV
     steps_quality: dict[str, dict[int, list[float]]] = field(default_factory=dict)
     figures: dict[str, str] = field(default_factory=dict)
+
+    def warnings(self) -> list[str]:
+        """What a user should act on, one line per target."""
+        return [f"{t.key}: {t.ranking_warning}" for t in self.targets if t.ranking_warning]
 
     def rows(self) -> list[dict[str, Any]]:
         """One table row per target: what a user reads first."""
@@ -195,6 +200,7 @@ def markdown_report(result: EvaluationResult) -> str:
              f"single points in the target cells). The budgets below count oracle relaxations in the target cell; "
              f"single points there are charged as the relaxations their force calls would buy.\n",
              markdown_table(rows, list(rows[0])) if rows else "no targets"]
+    parts += [f"\n**Warning**, {w}\n" for w in result.warnings()]
     g = result.guidance
     if g:
         parts.append(f"\nForce-field guidance: median oracle energy of unrelaxed samples {g.get('guided')} eV "
