@@ -217,7 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Bars on a terminal; in a log file (nohup, a batch job) the same bars, one refresh every 30 s, not silence.
     os.environ.setdefault("SURFDIFF_PROGRESS", "1")
     if not sys.stderr.isatty():
-        os.environ.setdefault("TQDM_MININTERVAL", "30")
+        os.environ.setdefault("SURFDIFF_PROGRESS_INTERVAL", "30")
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # stage lines reach a log file as they are printed
     # The temporary local API needs no telemetry (and its heartbeat races the run for the SQLite lock).

@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
-from tqdm.auto import tqdm
 
 from surfdiff_core.composition import parse_composition
 from surfdiff_core.config import SurfdiffConfig, with_overrides
 from surfdiff_core.errors import ConfigError, SurfdiffError
+from surfdiff_core.progress import progress_bar
 from surfdiff_core.retry import PriorFailure, attempt_meta, plan_work
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
 from surfdiff_core.store.documents import atoms_to_structure_dict, frames_from_arrays
@@ -229,7 +229,7 @@ def run_rss(
     report.skipped = len(tasks) - len(todo)
     report.retried, report.given_up = len(work.retry), len(work.given_up)
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), desc="RSS", unit="struct", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(todo), desc="RSS", unit="struct", disable=not progress, dynamic_ncols=True)
 
     def record(doc: StructureDoc) -> None:
         store.put(doc)
@@ -243,8 +243,8 @@ def run_rss(
                 report.best[doc.composition] = doc.energy if best is None else min(best, doc.energy)
         if on_doc:
             on_doc(doc)
+        bar.set_postfix(failed=report.failed, out_of_box=report.out_of_box, refresh=False)  # shown by update
         bar.update(1)
-        bar.set_postfix(failed=report.failed, out_of_box=report.out_of_box)
 
     def lost(task: RSSTask, exc: BaseException) -> None:
         report.failed += 1

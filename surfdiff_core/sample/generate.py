@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from surfdiff_core.config import SampleConfig
 from surfdiff_core.diffusion.flow import SurfaceFlow
@@ -27,6 +26,7 @@ from surfdiff_core.diffusion.validity import check_validity
 from surfdiff_core.errors import ConfigError, SurfdiffError
 from surfdiff_core.geometry.batch import SlabBatch, collate
 from surfdiff_core.ml.committee import Committee
+from surfdiff_core.progress import progress_bar
 from surfdiff_core.relax.mlff import mlff_relax
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
 from surfdiff_core.store.documents import atoms_to_structure_dict
@@ -120,7 +120,7 @@ def generate(
     res = GenerationResult(system=system)
     t0 = time.perf_counter()
     todo = list(range(-(-n // scfg.batch_size))) if batches is None else list(batches)
-    bar = tqdm(total=len(todo) * scfg.steps, desc=f"sample {system.composition} {system.cell}", unit="step",
+    bar = progress_bar(total=len(todo) * scfg.steps, desc=f"sample {system.composition} {system.cell}", unit="step",
                disable=not progress, dynamic_ncols=True)
     for k in todo:
         size = min(scfg.batch_size, n - k * scfg.batch_size)

@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from surfdiff_core.config import SurfdiffConfig
+from surfdiff_core.progress import progress_bar
 from surfdiff_core.retry import attempt_meta, plan_work
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
 from surfdiff_core.store.documents import atoms_to_structure_dict, frames_from_arrays
@@ -42,7 +42,7 @@ def _label(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem, cand
     ids = [make_doc_id(source, c.doc_id, tag, cfg.oracle.energy_model, *settings) for c in candidates]
     work = plan_work(store, ids, r.max_attempts)
     label = f"{tag}: {'relax' if relax else 'single points'} {system.composition} {system.cell}"
-    for cand, doc_id in tqdm(list(zip(candidates, ids, strict=True)), desc=label,
+    for cand, doc_id in progress_bar(list(zip(candidates, ids, strict=True)), desc=label,
                              disable=not progress, unit="struct", dynamic_ncols=True):
         if doc_id in work.finished:
             continue

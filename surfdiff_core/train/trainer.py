@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from surfdiff_core.config import ModelConfig, TrainConfig
 from surfdiff_core.diffusion.flow import SurfaceFlow
@@ -31,6 +30,7 @@ from surfdiff_core.diffusion.process import SurfaceDiffusion
 from surfdiff_core.diffusion.schedule import VPSchedule
 from surfdiff_core.errors import SurfdiffError
 from surfdiff_core.ml.models import ModelSpec, SurfaceModel
+from surfdiff_core.progress import progress_bar
 from surfdiff_core.store import ResultsStore
 from surfdiff_core.train.data import (
     DataScope,
@@ -260,7 +260,7 @@ def train(
               provenance, force_scale)
 
     t0, seen = time.perf_counter(), 0
-    bar = tqdm(range(start_epoch, epochs), desc=f"train {model_id}", unit="epoch", disable=not progress,
+    bar = progress_bar(range(start_epoch, epochs), desc=f"train {model_id}", unit="epoch", disable=not progress,
                initial=start_epoch, total=epochs, dynamic_ncols=True)
     epoch = start_epoch
     finished = start_epoch >= epochs or bad_epochs >= tcfg.patience  # a finished run resumed: nothing to do
@@ -290,7 +290,7 @@ def train(
         row.update({f"val_{k}": v for k, v in val.items()}, epoch=epoch + 1, lr=sched.get_last_lr()[0])
         history.append(row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{val['loss']:.3f}", score=f"{val['score']:.3f}",
-                        F=f"{val['forces']:.3f}")
+                        F=f"{val['forces']:.3f}", refresh=False)  # shown by the next step, at its interval
         if on_epoch:
             on_epoch(epoch + 1, row)
         if val["loss"] < best_val - 1e-6:
