@@ -18,4 +18,5 @@ def progress_bar(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
         interval = None
     if interval is not None and interval > 0:
         kwargs.setdefault("mininterval", interval)
+        kwargs.setdefault("maxinterval", max(interval, kwargs["mininterval"]))  # tqdm's monitor would force 10 s
     return tqdm(iterable, **kwargs)

@@ -23,7 +23,8 @@ def _rendered(monkeypatch, interval: str | None, updates: int = 50) -> str:
 
 def test_interval_set_after_import_is_honoured(monkeypatch):
     monkeypatch.setenv("SURFDIFF_PROGRESS_INTERVAL", "30")
-    assert progress_bar(total=1, file=io.StringIO()).mininterval == 30.0
+    bar = progress_bar(total=1, file=io.StringIO())
+    assert bar.mininterval == 30.0 and bar.maxinterval == 30.0  # nor does tqdm's monitor refresh sooner
     assert progress_bar(total=1, file=io.StringIO(), mininterval=2).mininterval == 2  # the caller's choice wins
     monkeypatch.setenv("SURFDIFF_PROGRESS_INTERVAL", "soon")
     assert progress_bar(total=1, file=io.StringIO()).mininterval == 0.1  # not a number: tqdm's default
