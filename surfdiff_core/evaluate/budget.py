@@ -92,18 +92,26 @@ def _with_oracle_energy(generated: Sequence[StructureDoc],
     return [(p, child[p.doc_id]) for p in generated if p.doc_id in child and p.energy is not None]
 
 
+def _ranked_pairs(generated: Sequence[StructureDoc], relaxed: Sequence[StructureDoc],
+                  min_pairs: int = 3) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(MLFF energies, oracle-relaxed energies) of the relaxed samples; None with fewer than `min_pairs` or a
+    constant side (no ranking to judge)."""
+    pairs = [(p.energy, oracle) for p, oracle in _with_oracle_energy(generated, relaxed)]
+    if len(pairs) < min_pairs:
+        return None
+    mlff, oracle = zip(*pairs, strict=True)
+    if len(set(mlff)) < 2 or len(set(oracle)) < 2:
+        return None
+    return mlff, oracle
+
+
 def mlff_rank_correlation(generated: Sequence[StructureDoc], relaxed: Sequence[StructureDoc]) -> float | None:
     """Spearman rank correlation of the samples' MLFF energies with their oracle-relaxed energies: how well
     the product's ranking predicts the oracle's (None with fewer than 3 relaxed pairs or constant ranks)."""
     from scipy.stats import spearmanr
 
-    pairs = [(p.energy, oracle) for p, oracle in _with_oracle_energy(generated, relaxed)]
-    if len(pairs) < 3:
-        return None
-    mlff, oracle = zip(*pairs, strict=True)
-    if len(set(mlff)) < 2 or len(set(oracle)) < 2:
-        return None
-    return float(spearmanr(mlff, oracle).statistic)
+    pairs = _ranked_pairs(generated, relaxed)
+    return None if pairs is None else float(spearmanr(*pairs).statistic)
 
 
 def mlff_ranking_warning(generated: Sequence[StructureDoc], relaxed: Sequence[StructureDoc],
@@ -113,18 +121,15 @@ def mlff_ranking_warning(generated: Sequence[StructureDoc], relaxed: Sequence[St
     then a lottery, however good they are as a population. None when the ranking is informative or untested."""
     from scipy.stats import spearmanr
 
-    pairs = [(p.energy, oracle) for p, oracle in _with_oracle_energy(generated, relaxed)]
-    if len(pairs) < min_pairs:
+    pairs = _ranked_pairs(generated, relaxed, min_pairs)
+    if pairs is None:
         return None
-    mlff, oracle = zip(*pairs, strict=True)
-    if len(set(mlff)) < 2 or len(set(oracle)) < 2:
-        return None
-    test = spearmanr(mlff, oracle, alternative="greater")
+    test = spearmanr(*pairs, alternative="greater")
     if test.pvalue < alpha:
         return None
     return (f"the MLFF ranks the relaxed samples no better than chance (Spearman {test.statistic:+.2f} over "
-            f"{len(pairs)}, p = {test.pvalue:.2f}): give it oracle labels in this cell "
-            f"(active_learning.relax_per_round, single_points_per_round) or more training data")
+            f"{len(pairs[0])}, p = {test.pvalue:.2f}): give it oracle labels in this cell (active_learning) "
+            f"or more training data")
 
 
 def committee_calibration(generated: Sequence[StructureDoc], relaxed: Sequence[StructureDoc]) -> float | None:

@@ -121,7 +121,7 @@ def generate(
     t0 = time.perf_counter()
     todo = list(range(-(-n // scfg.batch_size))) if batches is None else list(batches)
     bar = progress_bar(total=len(todo) * scfg.steps, desc=f"sample {system.composition} {system.cell}", unit="step",
-               disable=not progress, dynamic_ncols=True)
+                       disable=not progress, dynamic_ncols=True)
     for k in todo:
         size = min(scfg.batch_size, n - k * scfg.batch_size)
         gen = batch_generator(seed, k, device)

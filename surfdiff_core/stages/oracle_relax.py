@@ -43,7 +43,7 @@ def _label(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem, cand
     work = plan_work(store, ids, r.max_attempts)
     label = f"{tag}: {'relax' if relax else 'single points'} {system.composition} {system.cell}"
     for cand, doc_id in progress_bar(list(zip(candidates, ids, strict=True)), desc=label,
-                             disable=not progress, unit="struct", dynamic_ncols=True):
+                                     disable=not progress, unit="struct", dynamic_ncols=True):
         if doc_id in work.finished:
             continue
         prior = work.retry.get(doc_id)

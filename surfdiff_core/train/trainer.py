@@ -261,7 +261,7 @@ def train(
 
     t0, seen = time.perf_counter(), 0
     bar = progress_bar(range(start_epoch, epochs), desc=f"train {model_id}", unit="epoch", disable=not progress,
-               initial=start_epoch, total=epochs, dynamic_ncols=True)
+                       initial=start_epoch, total=epochs, dynamic_ncols=True)
     epoch = start_epoch
     finished = start_epoch >= epochs or bad_epochs >= tcfg.patience  # a finished run resumed: nothing to do
     for epoch in bar:
