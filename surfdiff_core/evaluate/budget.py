@@ -116,9 +116,9 @@ def mlff_rank_correlation(generated: Sequence[StructureDoc], relaxed: Sequence[S
 
 def mlff_ranking_warning(generated: Sequence[StructureDoc], relaxed: Sequence[StructureDoc],
                          min_pairs: int = 8, alpha: float = 0.05) -> str | None:
-    """One line when the MLFF's order of the relaxed samples is no better than chance (one-sided Spearman test
-    at `alpha`, over at least `min_pairs` relaxed samples; fewer cannot tell): the samples relaxed first are
-    then a lottery, however good they are as a population. None when the ranking is informative or untested."""
+    """One line when the MLFF's order of the relaxed samples is not significantly better than chance (one-sided
+    Spearman test at `alpha`, over at least `min_pairs` relaxed samples; fewer cannot tell): the samples relaxed
+    first are then a lottery, however good they are as a population. None when informative or untested."""
     from scipy.stats import spearmanr
 
     pairs = _ranked_pairs(generated, relaxed, min_pairs)
@@ -127,9 +127,9 @@ def mlff_ranking_warning(generated: Sequence[StructureDoc], relaxed: Sequence[St
     test = spearmanr(*pairs, alternative="greater")
     if test.pvalue < alpha:
         return None
-    return (f"the MLFF ranks the relaxed samples no better than chance (Spearman {test.statistic:+.2f} over "
-            f"{len(pairs[0])}, p = {test.pvalue:.2f}): give it oracle labels in this cell (active_learning) "
-            f"or more training data")
+    return (f"the MLFF ranks the relaxed samples not significantly better than chance (Spearman "
+            f"{test.statistic:+.2f} over {len(pairs[0])}, p = {test.pvalue:.2f}): give it oracle labels in this "
+            f"cell (active_learning) or more training data")
 
 
 def committee_calibration(generated: Sequence[StructureDoc], relaxed: Sequence[StructureDoc]) -> float | None:
