@@ -154,6 +154,7 @@ def cmd_relax(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from surfdiff_core.config import with_overrides
+    from surfdiff_core.evaluate.budget import speedup_phrase
     from surfdiff_core.stages import evaluate
     from surfdiff_core.stages.common import figure_dir, open_study_store, sample_targets, target_system
     from surfdiff_core.stages.evaluate_report import markdown_report
@@ -178,7 +179,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"evaluation of {result.study} (model {result.model_id}, {result.energy_model}); training data: "
           f"{cost['structures']} structures, {cost['force_calls']} oracle force calls")
     for r in result.rows():
-        sp = f"{r['speedup']:.1f}x fewer relaxations than RSS" if r["speedup"] else "did not reach RSS's best"
+        sp = speedup_phrase(r["speedup"]) if r["speedup"] else "did not reach RSS's best"
         print(f"  {r['target']}: {r['valid']} valid, unique {r['unique']}, best surfdiff {r['best_generative_eV']} eV "
               f"({r['generative_relaxations']} relaxed) vs RSS {r['best_rss_eV']} eV ({r['rss_relaxations']}): {sp}; "
               f"median steps {r['steps_generative_median']} vs {r['steps_rss_median']}"
@@ -223,6 +224,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The temporary local API needs no telemetry (and its heartbeat races the run for the SQLite lock).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.discovery import discovery_flow
+    from surfdiff_core.evaluate.budget import speedup_phrase
 
     result = discovery_flow(study=cfg, executor=args.executor, hpc_settings=args.hpc_settings)
     print("\n=== surfdiff discovery finished ===")
@@ -239,7 +241,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for key, e in sorted(result["relax"]["best"].items()):
         print(f"relaxed ({result['relax']['method']}) best {key}: {e:.4f} eV")
     for r in result.get("evaluation") or []:
-        sp = f"{r['speedup']:.1f}x fewer oracle relaxations" if r["speedup"] else "not reached"
+        sp = speedup_phrase(r["speedup"])
         print(f"evaluated {r['target']}: surfdiff best {r['best_generative_eV']} eV, RSS best {r['best_rss_eV']} eV "
               f"in the same cell; reaching RSS's best: {sp}")
     for warning in result.get("warnings") or []:

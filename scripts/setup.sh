@@ -47,6 +47,8 @@ scalapack = False
 PYEOF
   export GPAW_CONFIG="$HOME/.gpaw/siteconfig.py"
   export CC=g++  # GPAW compiles its C sources as C++
+  # --no-build-isolation (below, for the C++ op against the pinned torch) skips build requirements: GPAW's first.
+  $PIP install -q "pybind11>=2.6.2" "numpy>=1.20"
   EXTRAS="$EXTRAS,gpaw,hpc,dev"
 fi
 echo "[setup] pip install -e .[$EXTRAS]"

@@ -225,6 +225,10 @@ def test_relaxations_to_reach_and_speedup_on_known_cases():
     assert (result.target, result.rss_relaxations, result.generative_relaxations) == (-1.0, 2.5, 2)
     assert result.ratio == pytest.approx(1.25)
     assert budget.speedup(rss, [0.3, 0.4]).ratio is None
+    # in words: a ratio below 1 is the generative arm needing more relaxations, not "0.8x fewer"
+    assert budget.speedup_phrase(result.ratio) == "1.2x fewer oracle relaxations than RSS"
+    assert budget.speedup_phrase(0.8) == "1.2x more oracle relaxations than RSS"
+    assert budget.speedup_phrase(None) == "not reached"
 
 
 def test_generative_order_and_training_cost():

@@ -198,6 +198,15 @@ def speedup(
     return Speedup(goal, tol, rss_cost, gen_cost, ratio)
 
 
+def speedup_phrase(ratio: float | None) -> str:
+    """The ratio in words: how many times fewer (or more) oracle relaxations surfdiff needed than RSS."""
+    if ratio is None:
+        return "not reached"
+    if ratio >= 1.0:
+        return f"{ratio:.1f}x fewer oracle relaxations than RSS"
+    return f"{1.0 / ratio:.1f}x more oracle relaxations than RSS"
+
+
 @dataclass(frozen=True)
 class TrainingCost:
     structures: int
