@@ -106,15 +106,48 @@ def study_config(args, seed: int, window: str, store: Path) -> dict:
     }
 
 
+def _rss_arm_worker(cfg_data: dict) -> None:
+    """The evaluation's RSS arm, one relaxation at a time, into the seed's store (see --rss-arm-ahead)."""
+    from surfdiff_core.stages.evaluate import rss_arm
+
+    torch.set_num_threads(1)
+    cfg = config_from_dict(cfg_data)
+    cfg = cfg.model_copy(update={"rss": cfg.rss.model_copy(update={"workers": 1})})
+    with open_study_store(cfg) as store:
+        for target in cfg.sample.targets:
+            rss_arm(cfg, store, target, progress=False)
+
+
+def start_rss_arm_ahead(cfg_data: dict):
+    """The RSS arm depends only on the seed, the system and the oracle: run it in one background process while
+    training and sampling leave cores idle. Its documents have the ids the evaluation plans, which then skips
+    them; it is stopped when the evaluation starts (losing at most the relaxation in flight)."""
+    import multiprocessing as mp
+
+    proc = mp.get_context("spawn").Process(target=_rss_arm_worker, args=(cfg_data,), daemon=True)
+    proc.start()
+    return proc
+
+
+def stop_rss_arm_ahead(proc) -> None:
+    if proc is not None and proc.is_alive():
+        proc.terminate()
+    if proc is not None:
+        proc.join()
+
+
 def run_seed(args, seed: int, out: Path) -> list[dict]:
     rows = []
     store_path = out / "stores" / f"s{seed}"
     base = config_from_dict(study_config(args, seed, "D", store_path))
+    ahead = None
     with open_study_store(base) as store:
         t0 = time.perf_counter()
         r = rss.run(base, store, progress=True)
         rss_wall = time.perf_counter() - t0
         print(f"[seed {seed}] RSS: {r.done} new, {r.skipped} reused ({rss_wall:.0f} s)", flush=True)
+        if args.rss_arm_ahead:
+            ahead = start_rss_arm_ahead(study_config(args, seed, args.windows[0], store_path))
         for window in args.windows:
             cfg = config_from_dict(study_config(args, seed, window, store_path))
             t0 = time.perf_counter()
@@ -125,6 +158,8 @@ def run_seed(args, seed: int, out: Path) -> list[dict]:
             t0 = time.perf_counter()
             samples = sample.run(cfg, store, model, progress=True)
             t_sample = time.perf_counter() - t0
+            stop_rss_arm_ahead(ahead)
+            ahead = None
             t0 = time.perf_counter()
             ev = evaluate.run(cfg, store, samples, progress=True)
             t_eval = time.perf_counter() - t0
@@ -259,6 +294,8 @@ def main() -> None:
     p.add_argument("--ensemble", type=int, default=4, help="MLFF committee size of the D+ENS arm")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (D+CFG)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--rss-arm-ahead", action="store_true",
+                   help="run the evaluation's RSS arm in one background process during training and sampling")
     p.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
                    help="guidance effect and energy against diffusion steps (first target)")
     p.add_argument("--extras-n", type=int, default=16)
