@@ -38,11 +38,19 @@ COMPOSITIONS = ["Ag4O2", "Ag4O3", "Ag4O4", "Ag5O2", "Ag5O3", "Ag5O4", "Ag5O5", "
 # probability-flow ODE (Heun); D+DDIM: the D model sampled with deterministic DDIM steps; D+ENS: the D model with an
 # MLFF committee (train.ensemble) relaxing and ranking its samples; D+FM: a flow-matching model on D; D+SP:
 # active learning with oracle single points only (MLFF labels at one force call each); arms joined by + combine
-# (D+ENS+DDIM, D+ENS+AL, D+ENS+SP, D+ENS+AL+SP)
+# (D+ENS+DDIM, D+ENS+AL, D+ENS+SP, D+ENS+AL+SP); D+ENS+G0 / D+ENS+G3x: the committee arm sampled without
+# force-field guidance / with three times its strength (the same trained models)
 WINDOWS = {"D": 2.0, "D_lowE": 0.5, "D+AL": 2.0, "D+CFG": 2.0, "D+CFG+AL": 2.0, "D+ODE": 2.0, "D+DDIM": 2.0,
            "D+ENS": 2.0, "D+FM": 2.0, "D+ENS+DDIM": 2.0, "D+ENS+AL": 2.0, "D+SP": 2.0, "D+ENS+SP": 2.0,
-           "D+ENS+AL+SP": 2.0}
+           "D+ENS+AL+SP": 2.0, "D+ENS+G0": 2.0, "D+ENS+G3x": 2.0}
 FEW_STEP_SAMPLERS = {"+ODE": "ode", "+DDIM": "ddim", "+FM": "flow"}
+# Force-field guidance strength η·Δt (Å per eV/Å) of an arm: +G0 = no guidance, +G3x = three times the default.
+GUIDANCE = {"+G0": 0.0, "+G3x": 0.003}
+DEFAULT_ETA_DT = 0.001
+
+
+def eta_dt_of(window: str) -> float:
+    return next((eta for suffix, eta in GUIDANCE.items() if window.endswith(suffix)), DEFAULT_ETA_DT)
 MODELS = {"demo": {"n_features": 32, "n_rbf": 20, "n_interactions": 3, "cutoff": 5.0},
           "paper": {"n_features": 64, "n_rbf": 30, "n_interactions": 4, "cutoff": 6.0}}
 
@@ -91,7 +99,7 @@ def study_config(args, seed: int, window: str, store: Path) -> dict:
         "train": {"energy_window": WINDOWS[window], "repeat": 2, "epochs": args.epochs, "batch_size": 8,
                   "lr": 1e-3, "patience": 25, "seed": seed, "ensemble": args.ensemble if "+ENS" in window else 1},
         "sample": {"targets": system["targets"],
-                   "n": args.samples, "guidance": True, "eta_dt": 0.001,
+                   "n": args.samples, "guidance": eta_dt_of(window) > 0, "eta_dt": eta_dt_of(window),
                    "sampler": sampler, "steps": steps,
                    "relax_steps": args.relax_steps, "batch_size": 32, "seed": seed,
                    **({"energy_target": 0.0, "cfg_scale": args.cfg_scale} if "+CFG" in window else {})},
@@ -206,7 +214,9 @@ def summarise(rows: list[dict], args, out: Path, wall: float) -> Path:
              f"{args.ensemble} MLFFs (itself and {args.ensemble - 1} MLFF-only models of other seeds) whose mean "
              f"relaxes and ranks the samples; D+FM = a flow-matching model on D, sampled in {args.fm_steps} Euler "
              f"steps; D+SP = {args.al_rounds} active-learning rounds of {args.sp_labels} oracle single points per "
-             "target (MLFF data only; charged as the RSS relaxations their force calls would buy).\n",
+             "target (MLFF data only; charged as the RSS relaxations their force calls would buy); +G0 / +G3x = "
+             f"sampled without force-field guidance / with η·Δt = {GUIDANCE['+G3x']} instead of "
+             f"{DEFAULT_ETA_DT}.\n",
              "| target | window | seed | best surfdiff (eV) | best RSS (eV) | surfdiff relaxations to reach RSS best "
              "(±0.05 eV) | RSS expected | ratio | median steps surfdiff / RSS | AL labels in the cell | "
              "MLFF/oracle rank corr. | training force calls |",
