@@ -31,6 +31,7 @@ def _seed_store(out: Path, seed: int) -> tuple[StoreConfig, Path]:
     checkpoint = out / "stores" / "checkpoints" / f"model-{seed}.pt"
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_bytes(bytes(range(256)) * 4)
+    checkpoint.with_name(f"model-{seed}-last.pt").write_bytes(b"resume state")  # without it: trained again
     with ModelRegistry(cfg) as registry:
         registry.record(ModelRecord(model_id=f"model-{seed}", checkpoint=str(checkpoint),
                                     sha256=file_sha256(checkpoint), system_id="sys"))
@@ -45,7 +46,8 @@ def test_pack_unpack_round_trip(tmp_path):
     (archive,) = resume.pack(tmp_path, [202])
     with tarfile.open(archive) as tar:
         names = tar.getnames()
-    assert sorted(names) == ["stores/checkpoints/model-202.pt", "stores/s202/surfdiff.sqlite3"]  # only its own
+    assert sorted(names) == ["stores/checkpoints/model-202-last.pt", "stores/checkpoints/model-202.pt",
+                             "stores/s202/surfdiff.sqlite3"]  # only its own models
 
     for path in sorted((tmp_path / "stores").rglob("*"), reverse=True):  # a fresh checkout: stores are gone
         path.unlink() if path.is_file() else path.rmdir()
@@ -53,6 +55,7 @@ def test_pack_unpack_round_trip(tmp_path):
     with open_store(cfg) as store:
         assert sorted(d.doc_id for d in store.find({})) == [f"rss-202-{i}" for i in range(3)]
     assert checkpoint.read_bytes() == original
+    assert checkpoint.with_name("model-202-last.pt").read_bytes() == b"resume state"
     with ModelRegistry(cfg) as registry:
         verify_checkpoint(registry.get("model-202"))  # the registry's hash matches the restored file
 

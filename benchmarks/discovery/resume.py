@@ -2,7 +2,8 @@
 
 A CHGNet seed at the criterion's size takes longer than one session on 2 cores, and the stores under
 `<out>/stores/` are git-ignored. `pack` writes one archive per seed: a consistent snapshot of the seed's SQLite
-store (the backup API, safe while a run is writing) and the checkpoints its model registry names. `unpack`
+store (the backup API, safe while a run is writing) and the checkpoints its model registry names, with the
+trainer's resume state beside each. `unpack`
 restores them, after which the same `run.py` command resumes where it stopped (document ids are
 deterministic; finished structures and trained models are skipped).
 
@@ -24,7 +25,8 @@ STORE_FILE = "surfdiff.sqlite3"
 
 
 def _registry_checkpoints(db: Path) -> list[Path]:
-    """Checkpoint files named by the model registry held in the store file `db`."""
+    """Checkpoint files named by the model registry held in the store file `db`, each with its `-last`
+    sibling: the trainer's resume state, without which a rerun trains the same model again."""
     import orjson
 
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
@@ -34,7 +36,8 @@ def _registry_checkpoints(db: Path) -> list[Path]:
             for (doc,) in conn.execute(f'select doc from "{table}"'):  # noqa: S608 - names from sqlite_master
                 checkpoint = orjson.loads(doc).get("checkpoint")
                 if checkpoint:
-                    paths.append(Path(checkpoint))
+                    path = Path(checkpoint)
+                    paths += [path, path.with_name(f"{path.stem}-last{path.suffix}")]
     return paths
 
 
@@ -78,7 +81,8 @@ def unpack(out: Path) -> None:
         print(f"restored {store} from {archive.name}")
     # The registry names checkpoints by absolute path: they must be where it says (the same checkout path).
     missing = [p for a in archives for p in _registry_checkpoints(out / "stores" / a.name.removesuffix(".tar.xz")
-                                                                  / STORE_FILE) if not p.is_file()]
+                                                                  / STORE_FILE)
+               if not p.is_file() and not p.stem.endswith("-last")]
     if missing:
         print(f"warning: {len(missing)} checkpoints are not where the registry says (e.g. {missing[0]}); "
               f"they were restored to {checkpoints}: run from the same checkout path, or retrain", file=sys.stderr)
