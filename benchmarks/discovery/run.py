@@ -44,6 +44,8 @@ WINDOWS = {"D": 2.0, "D_lowE": 0.5, "D+AL": 2.0, "D+CFG": 2.0, "D+CFG+AL": 2.0, 
            "D+ENS": 2.0, "D+FM": 2.0, "D+ENS+DDIM": 2.0, "D+ENS+AL": 2.0, "D+SP": 2.0, "D+ENS+SP": 2.0,
            "D+ENS+AL+SP": 2.0, "D+ENS+G0": 2.0, "D+ENS+G3x": 2.0}
 FEW_STEP_SAMPLERS = {"+ODE": "ode", "+DDIM": "ddim", "+FM": "flow"}
+MODELS = {"demo": {"n_features": 32, "n_rbf": 20, "n_interactions": 3, "cutoff": 5.0},
+          "paper": {"n_features": 64, "n_rbf": 30, "n_interactions": 4, "cutoff": 6.0}}
 # Force-field guidance strength η·Δt (Å per eV/Å) of an arm: +G0 = no guidance, +G3x = three times the default.
 GUIDANCE = {"+G0": 0.0, "+G3x": 0.003}
 DEFAULT_ETA_DT = 0.001
@@ -51,8 +53,6 @@ DEFAULT_ETA_DT = 0.001
 
 def eta_dt_of(window: str) -> float:
     return next((eta for suffix, eta in GUIDANCE.items() if window.endswith(suffix)), DEFAULT_ETA_DT)
-MODELS = {"demo": {"n_features": 32, "n_rbf": 20, "n_interactions": 3, "cutoff": 5.0},
-          "paper": {"n_features": 64, "n_rbf": 30, "n_interactions": 4, "cutoff": 6.0}}
 
 
 def sampler_of(window: str, args) -> tuple[str, int]:
@@ -138,10 +138,11 @@ def start_rss_arm_ahead(cfg_data: dict):
 
 
 def stop_rss_arm_ahead(proc) -> None:
-    if proc is not None and proc.is_alive():
+    if proc is None:
+        return
+    if proc.is_alive():
         proc.terminate()
-    if proc is not None:
-        proc.join()
+    proc.join()
 
 
 def run_seed(args, seed: int, out: Path) -> list[dict]:
