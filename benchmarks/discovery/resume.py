@@ -3,9 +3,8 @@
 A CHGNet seed at the criterion's size takes longer than one session on 2 cores, and the stores under
 `<out>/stores/` are git-ignored. `pack` writes one archive per seed: a consistent snapshot of the seed's SQLite
 store (the backup API, safe while a run is writing) and the checkpoints its model registry names, with the
-trainer's resume state beside each. `unpack`
-restores them, after which the same `run.py` command resumes where it stopped (document ids are
-deterministic; finished structures and trained models are skipped).
+trainer's resume state beside each. `unpack` restores them, after which the same `run.py` command resumes where
+it stopped (document ids are deterministic; finished structures and trained models are skipped).
 
     .venv/bin/python benchmarks/discovery/resume.py pack --out benchmarks/discovery/chgnet-n256 --seeds 202
     .venv/bin/python benchmarks/discovery/resume.py unpack --out benchmarks/discovery/chgnet-n256
@@ -24,9 +23,9 @@ from pathlib import Path
 STORE_FILE = "surfdiff.sqlite3"
 
 
-def _registry_checkpoints(db: Path) -> list[Path]:
+def _registry_checkpoints(db: Path, *, resume_state: bool = True) -> list[Path]:
     """Checkpoint files named by the model registry held in the store file `db`, each with its `-last`
-    sibling: the trainer's resume state, without which a rerun trains the same model again."""
+    sibling when `resume_state`: the trainer's resume state, without which a rerun trains the same model again."""
     import orjson
 
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
@@ -37,7 +36,9 @@ def _registry_checkpoints(db: Path) -> list[Path]:
                 checkpoint = orjson.loads(doc).get("checkpoint")
                 if checkpoint:
                     path = Path(checkpoint)
-                    paths += [path, path.with_name(f"{path.stem}-last{path.suffix}")]
+                    paths.append(path)
+                    if resume_state:
+                        paths.append(path.with_name(f"{path.stem}-last{path.suffix}"))
     return paths
 
 
@@ -71,8 +72,8 @@ def unpack(out: Path) -> None:
     if not archives:
         raise SystemExit(f"error: no archives in {out / 'resume'}")
     checkpoints = (out / "stores" / "checkpoints").resolve()
-    for archive in archives:
-        store = out / "stores" / archive.name.removesuffix(".tar.xz")
+    stores = [out / "stores" / a.name.removesuffix(".tar.xz") for a in archives]
+    for archive, store in zip(archives, stores, strict=True):
         if (store / STORE_FILE).exists():
             print(f"kept {store}: a store is already there (delete it to restore {archive.name})")
             continue
@@ -80,9 +81,8 @@ def unpack(out: Path) -> None:
             tar.extractall(out, filter="data")  # refuses absolute paths, '..' and links out of `out`
         print(f"restored {store} from {archive.name}")
     # The registry names checkpoints by absolute path: they must be where it says (the same checkout path).
-    missing = [p for a in archives for p in _registry_checkpoints(out / "stores" / a.name.removesuffix(".tar.xz")
-                                                                  / STORE_FILE)
-               if not p.is_file() and not p.stem.endswith("-last")]
+    missing = [p for store in stores for p in _registry_checkpoints(store / STORE_FILE, resume_state=False)
+               if not p.is_file()]
     if missing:
         print(f"warning: {len(missing)} checkpoints are not where the registry says (e.g. {missing[0]}); "
               f"they were restored to {checkpoints}: run from the same checkout path, or retrain", file=sys.stderr)
