@@ -179,7 +179,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"evaluation of {result.study} (model {result.model_id}, {result.energy_model}); training data: "
           f"{cost['structures']} structures, {cost['force_calls']} oracle force calls")
     for r in result.rows():
-        sp = speedup_phrase(r["speedup"]) if r["speedup"] else "did not reach RSS's best"
+        sp = speedup_phrase(r["speedup"])
         print(f"  {r['target']}: {r['valid']} valid, unique {r['unique']}, best surfdiff {r['best_generative_eV']} eV "
               f"({r['generative_relaxations']} relaxed) vs RSS {r['best_rss_eV']} eV ({r['rss_relaxations']}): {sp}; "
               f"median steps {r['steps_generative_median']} vs {r['steps_rss_median']}"
@@ -243,7 +243,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for r in result.get("evaluation") or []:
         sp = speedup_phrase(r["speedup"])
         print(f"evaluated {r['target']}: surfdiff best {r['best_generative_eV']} eV, RSS best {r['best_rss_eV']} eV "
-              f"in the same cell; reaching RSS's best: {sp}")
+              f"in the same cell: {sp}")
     for warning in result.get("warnings") or []:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"\nresults store: {cfg.store.path} ({cfg.store.backend}); figures: {data_root(cfg) / 'figures'}")

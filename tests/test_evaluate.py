@@ -228,7 +228,7 @@ def test_relaxations_to_reach_and_speedup_on_known_cases():
     # in words: a ratio below 1 is the generative arm needing more relaxations, not "0.8x fewer"
     assert budget.speedup_phrase(result.ratio) == "1.2x fewer oracle relaxations than RSS"
     assert budget.speedup_phrase(0.8) == "1.2x more oracle relaxations than RSS"
-    assert budget.speedup_phrase(None) == "not reached"
+    assert budget.speedup_phrase(None) == "RSS's best not reached"
 
 
 def test_generative_order_and_training_cost():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -69,6 +72,34 @@ def test_training_resumes_from_its_checkpoint(trained):
     res = train_model(store, cfg.model, cfg.train, scope=scope, checkpoint_dir=checkpoint_dir(cfg), progress=False)
     assert res.model_id == summary.model_id
     assert res.resumed_from == 3 and res.epochs == 3  # nothing left to do: finished run reused
+
+
+def test_finished_model_is_reused_without_its_resume_state(trained):
+    """Deleting `<model>-last.pt` (the optimizer state) after a finished run must not retrain the model."""
+    cfg, store, summary = trained
+    from surfdiff_core.stages.common import checkpoint_dir, training_system
+    from surfdiff_core.train.data import DataScope
+    from surfdiff_core.train.trainer import train as train_model
+
+    scope = DataScope(study=cfg.name, system_id=training_system(cfg).system_id, energy_models=("emt",))
+    best = Path(summary.checkpoint)
+    last = best.with_name(f"{best.stem}-last.pt")
+    aside = last.with_suffix(".aside")
+    before = best.read_bytes()
+    os.replace(last, aside)
+    try:
+        res = train_model(store, cfg.model, cfg.train, scope=scope, checkpoint_dir=checkpoint_dir(cfg),
+                          progress=False)
+        assert not last.exists()  # nothing trained, so no new resume state either
+        assert res.model_id == summary.model_id and res.checkpoint == best
+        assert res.resumed_from == 3 and res.epochs == 3 and res.best_val == summary.best_val
+        assert best.read_bytes() == before  # the registered file (and its sha256) unchanged
+        longer = train_model(store, cfg.model, cfg.train, scope=scope, checkpoint_dir=checkpoint_dir(cfg),
+                             progress=False, max_epochs=4)  # more epochs than it ran: trained, not reused
+        assert longer.resumed_from == 0 and longer.epochs == 4
+    finally:
+        os.replace(aside, last)
+        best.write_bytes(before)
 
 
 def test_tiny_dataset_is_overfit(trained):

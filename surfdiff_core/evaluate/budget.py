@@ -201,7 +201,7 @@ def speedup(
 def speedup_phrase(ratio: float | None) -> str:
     """The ratio in words: how many times fewer (or more) oracle relaxations surfdiff needed than RSS."""
     if ratio is None:
-        return "not reached"
+        return "RSS's best not reached"
     if ratio >= 1.0:
         return f"{ratio:.1f}x fewer oracle relaxations than RSS"
     return f"{1.0 / ratio:.1f}x more oracle relaxations than RSS"

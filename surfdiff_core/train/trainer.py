@@ -229,6 +229,13 @@ def train(
     history: list[dict[str, float]] = []
     start_epoch, best_val, bad_epochs = 0, math.inf, 0
 
+    if not last_path.exists():  # the resume state deleted (to save space) after a finished run: reuse that run
+        done = _finished_run(best_path, model_id, epochs, tcfg.patience)
+        if done is not None:
+            return TrainingRun(model_id=model_id, checkpoint=best_path, epochs=len(done["history"]),
+                               best_val=float(done["best_val"]), history=list(done["history"]),
+                               n_train=len(train_set), n_val=len(val_set), resumed_from=len(done["history"]),
+                               doc_ids=list(doc_ids))
     if last_path.exists():  # resume, unless the checkpoint cannot be read (truncated by a full disk, a copy)
         fresh = [copy.deepcopy(x.state_dict()) for x in (model, ema.shadow, opt, sched)]
         try:
@@ -305,6 +312,7 @@ def train(
     wall = time.perf_counter() - t0
     if not best_path.exists():  # zero epochs left on resume of a finished run: keep the last weights
         save(best_path, epoch, bad_epochs)
+    _mark_finished(best_path, len(history), bad_epochs, device)
     return TrainingRun(model_id=model_id, checkpoint=best_path, epochs=len(history), best_val=best_val,
                        history=history, n_train=len(train_set), n_val=len(val_set), wall_time=wall,
                        samples_per_second=seen / wall if wall > 0 else 0.0, resumed_from=start_epoch,
@@ -343,6 +351,31 @@ def _save(path, ema_model, raw_model, opt, sched, epoch, best_val, bad_epochs, h
     tmp = path.with_suffix(".tmp")
     torch.save(ck, tmp)
     os.replace(tmp, path)  # a crash mid-save never leaves a truncated checkpoint
+
+
+def _mark_finished(best_path: Path, epochs_done: int, bad_epochs: int, device) -> None:
+    """Record in the best checkpoint where the run ended, so that it is reused even without its resume state."""
+    ck = torch.load(best_path, map_location=device, weights_only=True)
+    final = {"epochs": epochs_done, "bad_epochs": bad_epochs}
+    if ck.get("finished") != final:  # unchanged: leave the file (and its registered sha256) as it is
+        ck["finished"] = final
+        tmp = best_path.with_suffix(".tmp")
+        torch.save(ck, tmp)
+        os.replace(tmp, best_path)
+
+
+def _finished_run(best_path: Path, model_id: str, epochs: int, patience: int) -> dict | None:
+    """The best checkpoint of a run of `model_id` that ended at or beyond `epochs` (or by patience), else None."""
+    if not best_path.exists():
+        return None
+    try:
+        ck = torch.load(best_path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - unreadable: train as if it were not there
+        return None
+    final = ck.get("finished")
+    if ck.get("model_id") != model_id or not final:
+        return None
+    return ck if final["epochs"] >= epochs or final["bad_epochs"] >= patience else None
 
 
 @dataclass
