@@ -348,6 +348,10 @@ def _save(path, ema_model, raw_model, opt, sched, epoch, best_val, bad_epochs, h
         "best_val": best_val, "bad_epochs": bad_epochs, "history": history, "data": provenance,
         "force_scale": force_scale,
     }
+    _write_atomically(ck, path)
+
+
+def _write_atomically(ck: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(ck, tmp)
     os.replace(tmp, path)  # a crash mid-save never leaves a truncated checkpoint
@@ -359,9 +363,7 @@ def _mark_finished(best_path: Path, epochs_done: int, bad_epochs: int, device) -
     final = {"epochs": epochs_done, "bad_epochs": bad_epochs}
     if ck.get("finished") != final:  # unchanged: leave the file (and its registered sha256) as it is
         ck["finished"] = final
-        tmp = best_path.with_suffix(".tmp")
-        torch.save(ck, tmp)
-        os.replace(tmp, best_path)
+        _write_atomically(ck, best_path)
 
 
 def _finished_run(best_path: Path, model_id: str, epochs: int, patience: int) -> dict | None:
