@@ -236,7 +236,7 @@ def train(
                                best_val=float(done["best_val"]), history=list(done["history"]),
                                n_train=len(train_set), n_val=len(val_set), resumed_from=len(done["history"]),
                                doc_ids=list(doc_ids))
-    if last_path.exists():  # resume, unless the checkpoint cannot be read (truncated by a full disk, a copy)
+    else:  # resume, unless the checkpoint cannot be read (truncated by a full disk, a copy)
         fresh = [copy.deepcopy(x.state_dict()) for x in (model, ema.shadow, opt, sched)]
         try:
             ck = torch.load(last_path, map_location=device, weights_only=True)
