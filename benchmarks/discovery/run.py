@@ -250,12 +250,13 @@ def summarise(rows: list[dict], args, out: Path, wall: float) -> Path:
                      f"{max(ratios):.1f} | {reached}/{len(group)} seeds |")
         slug = f"{key[0]}-{key[1]}".replace(" ", "-").replace("(", "").replace(")", "")
         # The RSS arms of all seeds are draws from one distribution: pooled, they estimate its curve best.
-        best_energy_curves(sum((r["rss_energies"] for r in group), []),
+        rss_pooled = sum((r["rss_energies"] for r in group), [])
+        best_energy_curves(rss_pooled,
                            {f"surfdiff {key[1]} seed {r['seed']}": r["generative_energies"] for r in group},
                            figs / f"{slug}-budget.png",
                            title=f"{key[0]} ({args.energy_model}), best energy against oracle relaxations")
         energy_distributions({"surfdiff (relaxed)": sum((r["generative_energies"] for r in group), []),
-                              "RSS": sum((r["rss_energies"] for r in group), [])}, figs / f"{slug}-energies.png",
+                              "RSS": rss_pooled}, figs / f"{slug}-energies.png",
                              title=f"{key[0]} {key[1]} ({args.energy_model})")
         pictures.append(f"\n### {key[0]}, {key[1]}\n\n![{slug} budget](figures/{slug}-budget.png) "
                         f"![{slug} energies](figures/{slug}-energies.png)\n")
