@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from surfdiff_core.cells import cell_matrix
 from surfdiff_core.composition import normalise_composition
 from surfdiff_core.errors import ConfigError
+from surfdiff_core.sweep import SweepConfig, plan_sweep
 
 CellSpec = str | list[list[int]]
 
@@ -226,7 +227,10 @@ class SampleTarget(_Strict):
 
 
 class SampleConfig(_Strict):
+    # what is sampled: these targets, then the sweep's (cells × compositions, see surfdiff_core/sweep.py), each
+    # once; stages read them through surfdiff_core.stages.common.sample_targets
     targets: list[SampleTarget] = Field(default_factory=list)
+    sweep: SweepConfig | None = None
     n: int = Field(16, ge=1, le=MAX_SAMPLES)
     steps: int = Field(500, ge=1, le=MAX_STEPS)
     sampler: Literal["em", "ode", "ddim", "flow"] = "em"
@@ -334,14 +338,17 @@ class SurfdiffConfig(_Strict):
     @model_validator(mode="after")
     def _cells_valid(self) -> SurfdiffConfig:
         facet = self.substrate.facet
+        sweep_cells = self.sample.sweep.cells if self.sample.sweep else []
         cells = [("rss.cell", self.rss.cell)] + [
             (f"sample.targets.{i}.cell", t.cell) for i, t in enumerate(self.sample.targets)
-        ]
+        ] + [(f"sample.sweep.cells.{i}", c) for i, c in enumerate(sweep_cells)]
         for where, cell in cells:
             try:
                 cell_matrix(cell, facet)
             except ConfigError as exc:
                 raise ValueError(f"{where}: {exc}") from None
+        if self.sample.sweep is not None:
+            plan_sweep(self.sample.sweep, facet)  # its size is known without the lattice: refused now, not later
         if (self.model.generative == "flow") != (self.sample.sampler == "flow"):
             raise ValueError(f"sample.sampler {self.sample.sampler!r} does not fit model.generative "
                              f"{self.model.generative!r}: a flow-matching model samples with 'flow', a diffusion "

@@ -6,6 +6,7 @@ the config once, so every stage after that reads the store location from the con
 
 from __future__ import annotations
 
+import logging
 import uuid
 from pathlib import Path
 
@@ -13,9 +14,11 @@ from surfdiff_core.config import SampleTarget, StoreConfig, SurfdiffConfig
 from surfdiff_core.errors import ConfigError
 from surfdiff_core.store import ResultsStore, open_store
 from surfdiff_core.store.models import ModelRegistry
+from surfdiff_core.sweep import expand_sweep, unique_targets
 from surfdiff_core.system import SurfaceSystem
 
 EMBEDDED_BACKENDS = ("sqlite", "monty", "json")
+log = logging.getLogger(__name__)
 
 
 def with_store_path(cfg: SurfdiffConfig, store_path: str | Path | None) -> SurfdiffConfig:
@@ -76,14 +79,24 @@ def training_system(cfg: SurfdiffConfig) -> SurfaceSystem:
 
 def sample_targets(cfg: SurfdiffConfig, cells: list[str] | None = None,
                    compositions: list[str] | None = None) -> list[SampleTarget]:
-    """Explicit targets from the config, or the product of --cell × --composition lists."""
+    """The product of --cell × --composition lists when given; else the config's targets, then its sweep's
+    (expanded and checked: one line naming a target that cannot fit its box), each once."""
     if cells or compositions:
         if not (cells and compositions):
             raise ConfigError("give both a cell and a composition to sample")
         return [SampleTarget(cell=c, composition=comp) for c in cells for comp in compositions]
-    if not cfg.sample.targets:
-        raise ConfigError("no sampling targets: set sample.targets in the config or pass --cell/--composition")
-    return list(cfg.sample.targets)
+    targets = list(cfg.sample.targets)
+    if cfg.sample.sweep is not None:
+        from surfdiff_core.rss import resolve_lattice
+
+        expansion = expand_sweep(cfg.sample.sweep, cfg.substrate, cfg.confinement, lattice=resolve_lattice(cfg),
+                                 min_distance_scale=cfg.rss.min_distance_scale)
+        log.info(expansion.summary())
+        targets += expansion.targets
+    if not targets:
+        raise ConfigError("no sampling targets: set sample.targets or sample.sweep in the config or pass "
+                          "--cell/--composition")
+    return unique_targets(targets, cfg.substrate.facet)
 
 
 def training_energy_models(cfg: SurfdiffConfig) -> tuple[str, ...]:

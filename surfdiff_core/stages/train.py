@@ -30,10 +30,11 @@ def sample_validity_check(cfg: SurfdiffConfig, checkpoint: str, *, n_train: int,
     overlap wall (sample.repulsion) is off here, since it repairs exactly the collapse this check detects."""
     from surfdiff_core.config import SampleTarget
     from surfdiff_core.sample.generate import generate
-    from surfdiff_core.stages.common import target_system
+    from surfdiff_core.stages.common import sample_targets, target_system
     from surfdiff_core.train.trainer import load_checkpoint, pick_device
 
-    target = (cfg.sample.targets or [SampleTarget(cell=cfg.rss.cell, composition=cfg.rss.compositions[0])])[0]
+    firsts = cfg.sample.targets or (sample_targets(cfg)[:1] if cfg.sample.sweep else [])  # the sweep's first
+    target = (firsts or [SampleTarget(cell=cfg.rss.cell, composition=cfg.rss.compositions[0])])[0]
     system = target_system(cfg, target)
     dev = pick_device(device)
     scfg = cfg.sample.model_copy(update={"n": n, "batch_size": n, "seed": cfg.sample.seed + 104729,
