@@ -133,11 +133,12 @@ def cmd_relax(args: argparse.Namespace) -> int:
     from surfdiff_core.rss import check_oracle_support
     from surfdiff_core.stages import relax
     from surfdiff_core.stages.common import open_study_store
+    from surfdiff_core.sweep import sweep_compositions
 
     cfg = load_study(args.config, args.store)
     rcfg = with_overrides(cfg.relax, {"top_k": args.top_k, "method": args.method})
-    check_oracle_support(cfg, [t.composition for t in cfg.sample.targets], method=rcfg.method,
-                         settings=rcfg.settings)
+    compositions = [t.composition for t in cfg.sample.targets] + sweep_compositions(cfg.sample.sweep)
+    check_oracle_support(cfg, compositions, method=rcfg.method, settings=rcfg.settings)
     require_existing_store(cfg.store)  # the candidates come from the store: a missing one is not created empty
     with executor_for(args.executor, "relax", args.hpc_settings) as ex, open_study_store(cfg) as store:
         s = relax.run(cfg, store, rcfg=rcfg, model_id=args.model_id, run_id=args.run_id, executor=ex)
@@ -155,9 +156,10 @@ def cmd_relax(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from surfdiff_core.config import with_overrides
     from surfdiff_core.evaluate.budget import speedup_phrase
+    from surfdiff_core.evaluate.cost import cost_phrase
     from surfdiff_core.stages import evaluate
     from surfdiff_core.stages.common import figure_dir, open_study_store, sample_targets, target_system
-    from surfdiff_core.stages.evaluate_report import markdown_report
+    from surfdiff_core.stages.evaluate_report import all_in_summary, markdown_report
 
     cfg = load_study(args.config, args.store)
     ecfg = with_overrides(cfg.evaluate, {"budget": args.budget, "rss_budget": args.rss_budget})
@@ -189,7 +191,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                  if r["active_learning_labels"] else "")
               + (f"; {r['active_learning_single_points']} active-learning single points, charged as "
                  f"{r['single_point_charge']} relaxations" if r["active_learning_single_points"] else "")
-              + (f"; reference found at rank {r['reference_rank']}" if r["reference_rank"] else ""))
+              + (f"; reference found at rank {r['reference_rank']}" if r["reference_rank"] else "")
+              + (f"; {cost_phrase(r['speedup_atom_weighted'])}; one-target all-in: "
+                 f"{cost_phrase(r['one_target_all_in'])}" if result.all_in else ""))
+    if result.all_in:
+        print(f"  {all_in_summary(result.all_in)}")
     for warning in result.warnings():
         print(f"warning: {warning}", file=sys.stderr)
     for seg in result.phase_diagram:
@@ -225,6 +231,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.discovery import discovery_flow
     from surfdiff_core.evaluate.budget import speedup_phrase
+    from surfdiff_core.evaluate.cost import cost_phrase
+    from surfdiff_core.stages.evaluate_report import all_in_summary
 
     result = discovery_flow(study=cfg, executor=args.executor, hpc_settings=args.hpc_settings)
     print("\n=== surfdiff discovery finished ===")
@@ -243,7 +251,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     for r in result.get("evaluation") or []:
         sp = speedup_phrase(r["speedup"])
         print(f"evaluated {r['target']}: surfdiff best {r['best_generative_eV']} eV, RSS best {r['best_rss_eV']} eV "
-              f"in the same cell: {sp}")
+              f"in the same cell: {sp}"
+              + (f"; one-target all-in: {cost_phrase(r['one_target_all_in'])}" if "one_target_all_in" in r else ""))
+    if result.get("evaluation_all_in"):  # the discovery flow's dict, when it passes the sweep's all-in on
+        print(all_in_summary(result["evaluation_all_in"]))
     for warning in result.get("warnings") or []:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"\nresults store: {cfg.store.path} ({cfg.store.backend}); figures: {data_root(cfg) / 'figures'}")

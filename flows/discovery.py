@@ -39,4 +39,5 @@ def discovery_flow(study: SurfdiffConfig | None = None, config_path: str | None 
             "samples": samples.as_dict(ids=False), "relax": relaxed.as_dict(ids=False),
             "active_learning": learning.rounds if learning else None,
             "evaluation": evaluation.rows() if evaluation else None,
+            "evaluation_all_in": evaluation.all_in if evaluation else None,
             "warnings": evaluation.warnings() if evaluation else []}

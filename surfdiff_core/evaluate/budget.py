@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from surfdiff_core.evaluate.cost import can_hit
 from surfdiff_core.store.documents import StructureDoc
 
 
@@ -68,20 +69,49 @@ def ranked_energies(rank_energies: Sequence[float], oracle_energies: Sequence[fl
     return np.asarray(oracle_energies, float)[order]
 
 
+def ranked_relaxations(generated: Sequence[StructureDoc], relaxed: Sequence[StructureDoc]) -> list[StructureDoc]:
+    """The relaxed children of `generated` in the order the product spends them: by the parents' MLFF energy
+    (lowest first, stable for ties). Parents without an MLFF energy or a relaxed child are left out."""
+    child = {d.parent_id: d for d in relaxed if d.parent_id is not None}
+    pairs = [(p.energy, child[p.doc_id]) for p in generated if p.doc_id in child and p.energy is not None]
+    order = np.argsort([e for e, _ in pairs], kind="stable")
+    return [pairs[i][1] for i in order]
+
+
+def hit_energy(doc: StructureDoc) -> float:
+    """A document's energy as a candidate minimum: NaN when it cannot count (failed, left the box, a single
+    point), though it keeps its place and its cost."""
+    return float(doc.energy) if can_hit(doc) else np.nan
+
+
 def generative_ranked_energies(
     generated: Sequence[StructureDoc], relaxed: Sequence[StructureDoc]
 ) -> np.ndarray:
     """Oracle energies of the relaxed children of `generated`, ordered by the parents' MLFF energy.
 
-    Parents without a relaxed child (not in the top-K) are left out; a failed relaxation keeps its place in
-    the order with a NaN energy, since it cost a relaxation too.
+    Parents without a relaxed child (not in the top-K) are left out; a failed relaxation, or one that left the
+    box, keeps its place in the order with a NaN energy: it cost a relaxation too, but is no minimum (the same
+    rule as for RSS).
     """
-    child = {d.parent_id: d for d in relaxed if d.parent_id is not None}
-    pairs = [(p.energy, child[p.doc_id].energy) for p in generated if p.doc_id in child and p.energy is not None]
-    if not pairs:
-        return np.array([])
-    mlff, oracle = zip(*pairs, strict=True)
-    return ranked_energies(mlff, [np.nan if e is None else e for e in oracle])
+    return np.array([hit_energy(d) for d in ranked_relaxations(generated, relaxed)], float)
+
+
+def labelled_energies(labels_in_order: Sequence[StructureDoc], relaxations: Sequence[StructureDoc]) -> np.ndarray:
+    """The active-learning documents as entries of the generative arm, round by round as they were spent:
+    each label relaxation its energy (NaN if it cannot count), and a round's single points as the empty
+    relaxations their force calls are worth so far (rounded up cumulatively, so the total matches
+    `single_point_charge` of all of them)."""
+    out: list[float] = []
+    points = charged = 0
+    for d in labels_in_order:
+        if d.source != "single_point":
+            out.append(hit_energy(d))
+            continue
+        points += 1
+        due = single_point_charge(points, relaxations)
+        out += [np.nan] * (due - charged)
+        charged = due
+    return np.array(out, float)
 
 
 def _with_oracle_energy(generated: Sequence[StructureDoc],
@@ -188,10 +218,10 @@ def speedup(
 ) -> Speedup:
     """Relaxations each arm needs to come within `tol` of `target` (default: the best energy RSS found with
     its full budget), and their ratio. Pass the lowest known energy as `target` to ask the harder question.
+    NaN entries (relaxations that failed or left the box) are never hits but count as spent, in both arms.
     """
-    rss = np.asarray(rss_energies, float)
-    rss = rss[np.isfinite(rss)]
-    goal = float(rss.min()) if target is None else float(target)
+    rss = np.asarray(rss_energies, float)  # NaN: a relaxation spent that cannot count (failed, out of box)
+    goal = float(np.nanmin(rss)) if target is None else float(target)
     rss_cost = expected_relaxations_to_reach(rss, goal, tol)
     gen_cost = relaxations_to_reach(gen_ranked_energies, goal, tol)
     ratio = rss_cost / gen_cost if rss_cost is not None and gen_cost is not None else None

@@ -5,7 +5,10 @@ Per target (cell, composition), both arms are relaxed with the study's oracle an
 - generative arm: the best `evaluate.budget` distinct samples in MLFF rank order, after the active-learning
   labels of that cell when the model learned from some (they were oracle relaxations in the cell too);
 - RSS arm: `evaluate.rss_budget` random structures relaxed directly in the target cell.
-The budget counts oracle relaxations in the target cell; the training data's cost is reported beside it.
+The per-target budget counts oracle relaxations in the target cell; beside it, the same in force calls
+(atom-weighted: calls × atoms), and the all-in ratios that charge the training data and every active-learning
+call (surfdiff_core.evaluate.cost). In both arms a relaxation that failed or left the box cannot be a hit but
+is counted as spent.
 Also: validity, uniqueness and novelty of the samples, relaxation steps, a known reference's rank, and the
 γ(Δμ) phase diagram of the best structure of every composition and cell.
 """
@@ -98,23 +101,35 @@ def _reference_rank(cfg: SurfdiffConfig, key: str, relaxed: list[StructureDoc]) 
     return find_reference(found, ref)
 
 
+def _active_learning_in(training_docs: list[StructureDoc], system: SurfaceSystem) -> list[StructureDoc]:
+    """This target's active-learning labels and single points (its cell and composition), in spent order."""
+    from surfdiff_core.evaluate.cost import spent_order
+
+    return spent_order(d for d in training_docs if d.meta.get("active_learning")
+                       and d.system_id == system.system_id and d.composition == system.composition)
+
+
 def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, upstream: SampleResult | None,
                     model_id: str, calculator, training_docs: list[StructureDoc], progress: bool,
                     sample_run: str | None = None, committee: tuple[str, ...] = ()) -> TargetEvaluation:
     from surfdiff_core.evaluate.budget import (
         committee_calibration,
-        generative_ranked_energies,
+        hit_energy,
+        labelled_energies,
         mlff_rank_correlation,
         mlff_ranking_warning,
+        ranked_relaxations,
         single_point_charge,
         speedup,
         steps_summary,
     )
+    from surfdiff_core.evaluate.cost import can_hit, target_cost
     from surfdiff_core.evaluate.matching import deduplicate, novel_mask, novelty
     from surfdiff_core.evaluate.validity import validity_counts
 
     system = target_system(cfg, target)
     key = target_key(target, system)
+    tol = cfg.evaluate.tol
     docs = generated_docs(cfg, store, system, upstream, model_id, sample_run, committee)
     if not docs:
         which = f"sample run {sample_run!r}" if sample_run else "the config's sample settings"
@@ -124,25 +139,30 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
     valid = sorted((d for d in docs if d.valid and d.in_box and d.energy is not None),
                    key=lambda d: (d.energy, d.doc_id))
     distinct = deduplicate(valid)
-    # Active-learning labels in this cell were oracle relaxations too: the arm spent them first, and a sample
-    # that is one of those structures again would only repeat its relaxation.
-    in_cell = [d for d in training_docs if d.meta.get("active_learning") and d.system_id == system.system_id]
-    labels = sorted((d for d in in_cell if d.source != "single_point"),
-                    key=lambda d: (d.meta.get("round", 0), d.meta.get("mlff_energy") or 0.0, d.doc_id))
-    points = sum(d.source == "single_point" for d in in_cell)
+    # Active-learning labels in this cell were oracle calls too: the arm spent them first, round by round
+    # (each round's relaxations, then its single points), and a sample that is one of those structures again
+    # would only repeat its relaxation.
+    in_cell = _active_learning_in(training_docs, system)
+    labels = [d for d in in_cell if d.source != "single_point"]
+    points = len(in_cell) - len(labels)
     fresh = distinct
     if labels:
         fresh = [d for d, new in zip(distinct, novel_mask(distinct, labels), strict=True) if new]
     relaxed = relax_samples(cfg, store, system, fresh[: cfg.evaluate.budget], calculator,
                             tag="evaluate", progress=progress)
-    rss_docs = [d for d in rss_arm(cfg, store, target, progress) if d.energy is not None and d.in_box]
+    ranked = ranked_relaxations(fresh, relaxed)
+    rss_all = rss_arm(cfg, store, target, progress)
+    # Both arms alike: a relaxation that failed or left the box is no minimum, but it was spent (NaN entries).
+    rss_docs = [d for d in rss_all if can_hit(d)]
+    rss_lost = [d for d in rss_all if not can_hit(d)]
     rss_energies = [d.energy for d in rss_docs]
-    # Single points were oracle calls in the cell too: charged as the relaxations their force calls would buy
-    # (an RSS relaxation's mean here), spent first and finding nothing.
-    charged = single_point_charge(points, rss_docs or [d for d in relaxed if not d.error])
-    gen_ranked = np.concatenate([[np.nan if d.energy is None else d.energy for d in labels], [np.nan] * charged,
-                                 generative_ranked_energies(fresh, relaxed)])
-    sp = speedup(rss_energies, gen_ranked, tol=cfg.evaluate.tol) if rss_energies and len(gen_ranked) else None
+    # Single points are charged as the relaxations their force calls would buy (an RSS relaxation's mean here)
+    per_relaxation = rss_docs or [d for d in relaxed if not d.error]
+    charged = single_point_charge(points, per_relaxation)
+    gen_ranked = np.concatenate([labelled_energies(in_cell, per_relaxation), [hit_energy(d) for d in ranked]])
+    sp = (speedup([hit_energy(d) for d in rss_all], gen_ranked, tol=tol)
+          if rss_energies and len(gen_ranked) else None)
+    cost = target_cost(rss_all, in_cell, ranked, tol)
     same_cell = [d for d in training_docs if d.cell == system.cell and d.composition == system.composition]
     return TargetEvaluation(
         cell=system.cell, composition=system.composition, system_id=system.system_id, validity=counts.__dict__,
@@ -158,7 +178,25 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
         committee_calibration=committee_calibration(fresh, relaxed),
         ranking_warning=mlff_ranking_warning(fresh, relaxed),
         relaxed_ids=[d.doc_id for d in relaxed], rss_ids=[d.doc_id for d in rss_docs],
+        rss_lost_ids=[d.doc_id for d in rss_lost],
+        generative_lost=sum(not can_hit(d) for d in [*labels, *ranked]), cost=cost.as_dict(),
     )
+
+
+def all_in_cost(training_docs: list[StructureDoc], targets: list[TargetEvaluation]) -> dict:
+    """The all-in comparison (see surfdiff_core.evaluate.cost.all_in): the training data is every oracle
+    relaxation of the training cell this model's data came from, lost ones included (they cost calls too),
+    but not the evaluation's own documents (a target in the training cell) nor active-learning labels, which
+    are the other shared part. Sets each target's one-target all-in ratio."""
+    from surfdiff_core.evaluate.cost import TargetCost, all_in, total_cost
+
+    evaluation = {i for t in targets for i in (*t.relaxed_ids, *t.rss_ids, *t.rss_lost_ids)}
+    learning = [d for d in training_docs if d.meta.get("active_learning")]
+    training = [d for d in training_docs if not d.meta.get("active_learning") and d.doc_id not in evaluation]
+    summary = all_in(total_cost(training), total_cost(learning), [TargetCost.from_dict(t.cost) for t in targets])
+    for t, one in zip(targets, summary.one_target, strict=True):
+        t.one_target_all_in = one
+    return summary.as_dict()
 
 
 def extras(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None, model_id: str,
@@ -211,6 +249,7 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
     for t in targets:
         result.targets.append(evaluate_target(cfg, store, t, upstream, model, calculator, training_docs, progress,
                                               sample_run, tuple(record.committee)))
+    result.all_in = all_in_cost(training_docs, result.targets)
     extras(cfg, store, upstream, model, targets[0], calculator, result)
     lines = phase_lines_for(cfg, store, result, calculator)
     result.phase_diagram = phase_rows(lines, cfg.evaluate.dmu_range)

@@ -40,7 +40,13 @@ class TargetEvaluation:
     committee_calibration: float | None = None  # Spearman, committee spread against the MLFF's error size
     ranking_warning: str | None = None  # set when the MLFF's order of the relaxed samples is no better than chance
     relaxed_ids: list[str] = field(default_factory=list)
-    rss_ids: list[str] = field(default_factory=list)
+    rss_ids: list[str] = field(default_factory=list)  # RSS relaxations that can count: finished, in the box
+    rss_lost_ids: list[str] = field(default_factory=list)  # RSS relaxations that failed or left the box: spent
+    generative_lost: int = 0  # labels and relaxations of the generative arm that failed or left the box
+    # oracle cost in force calls (surfdiff_core.evaluate.cost.TargetCost.as_dict): RSS expected, own until hit,
+    # the per-target ratio per unit; empty in results made before it was counted
+    cost: dict[str, Any] = field(default_factory=dict)
+    one_target_all_in: dict[str, float | None] = field(default_factory=dict)  # per unit, as if the only target
 
     @property
     def key(self) -> str:
@@ -64,6 +70,8 @@ class EvaluationResult(StageResult):
     guidance: dict[str, float | None] = field(default_factory=dict)  # median unrelaxed energies, eV
     steps_quality: dict[str, dict[int, list[float]]] = field(default_factory=dict)
     figures: dict[str, str] = field(default_factory=dict)
+    # the sweep's all-in comparison (surfdiff_core.evaluate.cost.AllIn.as_dict); empty in older results
+    all_in: dict[str, Any] = field(default_factory=dict)
 
     def warnings(self) -> list[str]:
         """What a user should act on, one line per target."""
@@ -71,6 +79,8 @@ class EvaluationResult(StageResult):
 
     def rows(self) -> list[dict[str, Any]]:
         """One table row per target: what a user reads first."""
+        from surfdiff_core.evaluate.cost import HEADLINE
+
         out = []
         for t in self.targets:
             gen, rss = t.best()
@@ -81,10 +91,13 @@ class EvaluationResult(StageResult):
             out.append({
                 "target": t.key, "valid": f"{t.validity['valid']}/{t.validity['total']}",
                 "unique": round(t.uniqueness, 3), "novel": None if t.novelty is None else round(t.novelty, 3),
-                "best_generative_eV": r4(gen), "best_rss_eV": r4(rss), "rss_relaxations": len(t.rss_energies),
+                "best_generative_eV": r4(gen), "best_rss_eV": r4(rss),
+                "rss_relaxations": len(t.rss_energies) + len(t.rss_lost_ids),
                 "generative_relaxations": len(t.generative_energies),
                 "generative_to_reach_rss_best": sp.get("generative_relaxations"),
                 "rss_expected_to_reach": r4(sp.get("rss_relaxations")), "speedup": r4(sp.get("ratio")),
+                "speedup_atom_weighted": r4((t.cost.get("ratio") or {}).get(HEADLINE)),
+                "one_target_all_in": r4(t.one_target_all_in.get(HEADLINE)),
                 "steps_generative_median": t.steps_generative.get("median"),
                 "steps_rss_median": t.steps_rss.get("median"), "reference_rank": t.reference_rank,
                 "active_learning_labels": t.active_learning_labels,
@@ -188,6 +201,60 @@ def write_figures(cfg: SurfdiffConfig, result: EvaluationResult, lines: list) ->
     return out
 
 
+def _x(value: float | None) -> str:
+    return "not reached" if value is None else f"{value:.2f}x"
+
+
+def all_in_line(all_in: dict[str, Any], unit: str = "atom_force_calls") -> str:
+    """The sweep's all-in ratio in words ("3.2x fewer atom-weighted oracle force calls than RSS")."""
+    from surfdiff_core.evaluate.cost import cost_phrase
+
+    return cost_phrase((all_in.get("ratio") or {}).get(unit), unit,
+                       reached=(all_in.get("reached", 0), all_in.get("targets", 0)))
+
+
+def all_in_summary(all_in: dict[str, Any]) -> str:
+    """One line for a terminal: the sweep's all-in ratio, the other units beside it."""
+    ratios = all_in.get("ratio") or {}
+    line = f"all-in (training data counted): {all_in_line(all_in)}"
+    if ratios.get("force_calls") is None:
+        return line
+    beside = "; ".join(f"{w} {_x(ratios.get(u))}" for u, w in (("force_calls", "force calls"),
+                                                               ("atom3_force_calls", "atoms³-weighted")))
+    return f"{line} ({beside})"
+
+
+def cost_section(result: EvaluationResult) -> list[str]:
+    """The oracle-cost table (per target) and the sweep's all-in line, in markdown; [] for older results."""
+    from surfdiff_core.evaluate.cost import HEADLINE
+    from surfdiff_core.report import markdown_table
+
+    a = result.all_in
+    if not a:
+        return []
+    rows = [{"target": t.key, "per-target (relaxations)": _x((t.speedup or {}).get("ratio")),
+             "per-target (atom-weighted)": _x((t.cost.get("ratio") or {}).get(HEADLINE)),
+             "one-target all-in (atom-weighted)": _x(t.one_target_all_in.get(HEADLINE))} for t in result.targets]
+    ratios = a["ratio"]
+    spent = ", ".join(f"{a['rss_expected'][u]:.4g} / {a['generative'][u]:.4g} {w} ({_x(ratios[u])})"
+                    for u, w in (("force_calls", "force calls"), (HEADLINE, "atom-weighted"),
+                                 ("atom3_force_calls", "atoms³-weighted")) if ratios[u] is not None)
+    return ["\n## Oracle cost against RSS\n",
+            "Force calls: steps + 1 per relaxation, 1 per single point; atom-weighted: force calls × atoms (the "
+            "headline), atoms³-weighted: × atoms³ (DFT-like). Ratios are RSS's expected cost to reach its best "
+            "in the target cell (random order) over surfdiff's. Per target: the target's own oracle calls "
+            "(active-learning labels and single points in the order they were spent, then the evaluation's "
+            "relaxations in MLFF rank order) until the first hit. One-target all-in: plus the training data "
+            "and every active-learning call of every target, as if this had been the only target. In both "
+            "arms a relaxation that failed or left the box is counted but never a hit.\n",
+            markdown_table(rows, list(rows[0])) if rows else "no targets",
+            f"\n**All-in over the sweep** (training data counted): {all_in_line(a)}. "
+            + (f"RSS expected / surfdiff: {spent}. " if spent else "")
+            + f"Training data {a['training'][HEADLINE]:.4g} and active learning "
+            f"{a['active_learning'][HEADLINE]:.4g} atom-weighted force calls; {a['reached']} of {a['targets']} "
+            "targets reached.\n"]
+
+
 def markdown_report(result: EvaluationResult) -> str:
     from surfdiff_core.report import markdown_table, png_markdown
 
@@ -199,7 +266,7 @@ def markdown_report(result: EvaluationResult) -> str:
              f"active-learning relaxations and {cost.get('active_learning_single_points', 0)} active-learning "
              f"single points in the target cells). The budgets below count oracle relaxations in the target cell; "
              f"single points there are charged as the relaxations their force calls would buy.\n",
-             markdown_table(rows, list(rows[0])) if rows else "no targets"]
+             markdown_table(rows, list(rows[0])) if rows else "no targets", *cost_section(result)]
     parts += [f"\n**Warning**, {w}\n" for w in result.warnings()]
     g = result.guidance
     if g:
