@@ -74,8 +74,14 @@ def main() -> None:
         print(json.dumps(one(int(args.one[0]), args.one[1] == "1", args.steps, args.device, args.threads,
                              not args.separate)))
         return
+    import torch
+
+    from surfdiff_core.ml.kernel_report import describe, kernel_report
+
+    torch.set_num_threads(args.threads)
     print(f"machine: {platform.machine()} {platform.system()}, device {args.device}, torch threads {args.threads}, "
           f"{'separate score/MLFF networks' if args.separate else 'one shared representation'}")
+    print(describe(kernel_report()))
     print(f"{'batch':>5} {'guided':>6} {'structure-steps/s':>18} {'peak MB':>8}  (atoms, pairs/structure)")
     for guided in (True, False):
         for b in args.batches:

@@ -13,6 +13,7 @@ import tempfile
 import torch
 
 from surfdiff_core.config import StoreConfig, config_from_dict
+from surfdiff_core.ml.kernel_report import describe, kernel_report
 from surfdiff_core.rss import run_rss
 from surfdiff_core.stages.common import training_system
 from surfdiff_core.store import open_store
@@ -37,6 +38,7 @@ def main() -> None:
                   "device": args.device},
     })
     print(f"machine: {platform.machine()} {platform.system()}, device {args.device}, torch threads {args.threads}")
+    print(describe(kernel_report()))
     with tempfile.TemporaryDirectory() as d, open_store(StoreConfig(backend="memory")) as store:
         run_rss(cfg, store, progress=False)
         scope = DataScope(study=cfg.name, system_id=training_system(cfg).system_id, energy_models=("emt",))

@@ -70,10 +70,16 @@ def message_op_available(*, warn: bool = False) -> bool:
     """True when `surfdiff::painn_messages` can be used; warn=True warns (once) when it cannot."""
     global _WARNED
     reason = _unavailable_reason()
-    if reason is not None and warn and not _WARNED:
+    if warn and not _WARNED:
         _WARNED = True
-        warnings.warn(f"surfdiff: compiled PaiNN message op unavailable ({reason}); using eager PyTorch (slower)",
-                      RuntimeWarning, stacklevel=3)  # fmt: skip
+        if reason is not None:
+            warnings.warn(f"surfdiff: compiled PaiNN message op unavailable ({reason}); using eager PyTorch "
+                          "(slower)", RuntimeWarning, stacklevel=3)  # fmt: skip
+        else:  # built, but perhaps not for this host
+            from surfdiff_core.ml.kernel_report import kernel_report, slow_path_reasons
+
+            for slow in slow_path_reasons(kernel_report()):
+                warnings.warn(f"surfdiff: {slow}", RuntimeWarning, stacklevel=3)
     return reason is None
 
 
