@@ -275,6 +275,10 @@ class ActiveLearningConfig(_Strict):
     relax_per_round: int = Field(8, ge=0)  # oracle relaxations per target and round
     single_points_per_round: int = Field(0, ge=0)  # oracle single points per target and round, after those
     max_relaxations: int | None = Field(None, ge=1)  # budget over all rounds and targets (None: rounds decide)
+    # how a round's labels are spread over the targets: `uniform` gives each target relax_per_round; `envelope`
+    # gives the round's total (relax_per_round × targets) preferentially to the targets whose best candidate
+    # lies on or near the lower envelope of γ(Δμ) (the ones that decide the phase diagram), at least one each
+    allocation: Literal["uniform", "envelope"] = "uniform"
     samples: int | None = Field(None, ge=1)  # samples per target and round (None: sample.n)
     epochs: int = Field(20, ge=1)  # fine-tuning epochs per round
 
@@ -294,6 +298,9 @@ class EvaluateConfig(_Strict):
     rss_budget: int = Field(32, ge=0, le=MAX_STRUCTURES)
     tol: float = Field(0.05, gt=0)  # eV: an arm has "reached" an energy within this
     seed: Seed = 1_000_003  # the baseline RSS seed, apart from the training RSS seeds
+    # the study whose RSS arm is the baseline (same system, oracle and RSS settings; None = this study): runs of
+    # one system with other seeds or settings share one RSS arm instead of each paying for its own
+    rss_study: str | None = None
     # known minima to look for: "Ag12O6 p(4x4)" -> structure file (extxyz, cif, POSCAR, ...)
     references: dict[str, str] = Field(default_factory=dict)
     adsorbate: str = "O"  # gas-phase element of the γ(Δμ) phase diagram (skipped when no target holds it)

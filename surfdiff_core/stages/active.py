@@ -12,13 +12,18 @@ relaxation budget.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from surfdiff_core.config import SurfdiffConfig
 from surfdiff_core.stages import sample, train
 from surfdiff_core.stages.common import new_run_id, sample_targets, target_system
 from surfdiff_core.stages.oracle_relax import relax_samples, single_points
 from surfdiff_core.stages.results import StageResult, TrainResult
-from surfdiff_core.store import ResultsStore
+from surfdiff_core.store import ResultsStore, StructureDoc
+from surfdiff_core.system import SurfaceSystem
+
+if TYPE_CHECKING:
+    from surfdiff_core.evaluate.references import PhaseReferences
 
 
 @dataclass
@@ -45,12 +50,15 @@ def run_round(cfg: SurfdiffConfig, store: ResultsStore, model: TrainResult, k: i
     drawn = sample.run(cfg, store, model, targets=targets, scfg=scfg, run_id=f"{run_id}-al{k}", progress=progress)
     labels, points, best, label_ids = 0, 0, {}, []
     meta = {"active_learning": True, "round": k, "model_id": model.model_id}
-    for t in drawn.targets:
-        quota = max(0, al.relax_per_round if left is None else min(al.relax_per_round, left - labels))
+    candidates = [[d for d in store.find({"doc_id": {"$in": t.doc_ids}}) if d.valid and d.in_box and d.energy]
+                  for t in drawn.targets]
+    total = al.relax_per_round * len(drawn.targets)
+    total = total if left is None else max(0, min(total, left))
+    chosen = [systems[(t.composition, t.cell)] for t in drawn.targets]
+    quotas, excess = round_quotas(cfg, store, model, chosen, candidates, total, calculator)
+    for t, system, docs, quota in zip(drawn.targets, chosen, candidates, quotas, strict=True):
         if not quota and not al.single_points_per_round:
-            break
-        system = systems[(t.composition, t.cell)]
-        docs = [d for d in store.find({"doc_id": {"$in": t.doc_ids}}) if d.valid and d.in_box and d.energy]
+            continue
         ranked = deduplicate(docs, k=quota + al.single_points_per_round)
         relaxed = relax_samples(cfg, store, system, ranked[:quota], calculator,
                                 tag=f"active-learning-{k}", meta=meta, progress=progress)
@@ -66,8 +74,49 @@ def run_round(cfg: SurfdiffConfig, store: ResultsStore, model: TrainResult, k: i
     new = train.run(cfg, store, epochs=al.epochs, run_id=run_id, progress=progress, round_index=k,
                     learned_systems=learned, learned_labels=(*model.learned_labels, *label_ids),
                     init_from=model.checkpoint, init_committee=tuple(model.committee))
+    keys = [f"{t.composition} {t.cell}" for t in drawn.targets]
     return new, {"round": k, "model_id": new.model_id, "samples": len(drawn.doc_ids), "labels": labels,
-                 "single_points": points, "n_train": new.n_train, "best_labelled": best, "best_val": new.best_val}
+                 "single_points": points, "n_train": new.n_train, "best_labelled": best, "best_val": new.best_val,
+                 "allocation": al.allocation, "quotas": dict(zip(keys, quotas, strict=True)),
+                 "excess_eV": None if excess is None else dict(zip(keys, excess, strict=True))}
+
+
+def round_quotas(cfg: SurfdiffConfig, store: ResultsStore, model: TrainResult, systems: list[SurfaceSystem],
+                 candidates: list[list[StructureDoc]], total: int,
+                 calculator) -> tuple[list[int], list[float] | None]:
+    """(relaxation labels per target, excess above the γ(Δμ) envelope in eV or None) for this round's `total`:
+    `uniform`, or `envelope` (surfdiff_core.evaluate.allocation) from each target's best candidate so far, its
+    lowest oracle label or its best sample's MLFF energy. Without the adsorbate in any target there is no
+    phase diagram to decide, and the split is uniform."""
+    from surfdiff_core.evaluate.allocation import envelope_quotas, uniform_quotas
+    from surfdiff_core.evaluate.cost import can_hit
+    from surfdiff_core.evaluate.phase import surface_area
+    from surfdiff_core.evaluate.references import holds_adsorbate, phase_references
+
+    if cfg.active_learning.allocation == "uniform" or not holds_adsorbate(cfg, [s.composition for s in systems]):
+        return uniform_quotas(total, len(systems)), None
+    refs = _REFERENCES.get(_references_key(cfg))
+    refs = _REFERENCES[_references_key(cfg)] = phase_references(cfg, calculator, systems, known=refs)
+    labels = [d for d in store.find({"doc_id": {"$in": list(model.learned_labels)}}) if can_hit(d)]
+    lines, areas, sigmas = [], [], []
+    for system, docs in zip(systems, candidates, strict=True):
+        own = [d.energy for d in labels if d.system_id == system.system_id and d.composition == system.composition]
+        sample = min(docs, key=lambda d: d.energy, default=None)
+        energies = own + ([sample.energy] if sample is not None else [])
+        if not energies:  # nothing valid to judge by: as far from the envelope as it gets (floor only)
+            energies = [float("inf")]
+        lines.append(refs.line(min(energies), system))
+        areas.append(surface_area(system.template))
+        spread = (sample.meta.get("mlff_energy_std") if sample is not None else None) or 0.0
+        sigmas.append(max(float(spread), cfg.evaluate.tol))
+    return envelope_quotas(total, lines, areas, sigmas, cfg.evaluate.dmu_range)
+
+
+_REFERENCES: dict[tuple, PhaseReferences] = {}  # per study, energy model and settings: computed once per process
+
+
+def _references_key(cfg: SurfdiffConfig) -> tuple:
+    return cfg.name, cfg.oracle.energy_model, cfg.section_hash("substrate", "confinement", "rss", "evaluate")
 
 
 def budget_left(cfg: SurfdiffConfig, spent: int) -> bool:
