@@ -200,6 +200,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     for seg in result.phase_diagram:
         print(f"  Δμ {seg['dmu_min']:+.2f} .. {seg['dmu_max']:+.2f} eV: {seg['phase']}")
+    for arm in result.phase_comparison.get("arms", {}):
+        from surfdiff_core.evaluate.phase_compare import missed_sentence
+
+        print(f"  phase diagram: {missed_sentence(result.phase_comparison, arm)}")
     if args.json:
         print(json.dumps(result.as_dict(), indent=1, default=str))
     print(f"report: {report}")

@@ -127,3 +127,37 @@ def phase_diagram_plot(
     ax.set_title(title)
     ax.legend(fontsize=7, loc="lower left")
     return _save(fig, path)
+
+
+def phase_envelopes_plot(
+    envelopes: Mapping[str, Sequence[PhaseSegment]], path: str | Path, *, adsorbate: str = "O", title: str = "",
+) -> Path:
+    """Lower envelopes side by side (the first is the reference, drawn dashed behind the others): each stable
+    phase in one colour in every panel, shaded and labelled, so a phase an arm misses stands out."""
+    names = list(envelopes)
+    reference = envelopes[names[0]]
+    labels = list(dict.fromkeys(s.label for segs in envelopes.values() for s in segs))
+    colour = {label: f"C{n % 10}" for n, label in enumerate(labels)}
+    ys = [float(s.line.gamma(x)) for segs in envelopes.values() for s in segs for x in (s.dmu_min, s.dmu_max)]
+    y_lo, y_hi = min(ys), max(ys)
+    pad = 0.05 * (y_hi - y_lo or 1.0)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), dpi=_DPI, sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        if name != names[0]:
+            for s in reference:
+                xs = np.array([s.dmu_min, s.dmu_max])
+                ax.plot(xs, s.line.gamma(xs), color="k", lw=1, ls="--", alpha=0.6)
+        for s in envelopes[name]:
+            xs = np.array([s.dmu_min, s.dmu_max])
+            ax.plot(xs, s.line.gamma(xs), color=colour[s.label], lw=2.5)
+            ax.axvspan(s.dmu_min, s.dmu_max, color=colour[s.label], alpha=0.12, lw=0)
+            ax.text((s.dmu_min + s.dmu_max) / 2, y_hi + pad, s.label, ha="center", va="top", fontsize=7,
+                    rotation=90)
+        ax.set_xlim(reference[0].dmu_min, reference[-1].dmu_max)
+        ax.set_xlabel(f"Δμ_{adsorbate} (eV)")
+        ax.set_title(name, fontsize=9)
+    axes[0][0].set_ylim(y_lo - pad, y_hi + pad)
+    axes[0][0].set_ylabel("γ (eV/Å²)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

@@ -29,13 +29,13 @@ class PhaseReferences:
     bulk: dict[str, float]  # energy per atom of each other element's bulk crystal
     clean: dict[str, float] = field(default_factory=dict)  # system_id -> relaxed clean slab energy
 
-    def line(self, energy: float, system: SurfaceSystem) -> PhaseLine:
+    def line(self, energy: float, system: SurfaceSystem, label: str = "") -> PhaseLine:
         """The γ(Δμ) line of a structure of `system` with total energy `energy`."""
         from surfdiff_core.evaluate.phase import phase_line, surface_area
 
         return phase_line(energy, self.clean[system.system_id], surface_area(system.template), system.composition,
                           adsorbate=self.adsorbate, adsorbate_reference=self.adsorbate_energy,
-                          bulk_references=self.bulk, cell=system.cell)
+                          bulk_references=self.bulk, label=label, cell=system.cell)
 
 
 def holds_adsorbate(cfg: SurfdiffConfig, compositions: Iterable[str]) -> bool:

@@ -73,7 +73,9 @@ def generated_docs(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSyst
 
 
 def rss_arm(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, progress: bool) -> list[StructureDoc]:
-    """RSS run directly in the target cell with the study's oracle (resumable; its own seed)."""
+    """RSS run directly in the target cell with the study's oracle (resumable; its own seed). Under
+    `evaluate.rss_study` when set: RSS ids are scoped by study, so studies naming one baseline study share
+    one arm per target instead of each relaxing its own."""
     from surfdiff_core.rss import run_rss
 
     ev = cfg.evaluate
@@ -81,7 +83,8 @@ def rss_arm(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, prog
         return []
     rss = cfg.rss.model_copy(update={"cell": target.cell, "compositions": [target.composition],
                                      "n": ev.rss_budget, "seed": ev.seed})
-    report = run_rss(cfg.model_copy(update={"rss": rss}), store, progress=progress)
+    update: dict = {"rss": rss, **({"name": ev.rss_study} if ev.rss_study else {})}
+    report = run_rss(cfg.model_copy(update=update), store, progress=progress)
     return list(store.find({"doc_id": {"$in": report.doc_ids}}))
 
 
@@ -220,6 +223,7 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
         sample_run: str | None = None, progress: bool = True) -> EvaluationResult:
     from surfdiff_core.evaluate.budget import training_cost
     from surfdiff_core.oracles import get_calculator
+    from surfdiff_core.stages.evaluate_report import phase_comparison_for
     from surfdiff_core.stages.sample import resolve_model
 
     if cfg.oracle.name == "vasp":
@@ -253,5 +257,7 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
     extras(cfg, store, upstream, model, targets[0], calculator, result)
     lines = phase_lines_for(cfg, store, result, calculator)
     result.phase_diagram = phase_rows(lines, cfg.evaluate.dmu_range)
+    # each arm's own envelope, RSS at the generative arm's total all-in budget, against the reference
+    result.phase_comparison = phase_comparison_for(cfg, store, result, lines)
     result.figures = write_figures(cfg, result, lines)
     return result

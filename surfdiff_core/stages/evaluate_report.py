@@ -8,9 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from surfdiff_core.composition import parse_composition
 from surfdiff_core.config import SurfdiffConfig
-from surfdiff_core.errors import ConfigError
 from surfdiff_core.stages.common import figure_dir, target_system
 from surfdiff_core.stages.results import StageResult
 from surfdiff_core.store import ResultsStore
@@ -72,6 +70,9 @@ class EvaluationResult(StageResult):
     figures: dict[str, str] = field(default_factory=dict)
     # the sweep's all-in comparison (surfdiff_core.evaluate.cost.AllIn.as_dict); empty in older results
     all_in: dict[str, Any] = field(default_factory=dict)
+    # the phase diagram each arm concludes at the same all-in budget, against the reference envelope
+    # (surfdiff_core.evaluate.phase_compare.phase_comparison); empty in older results
+    phase_comparison: dict[str, Any] = field(default_factory=dict)
 
     def warnings(self) -> list[str]:
         """What a user should act on, one line per target."""
@@ -110,49 +111,60 @@ class EvaluationResult(StageResult):
 
 
 def phase_lines_for(cfg: SurfdiffConfig, store: ResultsStore, result: EvaluationResult, calculator) -> list:
-    """γ(Δμ) lines of the best structure (either arm) of every evaluated composition and cell, plus the clean
-    surface; [] when no target holds the adsorbate. References use the same energy model."""
-    from surfdiff_core.evaluate.phase import (
-        bulk_energy_per_atom,
-        clean_line,
-        clean_slab_energy,
-        molecule_energy,
-        phase_line,
-        surface_area,
-    )
-    from surfdiff_core.rss import resolve_lattice
+    """γ(Δμ) lines of the best structure (either arm: the generative arm's active-learning labels and
+    relaxations, RSS's relaxations, each only if it can count) of every evaluated composition and cell, named
+    by the target's key, plus the clean surface; [] when no target holds the adsorbate. References use the
+    same energy model (surfdiff_core.evaluate.references). (`store` is unused: the energies are the result's.)"""
+    from surfdiff_core.config import SampleTarget
+    from surfdiff_core.evaluate.phase import clean_line
+    from surfdiff_core.evaluate.references import holds_adsorbate, phase_references
 
-    ev = cfg.evaluate
-    if not any(ev.adsorbate in parse_composition(t.composition) for t in result.targets):
+    if not holds_adsorbate(cfg, [t.composition for t in result.targets]):
         return []
-    lattice = resolve_lattice(cfg) or {"a": float(cfg.substrate.lattice_constant)}
-    crystal = "hcp" if cfg.substrate.facet == "hcp0001" else "fcc"
-    bulk = {cfg.substrate.element: bulk_energy_per_atom(cfg.substrate.element, calculator, crystal=crystal,
-                                                         a=lattice["a"], c=lattice.get("c"))}
-    for t in result.targets:
-        for el in parse_composition(t.composition):
-            if el not in bulk and el != ev.adsorbate:
-                bulk[el] = bulk_energy_per_atom(el, calculator)
-    per_molecule = parse_composition(ev.molecule).get(ev.adsorbate, 0)
-    if not per_molecule:
-        raise ConfigError(f"evaluate.molecule {ev.molecule!r} holds no {ev.adsorbate}")
-    ads_ref = molecule_energy(calculator, ev.molecule) / per_molecule
-    lines, clean = [], {}
-    for t in result.targets:
-        docs = list(store.find({"doc_id": {"$in": t.relaxed_ids + t.rss_ids}, "energy": {"$ne": None}}))
-        docs = [d for d in docs if d.in_box and not d.error]
-        if not docs:
-            continue
-        best = min(docs, key=lambda d: d.energy)
-        if t.system_id not in clean:
-            from surfdiff_core.config import SampleTarget
+    found = [(t, reference_energy(t)) for t in result.targets]
+    systems = {t.key: target_system(cfg, SampleTarget(cell=t.cell, composition=t.composition))
+               for t, best in found if best is not None}
+    if not systems:
+        return []
+    refs = phase_references(cfg, calculator, systems.values())
+    lines = [refs.line(best, systems[t.key], label=t.key) for t, best in found if best is not None]
+    return [*lines, clean_line()]
 
-            system = target_system(cfg, SampleTarget(cell=t.cell, composition=t.composition))
-            clean[t.system_id] = clean_slab_energy(system, calculator, fmax=cfg.rss.fmax, steps=cfg.rss.steps)
-        lines.append(phase_line(best.energy, clean[t.system_id], surface_area(best.to_atoms()), t.composition,
-                                adsorbate=ev.adsorbate, adsorbate_reference=ads_ref, bulk_references=bulk,
-                                cell=t.cell))
-    return [*lines, clean_line()] if lines else []
+
+def reference_energy(t: TargetEvaluation) -> float | None:
+    """The lowest energy either arm found in the target that can count (NaN entries cannot)."""
+    from surfdiff_core.evaluate.phase_compare import best_energy
+
+    return best_energy([*t.generative_energies, *t.rss_energies])
+
+
+def phase_comparison_for(cfg: SurfdiffConfig, store: ResultsStore, result: EvaluationResult, lines: list) -> dict:
+    """What surfdiff's sweep and RSS's sweep at the same all-in budget conclude about the phase diagram
+    (surfdiff_core.evaluate.phase_compare), from `lines` (phase_lines_for's reference lines) and the costs of
+    the documents the result names; {} without lines or without the all-in cost (older results)."""
+    from surfdiff_core.config import SampleTarget
+    from surfdiff_core.evaluate.cost import HEADLINE, total_cost
+    from surfdiff_core.evaluate.phase import surface_area
+    from surfdiff_core.evaluate.phase_compare import TargetPhase, best_energy, phase_comparison, sweep_budget
+
+    if not lines or not result.all_in:
+        return {}
+
+    def cost_of(ids: list[str]) -> float:
+        docs = list(store.find({"doc_id": {"$in": ids}})) if ids else []
+        return getattr(total_cost(docs), HEADLINE)
+
+    by_label = {ln.label: ln for ln in lines}
+    targets = []
+    for t in result.targets:
+        system = target_system(cfg, SampleTarget(cell=t.cell, composition=t.composition))
+        targets.append(TargetPhase(
+            label=t.key, line=by_label.get(t.key), reference_energy=reference_energy(t),
+            area=surface_area(system.template), generative_best=best_energy(t.generative_energies),
+            rss_energies=tuple(e for e in t.rss_energies if np.isfinite(e)),
+            rss_cost=cost_of([*t.rss_ids, *t.rss_lost_ids])))
+    budget = sweep_budget(result.all_in, sum(cost_of(t.relaxed_ids) for t in result.targets))
+    return phase_comparison(targets, budget, cfg.evaluate.dmu_range, adsorbate=cfg.evaluate.adsorbate)
 
 
 def phase_rows(lines: list, dmu_range: tuple[float, float]) -> list[dict[str, Any]]:
@@ -168,11 +180,13 @@ def phase_rows(lines: list, dmu_range: tuple[float, float]) -> list[dict[str, An
 
 def write_figures(cfg: SurfdiffConfig, result: EvaluationResult, lines: list) -> dict[str, str]:
     from surfdiff_core.evaluate.phase import PhaseSegment
+    from surfdiff_core.evaluate.phase_compare import ARMS, envelope_segments
     from surfdiff_core.evaluate.plots import (
         best_energy_curves,
         energy_distributions,
         energy_vs_diffusion_steps,
         phase_diagram_plot,
+        phase_envelopes_plot,
     )
 
     out: dict[str, str] = {}
@@ -198,6 +212,13 @@ def write_figures(cfg: SurfdiffConfig, result: EvaluationResult, lines: list) ->
         out["phase diagram"] = str(phase_diagram_plot(lines, segments, d / "phase-diagram.png",
                                                       adsorbate=cfg.evaluate.adsorbate,
                                                       title=f"{cfg.name}: γ(Δμ_{cfg.evaluate.adsorbate})"))
+    comparison = result.phase_comparison
+    if comparison:
+        envelopes = {"reference (best of both arms)": envelope_segments(comparison["reference"]),
+                     **{ARMS[arm]: envelope_segments(c["segments"]) for arm, c in comparison["arms"].items()}}
+        out["phase diagram per arm"] = str(phase_envelopes_plot(
+            envelopes, d / "phase-diagram-per-arm.png", adsorbate=cfg.evaluate.adsorbate,
+            title=f"{cfg.name}: γ(Δμ_{cfg.evaluate.adsorbate}) lower envelopes, RSS at surfdiff's all-in budget"))
     return out
 
 
@@ -256,6 +277,7 @@ def cost_section(result: EvaluationResult) -> list[str]:
 
 
 def markdown_report(result: EvaluationResult) -> str:
+    from surfdiff_core.evaluate.phase_compare import comparison_section
     from surfdiff_core.report import markdown_table, png_markdown
 
     rows = result.rows()
@@ -275,6 +297,7 @@ def markdown_report(result: EvaluationResult) -> str:
     if result.phase_diagram:
         parts.append("\n## Phase diagram γ(Δμ)\n")
         parts.append(markdown_table(result.phase_diagram, list(result.phase_diagram[0])))
+    parts += comparison_section(result.phase_comparison)
     for name, path in result.figures.items():
         if Path(path).exists():
             parts.append(f"\n## {name}\n\n{png_markdown(Path(path), name)}\n")
