@@ -1,11 +1,12 @@
 """Sweeps: sampling targets as the product of cells × compositions, expanded and checked before any work.
 
-Two steps. `plan_sweep` is pure and runs at config load: the compositions (formulas, and every combination of
-per-element counts), the coverage and ratio limits, and the max_targets bound. `expand_sweep` runs in the stage
-layer, where the substrate's lattice is known: it drops the targets outside atoms_per_area (a limit per Å²) and
-refuses, with one line naming it, a target whose composition cannot fit its confinement box.
+Two steps. `plan_sweep` (here) is pure and runs at config load: the compositions (formulas, and every
+combination of per-element counts), the coverage and ratio limits, and the max_targets bound.
+`surfdiff_core.stages.sweep.expand_sweep` runs in the stage layer, where the substrate's lattice is known: it
+drops the targets outside atoms_per_area (a limit per Å²) and refuses, with one line naming it, a target whose
+composition cannot fit its confinement box.
 
-This module must not import surfdiff_core.config at module level: config.py imports it.
+config.py imports this module: it imports neither the config nor the system.
 """
 
 from __future__ import annotations
@@ -14,19 +15,15 @@ import itertools
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import numpy as np
 from ase.data import atomic_numbers
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from surfdiff_core.cells import cell_label, cell_matrix
+from surfdiff_core.cells import cell_matrix
 from surfdiff_core.composition import format_composition, normalise_composition, parse_composition
 from surfdiff_core.errors import ConfigError
-
-if TYPE_CHECKING:
-    from surfdiff_core.config import ConfinementConfig, SampleTarget, SubstrateConfig
 
 CellSpec = str | list[list[int]]  # as surfdiff_core.config.CellSpec
 MAX_SWEEP_TARGETS = 1024  # hard ceiling of max_targets
@@ -196,7 +193,7 @@ def sweep_compositions(sweep: SweepConfig | None) -> list[str]:
     return list(found.values())
 
 
-def _cell_key(cell: CellSpec, facet: str) -> tuple[int, ...]:
+def cell_key(cell: CellSpec, facet: str) -> tuple[int, ...]:
     return tuple(int(x) for x in cell_matrix(cell, facet).flatten())
 
 
@@ -209,7 +206,7 @@ def plan_sweep(sweep: SweepConfig, facet: str) -> list[tuple[CellSpec, str]]:
     totals = [sum(parse_composition(c).values()) for c in comps]
     cells: dict[tuple[int, ...], CellSpec] = {}
     for c in sweep.cells:
-        cells.setdefault(_cell_key(c, facet), c)  # the first spelling of a cell is kept
+        cells.setdefault(cell_key(c, facet), c)  # the first spelling of a cell is kept
     per_cell = Counter(totals)
     n = 0
     for key in cells:  # count before listing: a wide range must not be enumerated cell by cell
@@ -228,76 +225,3 @@ def plan_sweep(sweep: SweepConfig, facet: str) -> list[tuple[CellSpec, str]]:
         plan += [(cell, c) for c, t in zip(comps, totals, strict=True)
                  if sweep.coverage is None or sweep.coverage.holds(t / sites)]
     return plan
-
-
-@dataclass
-class SweepExpansion:
-    targets: list[SampleTarget] = field(default_factory=list)
-    planned: int = 0  # within the coverage and ratio limits (config load)
-    areas: dict[str, float] = field(default_factory=dict)  # cell label -> surface area, Å²
-
-    @property
-    def dropped(self) -> int:
-        return self.planned - len(self.targets)
-
-    def summary(self) -> str:
-        return (f"sample.sweep: {len(self.targets)} targets kept of {self.planned} "
-                f"({self.dropped} outside atoms_per_area)")
-
-
-def surface_area(substrate: SubstrateConfig, cell: CellSpec, lattice: dict[str, float] | None) -> float:
-    """In-plane area (Å²) of the cell on the substrate: one substrate layer built, no overlayer."""
-    from surfdiff_core.system import build_substrate
-
-    if substrate.lattice_constant == "auto":
-        if lattice is None:
-            raise ConfigError("lattice_constant is 'auto' but no relaxed bulk lattice constant was given")
-        a = lattice["a"]
-    else:
-        a = float(substrate.lattice_constant)
-    slab = build_substrate(substrate.element, substrate.facet, cell_matrix(cell, substrate.facet), a=a, layers=1)
-    cell_vectors = np.asarray(slab.get_cell())
-    return float(np.linalg.norm(np.cross(cell_vectors[0], cell_vectors[1])))
-
-
-def expand_sweep(sweep: SweepConfig, substrate: SubstrateConfig, confinement: ConfinementConfig, *,
-                 lattice: dict[str, float] | None = None, min_distance_scale: float = 0.75) -> SweepExpansion:
-    """Every target of the sweep, built and checked: targets outside atoms_per_area are dropped; one that
-    cannot fit its confinement box is refused with one line naming it (ConfigError). `lattice` resolves
-    lattice_constant 'auto' (surfdiff_core.rss.resolve_lattice)."""
-    from surfdiff_core.config import SampleTarget
-    from surfdiff_core.system import SurfaceSystem, build_system
-
-    plan = plan_sweep(sweep, substrate.facet)
-    out = SweepExpansion(planned=len(plan))
-    systems: dict[str, SurfaceSystem] = {}  # one slab per cell; each composition is checked against it
-    for cell, comp in plan:
-        label = cell_label(cell, substrate.facet)
-        if label not in out.areas:
-            out.areas[label] = surface_area(substrate, cell, lattice)
-        density = sum(parse_composition(comp).values()) / out.areas[label]
-        if sweep.atoms_per_area is not None and not sweep.atoms_per_area.holds(density):
-            continue
-        try:
-            if label in systems:
-                systems[label].with_composition(comp)
-            else:
-                systems[label] = build_system(substrate, confinement, cell, comp, lattice=lattice,
-                                              min_distance_scale=min_distance_scale)
-        except ConfigError as exc:  # the fit check names the composition and the cell; other checks do not
-            where = "" if comp in str(exc) else f"{comp} in {label}: "
-            raise ConfigError(f"sample.sweep: {where}{exc}") from None
-        out.targets.append(SampleTarget(cell=cell, composition=comp))
-    if not out.targets:
-        raise ConfigError(f"sample.sweep: none of its {out.planned} targets is within atoms_per_area "
-                          f"{sweep.atoms_per_area.model_dump(exclude_none=True)} atoms/Å²")  # type: ignore[union-attr]
-    return out
-
-
-def unique_targets(targets: list[SampleTarget], facet: str) -> list[SampleTarget]:
-    """Each (cell, composition) once, the first in order kept: a cell's name and its matrix are one cell, and
-    Ag4O2 and O2Ag4 one composition."""
-    seen: dict[tuple, SampleTarget] = {}
-    for t in targets:
-        seen.setdefault((_cell_key(t.cell, facet), frozenset(parse_composition(t.composition).items())), t)
-    return list(seen.values())

@@ -11,7 +11,8 @@ import yaml
 from surfdiff_core.config import config_from_dict, load_config
 from surfdiff_core.errors import ConfigError
 from surfdiff_core.stages.common import sample_targets, target_system
-from surfdiff_core.sweep import Counts, expand_sweep, plan_sweep, surface_area, sweep_compositions
+from surfdiff_core.stages.sweep import expand_sweep, surface_area
+from surfdiff_core.sweep import Counts, plan_sweep, sweep_compositions
 from surfdiff_core.system import build_system
 
 AG = {"element": "Ag", "facet": "fcc111", "lattice_constant": 4.09}

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from surfdiff_core.config import SampleTarget, StoreConfig, SurfdiffConfig
 from surfdiff_core.errors import ConfigError
+from surfdiff_core.stages.sweep import expand_sweep, unique_targets
 from surfdiff_core.store import ResultsStore, open_store
 from surfdiff_core.store.models import ModelRegistry
-from surfdiff_core.sweep import expand_sweep, unique_targets
 from surfdiff_core.system import SurfaceSystem
 
 EMBEDDED_BACKENDS = ("sqlite", "monty", "json")
