@@ -1,0 +1,188 @@
+"""benchmarks/discovery/sweep.py: an append-only run history, the report's aggregation (seeds by role, reruns),
+one RSS arm per target shared by every seed (evaluate.rss_study), and the script end to end on a tiny sweep."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from surfdiff_core.config import StoreConfig, load_config
+from surfdiff_core.stages.common import open_study_store
+from surfdiff_core.stages.evaluate import rss_arm
+from surfdiff_core.store import open_store
+from tests.conftest import TINY_CONFIG
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks" / "discovery"
+# TINY_CONFIG as a sweep of two targets, with one active-learning round and a committee of two
+TINY_SWEEP = (TINY_CONFIG.replace("n: 8, fmax", "n: 6, fmax")
+              .replace('targets: [{cell: "p(3x3)", composition: Ag2O1}]',
+                       'sweep: {cells: ["p(3x3)"], compositions: [Ag2O1, Ag1O1]}')
+              .replace("train: {epochs: 3,", "train: {epochs: 2, ensemble: 2,")
+              + "active_learning: {rounds: 1, relax_per_round: 1, epochs: 1}\n")
+
+
+def _load(name: str, file: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    return _load("bench_sweep", "sweep.py")
+
+
+@pytest.fixture(scope="module")
+def report():
+    return _load("bench_sweep_report", "sweep_report.py")
+
+
+@pytest.fixture
+def tiny_sweep(tmp_path) -> Path:
+    path = tmp_path / "tiny-sweep.yaml"
+    path.write_text(TINY_SWEEP.replace("STORE", str(tmp_path / "unused")))
+    return path
+
+
+def test_study_config_shares_the_rss_arm_and_keeps_seeds_apart(sweep, tiny_sweep, tmp_path):
+    args = sweep.parse_args(["--config", str(tiny_sweep), "--seeds", "1", "--seed-role", "dev", "--epochs", "5",
+                             "--allocation", "envelope"])
+    base = sweep.base_config(args)
+    one, two = (sweep.study_config(args, base, s, tmp_path / "all") for s in (1, 2))
+    assert one["name"] == "sweep-tiny-sweep-emt-s1" and two["name"] == "sweep-tiny-sweep-emt-s2"
+    assert one["evaluate"] == two["evaluate"]  # one RSS arm per target: same seed, same baseline study
+    assert one["evaluate"]["rss_study"] == "sweep-tiny-sweep-emt-rss" and one["evaluate"]["rss_budget"] == 256
+    assert (one["rss"]["seed"], one["train"]["seed"], one["sample"]["seed"]) == (1, 1, 1)
+    assert one["train"]["epochs"] == 5 and one["sample"]["n"] == 4  # an override, and the config's value
+    assert one["active_learning"]["allocation"] == "envelope"
+    assert sweep.settings_id(args, base) == sweep.settings_id(
+        sweep.parse_args([*["--config", str(tiny_sweep), "--seeds", "7", "--seed-role", "report"],
+                          "--epochs", "5", "--allocation", "envelope", "--rerun", "b"]), base)
+    with pytest.raises(SystemExit):  # the seeds' role is required
+        sweep.parse_args(["--config", str(tiny_sweep), "--seeds", "1"])
+
+
+def test_history_is_append_only(sweep, report, tmp_path):
+    runs = tmp_path / "runs.jsonl"
+    sweep.append_record(runs, {"run_id": "a", "seed": 1, "note": "ü" * 3})
+    before = runs.read_bytes()
+    sweep.append_record(runs, {"run_id": "b", "seed": 1})  # the same seed again: a new line, never a replacement
+    assert runs.read_bytes().startswith(before) and runs.read_bytes().count(b"\n") == 2
+    with runs.open("a") as fh:
+        fh.write('{"run_id": "torn"')  # a line cut short elsewhere hides none of the others
+    records, bad = report.read_records(runs)
+    assert [r["run_id"] for r in records] == ["a", "b"] and bad == 1
+
+
+def _record(config: dict, seed: int, role: str, all_in: float | None, targets: dict[str, float | None], *,
+            ended: str, rerun: str = "", settings: str = "now", status: str = "finished") -> dict:
+    units = ("force_calls", "atom_force_calls", "atom3_force_calls")
+    rows = [{"target": name, "ratio_relaxations": v and v / 2, "ratio_atom_weighted": v,
+             "one_target_all_in": {"atom_force_calls": v and v / 10}, "reached": v is not None}
+            for name, v in targets.items()]
+    return {"run_id": f"{seed}-{ended}", "ended": ended, "status": status, "seed": seed, "seed_role": role,
+            "rerun": rerun, "settings_id": settings, "benchmark": "tiny-sweep", "energy_model": "emt", "git": "abc",
+            "host": {"cpu": "cpu", "cores": 2, "torch_threads": 1}, "args": {"epochs": 2 if settings == "now" else 9},
+            "study_config": config, "targets": rows, "wall_total_s": 90.0, "error": "boom",
+            "all_in": {"ratio": {"force_calls": all_in and all_in / 2, "atom_force_calls": all_in,
+                                 "atom3_force_calls": all_in and all_in * 2},
+                       "reached": sum(r["reached"] for r in rows), "targets": len(rows),
+                       "training": dict.fromkeys(units, 100.0), "active_learning": dict.fromkeys(units, 10.0)}}
+
+
+def test_report_aggregates_report_seeds_apart_from_dev_seeds_and_reruns(sweep, report, tiny_sweep, tmp_path):
+    args = sweep.parse_args(["--config", str(tiny_sweep), "--seeds", "1", "--seed-role", "report"])
+    config = sweep.study_config(args, sweep.base_config(args), 1, tmp_path / "all")
+    records = [
+        _record(config, 1, "report", 6.0, {"A": 4.0, "B": 1.0}, ended="2025-01-01T01"),
+        _record(config, 2, "report", None, {"A": None, "B": 2.0}, ended="2025-01-01T02"),
+        _record(config, 3, "report", 9.0, {"A": 8.0, "B": 3.0}, ended="2025-01-01T03"),
+        _record(config, 1, "report", 3.0, {"A": 2.0, "B": 1.0}, ended="2025-01-01T04", rerun="b"),  # rerun noise
+        _record(config, 4, "dev", 100.0, {"A": 50.0, "B": 70.0}, ended="2025-01-01T05"),
+        _record(config, 5, "report", 77.0, {"A": 77.0, "B": 77.0}, ended="2025-01-01T06"),  # also a dev seed:
+        _record(config, 5, "dev", 55.0, {"A": 55.0, "B": 55.0}, ended="2025-01-01T00"),  # never in the headline
+        _record(config, 6, "report", 42.0, {"A": 42.0, "B": 42.0}, ended="2024-12-01", settings="older"),
+        _record(config, 7, "report", None, {}, ended="2025-01-01T07", status="failed"),
+    ]
+    assert report.spread([1.0, 3.0]) == (2.0, 1.0, 3.0) and report.spread([None, 3.0]) == (None, None, 3.0)
+    mine = [r for r in records if r["seed_role"] == "report" and r["seed"] in (1, 2, 3)]
+    s = report.summarise(mine)
+    assert s["seeds"] == [1, 2, 3] and s["n"] == 3  # one run per seed: seed 1's untagged run, not its rerun
+    assert s["all_in"]["atom_force_calls"] == (6.0, None, 9.0) and s["all_in"]["force_calls"] == (3.0, None, 4.5)
+    assert s["targets"]["A"]["atom_weighted"] == (4.0, None, 8.0) and s["targets"]["A"]["reached"] == 2
+    assert s["targets"]["B"]["atom_weighted"] == (2.0, 1.0, 3.0) and s["targets"]["B"]["reached"] == 3
+    assert s["targets"]["B"]["one_target"] == (0.2, 0.1, 0.3) and s["all_reached"] == 2
+    assert [r["rerun"] for r in report.reruns(mine)[1]] == ["", "b"] and list(report.reruns(mine)) == [1]
+
+    out = tmp_path / "bench"
+    out.mkdir()
+    for r in records:
+        sweep.append_record(out / "runs.jsonl", r)
+    text = report.write_report(out).read_text()
+    head, dev = text.split("## Development seeds")
+    assert "median 6.00x (not reached–9.00x)** over 3 report seeds (1, 2, 3)" in head
+    assert "every target reached in 2 of 3 seeds" in head and "force calls 3.00x (not reached–4.50x)" in head
+    assert ("| A | 2.00x (not reached–4.00x) | 4.00x (not reached–8.00x) | 0.40x (not reached–0.80x) "
+            "| 2/3 seeds |") in head
+    assert "Seeds used for development (never in the headline): 4, 5" in head
+    assert "Left out of the headline: seeds 5 ran as report seeds" in head
+    assert "- seed 1 (report): 6.00x (run 1-2025-01-01T01, untagged" in head
+    assert "3.00x (run 1-2025-01-01T04, rerun 'b'" in head
+    assert "100.0x" not in head.split("## Spread")[0].split("### Every run")[0]  # dev values only in their section
+    assert "median 77.5x (55.0x–100.0x)** over 2 dev seeds (4, 5)" in dev
+    assert "## Earlier settings" in dev and "`older`: 1 runs, seeds [6]" in dev and "{'epochs': 9}" in dev
+    assert "42.0x" not in head and "seed 7 (report), run 7-2025-01-01T07, failed" in dev
+    assert (out / "figures" / "ratios.png").stat().st_size > 5_000 and "![ratios](figures/ratios.png)" in head
+
+
+def test_rss_study_shares_one_rss_arm(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_CONFIG.replace("STORE", str(tmp_path / "store")))
+    cfg = load_config(path)
+    target = cfg.sample.targets[0]
+
+    def study(name: str, rss_study: str | None):
+        return cfg.model_copy(update={"name": name,
+                                      "evaluate": cfg.evaluate.model_copy(update={"rss_study": rss_study})})
+
+    with open_study_store(cfg) as store:
+        a = rss_arm(study("a", "baseline"), store, target, progress=False)
+        n = store.count({})
+        b = rss_arm(study("b", "baseline"), store, target, progress=False)
+        assert store.count({}) == n == 3  # the second study computed nothing new
+        assert sorted(d.doc_id for d in b) == sorted(d.doc_id for d in a) and {d.study for d in b} == {"baseline"}
+        c = rss_arm(study("c", None), store, target, progress=False)  # without it: the study's own arm
+        assert store.count({}) == n + 3 and {d.study for d in c} == {"c"}
+
+
+def test_sweep_end_to_end_and_a_rerun_adds_a_record(sweep, tiny_sweep, tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["--config", str(tiny_sweep), "--seeds", "3", "--seed-role", "report", "--rss-budget", "3",
+            "--budget", "2", "--out", str(out)]
+    text = sweep.main(argv).read_text()
+    first = (out / "runs.jsonl").read_bytes()
+    (rec,) = [json.loads(line) for line in first.splitlines()]
+    assert rec["status"] == "finished" and rec["seed"] == 3 and rec["seed_role"] == "report"
+    assert rec["argv"][2:] == argv and rec["args"]["rss_budget"] == 3 and rec["git"] and rec["host"]["cores"]
+    assert [t["target"] for t in rec["targets"]] == ["Ag2O1 p(3x3)", "Ag1O1 p(3x3)"]
+    assert set(rec["wall_s"]) == {"rss_train", "train", "active_learning", "sample", "evaluate"}
+    assert rec["active_learning"]["relaxations"] == 2 and rec["all_in"]["targets"] == 2
+    assert "over 1 report seeds (3)" in text and (out / "figures" / "ratios.png").is_file()
+    with open_store(StoreConfig(backend="sqlite", path=str(out / "stores" / "all"))) as store:
+        assert store.count({"study": "sweep-tiny-sweep-emt-rss"}) == 6  # 3 RSS relaxations in each target cell
+        n = store.count({})
+
+    sweep.main(argv)  # the same seed again: it resumes (nothing new computed) and adds a record
+    after = (out / "runs.jsonl").read_bytes()
+    assert after.startswith(first) and after.count(b"\n") == 2
+    again = json.loads(after.splitlines()[1])
+    assert again["run_id"] != rec["run_id"] and again["all_in"] == rec["all_in"]
+    with open_store(StoreConfig(backend="sqlite", path=str(out / "stores" / "all"))) as store:
+        assert store.count({}) == n
+    assert "- seed 3 (report): " in (out / "REPORT.md").read_text()  # listed under the spread between reruns
+    assert len((out / "commands.txt").read_text().splitlines()) == 2
