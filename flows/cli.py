@@ -7,6 +7,7 @@ store at PATH (the config's server or in-memory backend is swapped for the embed
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -48,7 +49,7 @@ def cmd_rss(args: argparse.Namespace) -> int:
     from surfdiff_core.config import with_overrides
     from surfdiff_core.rss import resolve_lattice, systems_for
     from surfdiff_core.stages import rss
-    from surfdiff_core.stages.common import open_study_store
+    from surfdiff_core.stages.common import check_store_writable, open_study_store
 
     cfg = load_study(args.config, args.store)
     # Every option through the config model (ranges, seeds >= 0, the size bound): one line naming it.
@@ -58,11 +59,13 @@ def cmd_rss(args: argparse.Namespace) -> int:
     cfg = cfg.model_copy(update={"rss": rcfg})
     # Validate the whole search (systems, box, lattice, oracle) before the store is opened: nothing half-written.
     systems_for(cfg, cfg.rss.cell, cfg.rss.compositions, resolve_lattice(cfg))
+    check_store_writable(cfg)  # a read-only or full disk: one line now, not after the relaxations ran
     with executor_for(args.executor, "rss", args.hpc_settings) as ex, open_study_store(cfg) as store:
         r = rss.run(cfg, store, run_id=args.run_id, executor=ex)
         label = store.label
     gave_up = f", {r.given_up} failed for good (rss.max_attempts)" if r.given_up else ""
-    print(f"RSS: {r.done} relaxed, {r.skipped} already in the store, {r.retried} retried, {r.failed} failed"
+    others = f", {r.by_others} computed meanwhile by another process" if r.by_others else ""
+    print(f"RSS: {r.done} relaxed, {r.skipped} already in the store{others}, {r.retried} retried, {r.failed} failed"
           f"{gave_up}, {r.out_of_box} left the box; {r.per_minute:.1f} relaxations/min")
     for comp, e in sorted(r.best.items()):
         print(f"  best {comp}: {e:.4f} eV")
@@ -74,11 +77,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from surfdiff_core.config import with_overrides
     from surfdiff_core.query import require_existing_store
     from surfdiff_core.stages import train
-    from surfdiff_core.stages.common import open_study_store
+    from surfdiff_core.stages.common import check_store_writable, open_study_store
 
     cfg = load_study(args.config, args.store)
     with_overrides(cfg.train, {"epochs": args.epochs, "device": args.device})  # one line naming a bad option
     require_existing_store(cfg.store)  # training reads the store: a missing one is not created empty
+    check_store_writable(cfg)
     with open_study_store(cfg) as store:
         s = train.run(cfg, store, epochs=args.epochs, device=args.device)
     last = s.history[-1] if s.history else {}
@@ -96,10 +100,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inpaint_options(args: argparse.Namespace, section) -> dict | None:
+    """The sample.inpaint section with --inpaint-from / --fix* / --resample applied (None: none given)."""
+    given = {"source": args.inpaint_from, "resample": args.resample,
+             "elements": [e.strip() for e in args.fix.split(",") if e.strip()] if args.fix else None,
+             "z_range": args.fix_z, "indices": args.fix_indices}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return None
+    if section.inpaint is None and "source" not in given:
+        raise ConfigError("--fix, --fix-z, --fix-indices and --resample need --inpaint-from FILE_OR_DOC_ID "
+                          "(or sample.inpaint in the config)")
+    from pydantic import ValidationError
+
+    from surfdiff_core.config import InpaintConfig, format_validation_error
+
+    base = section.inpaint.model_dump() if section.inpaint is not None else {}
+    try:  # checked here so that a bad value names the option, not the config key
+        return InpaintConfig.model_validate({**base, **given}).model_dump()
+    except ValidationError as exc:
+        names = {"source": "--inpaint-from", "elements": "--fix", "z_range": "--fix-z", "indices": "--fix-indices",
+                 "resample": "--resample"}
+        key = str(exc.errors()[0]["loc"][0]) if exc.errors() and exc.errors()[0]["loc"] else ""
+        raise ConfigError(f"{names.get(key, '--inpaint-from')}: {format_validation_error(exc).split(': ', 1)[-1]}") \
+            from None
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from surfdiff_core.config import with_overrides
+    from surfdiff_core.query import require_existing_store
     from surfdiff_core.stages import sample
-    from surfdiff_core.stages.common import open_study_store, sample_targets, target_system
+    from surfdiff_core.stages.common import check_store_writable, open_study_store, sample_targets, target_system
 
     if args.checkpoint:
         raise ConfigError("--checkpoint was replaced by --model-id (see `surfdiff query --config CONFIG --models`)")
@@ -107,11 +138,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     scfg = with_overrides(cfg.sample, {"n": args.n, "steps": args.steps, "guidance": args.guidance,
                                        "sampler": args.sampler, "seed": args.seed, "batch_size": args.batch_size,
                                        "eta_dt": args.eta_dt, "relax": args.relax,
-                                       "energy_target": args.energy_target, "cfg_scale": args.cfg_scale})
+                                       "energy_target": args.energy_target, "cfg_scale": args.cfg_scale,
+                                       "corrector_steps": args.corrector_steps, "snr": args.snr,
+                                       "inpaint": _inpaint_options(args, cfg.sample),
+                                       "seed_structure": args.seed_structure, "t0": args.t0,
+                                       "novelty": args.novelty})
     targets = sample_targets(cfg, [args.cell] if args.cell else None,
                              [args.composition] if args.composition else None)
     for t in targets:  # validate every target (cell, composition, box) before any work
         target_system(cfg, t)
+    require_existing_store(cfg.store)  # its model is registered there: a missing store is not created empty
+    check_store_writable(cfg)
+    if scfg.inpaint is not None or scfg.seed_structure is not None:  # a bad source is one line before any work
+        with open_study_store(cfg) as store:
+            sample.check_conditioning(cfg, store, targets, scfg)
     model = sample.resolve_model(cfg, model_id=args.model_id)
     with open_study_store(cfg) as store:
         res = sample.run(cfg, store, targets=targets, scfg=scfg, model_id=model.model_id, run_id=args.run_id,
@@ -120,7 +160,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
         best = f"{s.best_energy:.3f} eV" if s.best_energy is not None else "-"
         print(f"{s.composition} {s.cell}: {s.n_valid}/{s.n} valid (rejection rate {s.rejection_rate:.1%}), "
               f"best MLFF energy {best}, {s.structure_steps_per_second:.1f} structure-steps/s")
-    print(f"model {res.model_id}, run {res.run_id}")
+        if s.reused_batches:  # a resumed run says what it did not generate again, and from which run
+            print(f"  {s.reused_batches} of {s.batches} batches already in the store "
+                  f"(run {', '.join(s.reused_runs) or '?'})")
+    if res.targets and all(s.reused_batches == s.batches for s in res.targets):
+        runs = sorted({r for s in res.targets for r in s.reused_runs})
+        print(f"model {res.model_id}: nothing new to generate; the documents carry run {', '.join(runs) or '?'}")
+    else:
+        print(f"model {res.model_id}, run {res.run_id}")
     if args.json:
         print(json.dumps([t for t in res.as_dict(ids=False)["targets"]], indent=1))
     return 0
@@ -132,7 +179,7 @@ def cmd_relax(args: argparse.Namespace) -> int:
     from surfdiff_core.query import require_existing_store
     from surfdiff_core.rss import check_oracle_support
     from surfdiff_core.stages import relax
-    from surfdiff_core.stages.common import open_study_store
+    from surfdiff_core.stages.common import check_store_writable, open_study_store
     from surfdiff_core.sweep import sweep_compositions
 
     cfg = load_study(args.config, args.store)
@@ -140,6 +187,7 @@ def cmd_relax(args: argparse.Namespace) -> int:
     compositions = [t.composition for t in cfg.sample.targets] + sweep_compositions(cfg.sample.sweep)
     check_oracle_support(cfg, compositions, method=rcfg.method, settings=rcfg.settings)
     require_existing_store(cfg.store)  # the candidates come from the store: a missing one is not created empty
+    check_store_writable(cfg)
     with executor_for(args.executor, "relax", args.hpc_settings) as ex, open_study_store(cfg) as store:
         s = relax.run(cfg, store, rcfg=rcfg, model_id=args.model_id, run_id=args.run_id, executor=ex)
     if not s.candidates:
@@ -157,8 +205,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from surfdiff_core.config import with_overrides
     from surfdiff_core.evaluate.budget import speedup_phrase
     from surfdiff_core.evaluate.cost import cost_phrase
+    from surfdiff_core.query import require_existing_store
     from surfdiff_core.stages import evaluate
-    from surfdiff_core.stages.common import figure_dir, open_study_store, sample_targets, target_system
+    from surfdiff_core.stages.common import (
+        check_store_writable,
+        figure_dir,
+        open_study_store,
+        sample_targets,
+        target_system,
+    )
     from surfdiff_core.stages.evaluate_report import all_in_summary, markdown_report
 
     cfg = load_study(args.config, args.store)
@@ -172,6 +227,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     targets = sample_targets(cfg, [args.cell] if args.cell else None, [args.composition] if args.composition else None)
     for t in targets:
         target_system(cfg, t)
+    require_existing_store(cfg.store)  # it evaluates a trained model's samples: a missing store is not made
+    check_store_writable(cfg)
     with open_study_store(cfg) as store:
         result = evaluate.run(cfg, store, model_id=args.model_id, targets=targets, sample_run=args.sample_run)
     report = figure_dir(cfg) / "evaluation" / "report.md"
@@ -212,7 +269,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from surfdiff_core.config import with_overrides
-    from surfdiff_core.stages.common import data_root, sample_targets, target_system
+    from surfdiff_core.stages.common import check_store_writable, data_root, sample_targets, target_system
 
     cfg = load_study(args.config, args.store, one_process=True)  # one clear line before Prefect starts
     _positive("rss-n", args.rss_n, 0)
@@ -224,6 +281,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from deploy.hpc import load_settings
 
         load_settings(args.hpc_settings)  # a bad settings file: one line before Prefect starts
+    check_store_writable(cfg)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     # Bars on a terminal; in a log file (nohup, a batch job) the same bars, one refresh every 30 s, not silence.
     os.environ.setdefault("SURFDIFF_PROGRESS", "1")
@@ -234,6 +292,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The temporary local API needs no telemetry (and its heartbeat races the run for the SQLite lock).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.discovery import discovery_flow
+    from flows.ephemeral import start_ephemeral_server
+
+    start_ephemeral_server()  # the temporary API server dies with this command, even on SIGKILL
     from surfdiff_core.evaluate.budget import speedup_phrase
     from surfdiff_core.evaluate.cost import cost_phrase
     from surfdiff_core.stages.evaluate_report import all_in_summary
@@ -365,7 +426,24 @@ def _add_stage_parsers(sub) -> None:
     s.add_argument("--composition", default=None, help="e.g. Ag12O6")
     s.add_argument("--n", type=int, default=None)
     s.add_argument("--steps", type=int, default=None)
-    s.add_argument("--sampler", choices=["em", "ode", "ddim", "flow"], default=None)
+    s.add_argument("--sampler", choices=["em", "ode", "ddim", "flow", "pc", "ffc"], default=None,
+                   help="pc: + Langevin corrector; ffc: + MLFF force corrector near t = 0")
+    s.add_argument("--corrector-steps", type=int, default=None, help="pc/ffc: corrector steps per step")
+    s.add_argument("--snr", type=float, default=None, help="pc: Langevin signal-to-noise ratio (default 0.16)")
+    s.add_argument("--inpaint-from", default=None, metavar="FILE_OR_DOC_ID",
+                   help="inpainting: keep atoms of this structure (file or document id), generate the rest")
+    s.add_argument("--fix", default=None, metavar="ELEMENTS",
+                   help="inpainting: keep the source's overlayer atoms of these elements, e.g. 'O' or 'O,Ag'")
+    s.add_argument("--fix-z", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="inpainting: keep the source's overlayer atoms between LO and HI Å above the surface")
+    s.add_argument("--fix-indices", type=lambda v: [int(i) for i in v.split(",")], default=None, metavar="I,J,..",
+                   help="inpainting: keep these overlayer atoms of the source (0-based, after the substrate)")
+    s.add_argument("--resample", type=int, default=None, help="inpainting: RePaint repeats per step (default 3)")
+    s.add_argument("--from", dest="seed_structure", default=None, metavar="STRUCTURE",
+                   help="seeded exploration: start from this structure (file or document id) noised to --t0")
+    s.add_argument("--t0", type=float, default=None, help="seeded exploration: noise level to start from (0.3)")
+    s.add_argument("--novelty", type=float, default=None,
+                   help="novelty guidance away from the study's known minima, strength in Å² (0 = off)")
     s.add_argument("--guidance", action=argparse.BooleanOptionalAction, default=None,
                    help="force-field guidance (default: sample.guidance)")
     s.add_argument("--relax", action=argparse.BooleanOptionalAction, default=None,
@@ -463,26 +541,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_backend_error(exc: BaseException) -> bool:
+    """An error of the store's backend (SQLite, MongoDB), its disk full or its server gone."""
+    import sqlite3
+
+    if isinstance(exc, sqlite3.Error):
+        return True
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+        return True
+    pymongo_errors = sys.modules.get("pymongo.errors")  # only if the store loaded it
+    return pymongo_errors is not None and isinstance(exc, pymongo_errors.PyMongoError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from surfdiff_core.config import format_validation_error
+    from surfdiff_core.lifetime import Terminated, sigterm_as_interrupt
 
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with sigterm_as_interrupt():  # SIGTERM (Slurm's time limit, `kill`) stops as cleanly as Ctrl-C
+            return int(args.func(args) or 0)
     except SurfdiffError as exc:
         print(f"surfdiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:  # a value checked by a model outside the config file: still one line
         print(f"surfdiff {args.command}: error: {format_validation_error(exc, '')}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"surfdiff {args.command}: interrupted; finished work is saved, rerun to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        from surfdiff_core.progress import close_all_bars
+
+        close_all_bars()
+        how = f"terminated ({exc.args[0]})" if isinstance(exc, Terminated) else "interrupted"
+        print(f"surfdiff {args.command}: {how}; finished work is saved, rerun to resume", file=sys.stderr)
+        return exc.exit_code if isinstance(exc, Terminated) else 130
     except Exception as exc:  # noqa: BLE001
         if os.environ.get("SURFDIFF_DEBUG"):
             raise
+        if _is_backend_error(exc):  # the store's server or file failed mid-run: one line, no traceback
+            first = (str(exc).splitlines() or [""])[0].split(", Timeout:")[0][:200]
+            print(f"surfdiff {args.command}: error: the results store failed ({type(exc).__name__}): {first}",
+                  file=sys.stderr)
+            return 2
         print(f"surfdiff {args.command}: error: {type(exc).__name__}: {exc} (SURFDIFF_DEBUG=1 for a traceback)",
               file=sys.stderr)
         return 1

@@ -38,13 +38,18 @@ def sample_flow(study: SurfdiffConfig | None = None, config_path: str | None = N
     for t in targets:  # fail fast on an impossible target, before any sampling
         target_system(cfg, t)
     scfg = with_overrides(cfg.sample, {"n": n, "steps": steps, "guidance": guidance})
+    if scfg.inpaint is not None or scfg.seed_structure is not None:  # bad sources: one line before any sampling
+        with open_study_store(cfg) as store:
+            sample.check_conditioning(cfg, store, targets, scfg)
     model = sample.resolve_model(cfg, upstream, model_id)
     run_id = flow_run_id() or new_run_id()
     futures = [sample_task.submit(cfg, t, model, scfg, run_id, executor, hpc_settings) for t in targets]
     result = SampleResult(study=cfg.name, run_id=run_id, config_hash=cfg.section_hash("sample"),
                           model_id=model.model_id, checkpoint=model.checkpoint, targets=[f.result() for f in futures])
     for r in result.targets:
-        print(f"{r.composition} {r.cell}: {r.n_valid}/{r.n} valid, best {r.best_energy}")
+        reused = (f"; {r.reused_batches} of {r.batches} batches already in the store (run "
+                  f"{', '.join(r.reused_runs) or '?'})" if r.reused_batches else "")
+        print(f"{r.composition} {r.cell}: {r.n_valid}/{r.n} valid, best {r.best_energy}{reused}")
     with open_study_store(cfg) as store:
         publish_results(cfg, store, doc_ids=result.doc_ids, title="Generated structures")
     return result

@@ -17,10 +17,11 @@ import yaml
 from ase.data import atomic_numbers, chemical_symbols
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from surfdiff_core.cells import cell_matrix
+from surfdiff_core.cells import cell_matrix, check_slab_size
 from surfdiff_core.composition import normalise_composition
 from surfdiff_core.errors import ConfigError
 from surfdiff_core.sweep import SweepConfig, plan_sweep
+from surfdiff_core.yaml_limits import MAX_CONFIG_BYTES, bounded_load
 
 CellSpec = str | list[list[int]]
 
@@ -226,6 +227,42 @@ class SampleTarget(_Strict):
         return normalise_composition(v)
 
 
+class InpaintConfig(_Strict):
+    """Inpainting (RePaint): overlayer atoms of `source` held fixed while the rest of the target is generated.
+    The fixed atoms are the source's overlayer atoms that pass every selection given (none: all of them)."""
+
+    source: str = Field(min_length=1)  # ASE-readable structure file, or a store document id
+    elements: list[str] | None = None  # e.g. ["O"]
+    z_range: tuple[float, float] | None = None  # Å above the top substrate layer, like the confinement box
+    indices: list[int] | None = None  # overlayer atoms of the source, 0-based, counted after the substrate
+    resample: int = Field(3, ge=1, le=50)  # RePaint repeats per step (model evaluations per step)
+
+    @field_validator("elements")
+    @classmethod
+    def _elements(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("give at least one element, or leave elements out")
+            bad = [s for s in v if s not in atomic_numbers or s == "X"]
+            if bad:
+                raise ValueError(f"unknown element {bad[0]!r}")
+        return v
+
+    @field_validator("indices")
+    @classmethod
+    def _indices(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 0 or len(set(v)) != len(v)):
+            raise ValueError("indices must be distinct overlayer indices >= 0 (at least one)")
+        return v
+
+    @field_validator("z_range")
+    @classmethod
+    def _z_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not v[0] < v[1]:
+            raise ValueError(f"z_range {list(v)} must be increasing")
+        return v
+
+
 class SampleConfig(_Strict):
     # what is sampled: these targets, then the sweep's (cells × compositions, see surfdiff_core/sweep.py), each
     # once; stages read them through surfdiff_core.stages.common.sample_targets
@@ -233,7 +270,8 @@ class SampleConfig(_Strict):
     sweep: SweepConfig | None = None
     n: int = Field(16, ge=1, le=MAX_SAMPLES)
     steps: int = Field(500, ge=1, le=MAX_STEPS)
-    sampler: Literal["em", "ode", "ddim", "flow"] = "em"
+    # pc: Euler–Maruyama + Langevin corrector steps; ffc: Euler–Maruyama + MLFF force steps near t = 0
+    sampler: Literal["em", "ode", "ddim", "flow", "pc", "ffc"] = "em"
     guidance: bool = True
     eta_dt: float = Field(0.001, ge=0)  # the paper's η·Δt in Å/(eV/Å)
     relax: bool = True  # short MLFF relaxation after sampling
@@ -249,6 +287,26 @@ class SampleConfig(_Strict):
     # and the classifier-free guidance scale w: eps = eps_null + w·(eps_cond − eps_null), 1 = conditional only
     energy_target: float | None = Field(None, ge=0)
     cfg_scale: float = Field(2.0, ge=0, le=100)
+    # corrector samplers (pc, ffc): corrector steps after each predictor step (one model evaluation each);
+    # pc's Langevin signal-to-noise ratio; ffc's force steps (Å per eV/Å, capped at 0.1 Å) once t <= corrector_t_max
+    corrector_steps: int = Field(1, ge=0, le=100)
+    snr: float = Field(0.16, gt=0, le=10)
+    corrector_step: float = Field(0.01, ge=0, le=1)
+    corrector_t_max: float = Field(0.1, ge=0, le=1)
+    # structure-aware generation: keep some atoms of a structure and generate the rest (inpaint); or start from a
+    # structure (file or document id) noised to time t0 and denoise it (seed_structure: local exploration)
+    inpaint: InpaintConfig | None = None
+    seed_structure: str | None = Field(None, min_length=1)
+    t0: float = Field(0.3, gt=0, le=1)
+    # novelty guidance: strength (Å², like eta_dt) of a push away from the minima this study already found for the
+    # target (relaxed and RSS documents), in a symmetry-aware pair-distance descriptor; 0 = off
+    novelty: float = Field(0.0, ge=0, le=10)
+
+    @model_validator(mode="after")
+    def _inpaint_sampler(self) -> SampleConfig:
+        if self.inpaint is not None and self.sampler != "em":
+            raise ValueError(f"sample.inpaint samples with Euler–Maruyama steps: set sampler em, not {self.sampler!r}")
+        return self
 
 
 class RelaxConfig(_Strict):
@@ -326,6 +384,8 @@ class StoreConfig(_Strict):
     collection: str = "structures"
     server_timeout_s: float = Field(5.0, gt=0)  # mongo: an unreachable server fails after this long
     busy_timeout_s: float = Field(60.0, gt=0)  # sqlite: how long a writer waits for another one
+    # a command that writes refuses to start with less free space than this where the store and its files go
+    min_free_mb: float = Field(64.0, ge=0)
 
 
 class SurfdiffConfig(_Strict):
@@ -351,7 +411,7 @@ class SurfdiffConfig(_Strict):
         ] + [(f"sample.sweep.cells.{i}", c) for i, c in enumerate(sweep_cells)]
         for where, cell in cells:
             try:
-                cell_matrix(cell, facet)
+                check_slab_size(cell, cell_matrix(cell, facet), self.substrate.layers)
             except ConfigError as exc:
                 raise ValueError(f"{where}: {exc}") from None
         if self.sample.sweep is not None:
@@ -451,13 +511,15 @@ def load_config(path: str | Path) -> SurfdiffConfig:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
+        if p.stat().st_size > MAX_CONFIG_BYTES:  # checked before reading it
+            raise ConfigError(f"{p}: {p.stat().st_size} bytes; a config has at most {MAX_CONFIG_BYTES}")
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not a text (UTF-8) YAML file") from None
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read the config: {exc.strerror or exc}") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = bounded_load(text, _UniqueKeyLoader)  # depth and alias expansion bounded before values are built
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from None
     except yaml.YAMLError as exc:

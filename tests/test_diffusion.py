@@ -375,7 +375,7 @@ def test_dsm_loss_uses_movable_atoms_only() -> None:
 # samplers
 
 
-@pytest.mark.parametrize("name", ["em", "ode", "ddim"])
+@pytest.mark.parametrize("name", ["em", "ode", "ddim", "pc", "ffc"])
 def test_samplers_keep_box_mask_and_cell(name: str) -> None:
     """An adversarial model (pushes everything up and sideways, huge forces) must not escape the box."""
     process = SurfaceDiffusion(VPSchedule())

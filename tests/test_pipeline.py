@@ -218,3 +218,40 @@ def test_overlap_wall_joins_sample_ids_only_when_on(trained):
     assert generated_doc_id(loaded.model_id, system, on, 5, 0) != legacy
     res = generate(loaded, system, on, seed=5, progress=False)
     assert all(res.valid), res.reasons
+
+
+def test_inpainting_from_a_store_document_through_the_cli(trained, capsys, tmp_path):
+    """`surfdiff sample --inpaint-from DOC_ID --fix O`: the O atom of an RSS minimum stays where it was, the Ag atoms
+    are generated, the documents say what was fixed; a structure of another substrate is one line, exit 2."""
+    from ase.build import fcc111
+    from ase.io import write
+
+    from flows.cli import main
+
+    cfg, store, _ = trained
+    path = Path(cfg.store.path).parents[1] / "tiny.yaml"
+    src = min(store.find({"source": "rss", "composition": "Ag2O1", "valid": True}), key=lambda d: d.energy)
+    rc = main(["sample", str(path), "--cell", src.cell, "--composition", "Ag2O1", "--n", "2", "--batch-size", "2",
+               "--inpaint-from", src.doc_id, "--fix", "O", "--resample", "2", "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    docs = [d for d in store.find({"source": "generated", "composition": "Ag2O1", "cell": src.cell})
+            if "inpaint" in d.meta]
+    assert len(docs) == 2
+    o = src.n_substrate + 2
+    for d in docs:
+        assert d.meta["inpaint"]["source"] == src.doc_id and d.meta["inpaint"]["fixed_indices"] == [o]
+        assert np.allclose(d.to_atoms().positions[o], src.to_atoms().positions[o], atol=1e-8)
+        assert not np.allclose(d.to_atoms().positions[o - 2:o], src.to_atoms().positions[o - 2:o], atol=0.05)
+    rc = main(["sample", str(path), "--cell", src.cell, "--composition", "Ag2O1", "--n", "2", "--batch-size", "2",
+               "--from", src.doc_id, "--t0", "0.05", "--no-relax"])
+    capsys.readouterr()
+    seeded = [d for d in store.find({"source": "generated", "cell": src.cell}) if "seed_structure" in d.meta]
+    assert rc == 0 and len(seeded) == 2 and seeded[0].meta["seed_structure"] == {"source": src.doc_id, "t0": 0.05}
+    other = fcc111("Cu", size=(2, 2, 2), vacuum=7.0)
+    other.append("O")
+    write(tmp_path / "cu.extxyz", other)
+    rc = main(["sample", str(path), "--cell", src.cell, "--composition", "Ag2O1", "--inpaint-from",
+               str(tmp_path / "cu.extxyz")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "substrate is not the target's" in err and err.count("\n") == 1, err

@@ -3,12 +3,17 @@ probability-flow ODE and deterministic DDIM steps, with one shared signature:
 
     sampler(model, x, process, *, steps, guidance=None, callback=None, generator=None) -> SlabBatch
 
+`SAMPLERS` also holds the predictor–corrector samplers of correctors.py; samplers with settings of their own
+(corrector steps, the known atoms of inpaint.py) take them as extra keywords, bound with functools.partial.
+Single steps shared by them live in steps.py; seeded.py starts any of them from an intermediate time.
+
 * `model(batch, t, *, with_forces) -> DenoiserOutput`, t [B]; eps is unit-variance noise, so the score is
   −eps / (σ_t L). The sampler asks for forces only when the guidance needs them (one pass per
   evaluation). Samplers run under torch.no_grad(); a model that computes forces by autograd must enable
   it internally (torch.enable_grad), as `SurfaceModel.denoise` does.
-* `x` is the state at t = 1, normally `process.sample_prior(template, generator)`; it is wrapped and
-  clamped into the box first. Masked atoms are never moved.
+* `x` is the state at t = 1 (the first time of `process.time_grid`), normally
+  `process.sample_prior(template, generator)`; it is wrapped and clamped into the box first. Masked atoms
+  are never moved.
 * Time runs on a uniform grid from 1 to t_min (`process.time_grid`). `callback(i, t_next, x)` is called
   after each step i = 0 … steps−1 with the new state.
 * Reverse dynamics, per unit of decreasing time (β, α, σ at the current t, score s = −eps/(σL)):
@@ -30,15 +35,16 @@ probability-flow ODE and deterministic DDIM steps, with one shared signature:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
+from surfdiff_core.diffusion.correctors import force_field_corrector, predictor_corrector
 from surfdiff_core.diffusion.flow import SurfaceFlow, flow_euler
 from surfdiff_core.diffusion.guidance import DenoiserFn, Guidance
-from surfdiff_core.diffusion.process import SlabGeometry, SurfaceDiffusion, truncated_normal
+from surfdiff_core.diffusion.process import SurfaceDiffusion
+from surfdiff_core.diffusion.steps import em_step, reverse_drift
 from surfdiff_core.geometry.batch import SlabBatch
 
 Callback = Callable[[int, float, SlabBatch], None]
@@ -58,36 +64,6 @@ class Sampler(Protocol):
     ) -> SlabBatch: ...
 
 
-def _drift(
-    model: DenoiserFn,
-    x: SlabBatch,
-    pos: torch.Tensor,
-    t: float,
-    dt: float,
-    process: SurfaceDiffusion,
-    geo: SlabGeometry,
-    guidance: Guidance | None,
-    ode: bool,
-) -> torch.Tensor:
-    """Deterministic reverse-time velocity [N,3] (Å per unit of decreasing time) at time t:
-    the reverse-SDE drift, or (ode=True) the probability-flow velocity."""
-    sch, L = process.schedule, process.length_scale
-    xb = x.with_positions(pos)
-    tvec = torch.full((x.n_structures,), t, device=pos.device, dtype=pos.dtype)
-    out = model(xb, tvec, with_forces=guidance is not None and guidance.needs_forces)
-    b, a, s = sch.beta(t), sch.alpha(t), sch.sigma(t)
-    score = -out.eps / (s * L)
-    # Reverse SDE = probability flow + Langevin term ½g²·score (+ noise g dW̄, added by the caller).
-    v_xy = (0.5 if ode else 1.0) * b * a * a * L * L * score[:, :2]
-    v_z = -process.z_flow_velocity(pos[:, 2], out.eps[:, 2], t, geo)
-    if not ode:
-        v_z = v_z + 0.5 * b * L * L * score[:, 2]
-    v = torch.cat([v_xy, v_z[:, None]], dim=1)
-    if guidance is not None:
-        v = v + guidance(xb, tvec, out, dt=dt)
-    return torch.where(geo.movable[:, None], v, torch.zeros_like(v))
-
-
 @torch.no_grad()
 def euler_maruyama(
     model: DenoiserFn,
@@ -101,24 +77,12 @@ def euler_maruyama(
 ) -> SlabBatch:
     """Euler–Maruyama integration of the reverse SDE (paper eq. 2 plus guidance eq. 3)."""
     geo = process.geometry(x)
-    sch, L = process.schedule, process.length_scale
     ts = process.time_grid(steps)
     pos = geo.confine(x.positions)
-    mov = geo.movable[:, None]
     for i in range(steps):
-        t, t_next = ts[i], ts[i + 1]
-        dt = t - t_next
-        det = pos + dt * _drift(model, x, pos, t, dt, process, geo, guidance, False)
-        z_det = torch.minimum(torch.maximum(det[:, 2], geo.z_lo), geo.z_hi)
-        b, a = sch.beta(t), sch.alpha(t)
-        noise_std = math.sqrt(b * dt) * L
-        xi = torch.randn((pos.shape[0], 2), generator=generator, device=pos.device, dtype=pos.dtype)
-        xy = det[:, :2] + a * noise_std * xi
-        z = truncated_normal(z_det, pos.new_tensor(noise_std), geo.z_lo, geo.z_hi, generator)
-        new = geo.wrap(torch.cat([xy, z[:, None]], dim=1))
-        pos = torch.where(mov, new, pos)
+        pos = em_step(model, x, pos, ts[i], ts[i + 1], process, geo, guidance, generator)
         if callback is not None:
-            callback(i, t_next, x.with_positions(pos))
+            callback(i, ts[i + 1], x.with_positions(pos))
     return x.with_positions(pos)
 
 
@@ -147,9 +111,9 @@ def probability_flow_ode(
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]
         dt = t - t_next
-        v1 = _drift(model, x, pos, t, dt, process, geo, guidance, True)
+        v1 = reverse_drift(model, x, pos, t, dt, process, geo, guidance, True)
         pred = geo.confine(pos + dt * v1)
-        v2 = _drift(model, x, pred, t_next, dt, process, geo, guidance, True)
+        v2 = reverse_drift(model, x, pred, t_next, dt, process, geo, guidance, True)
         pos = geo.confine(pos + 0.5 * dt * (v1 + v2))
         if callback is not None:
             callback(i, t_next, x.with_positions(pos))
@@ -221,4 +185,4 @@ def ddim(
 
 
 SAMPLERS: dict[str, Sampler] = {"em": euler_maruyama, "ode": probability_flow_ode, "ddim": ddim,
-                                 "flow": flow_euler}
+                                 "flow": flow_euler, "pc": predictor_corrector, "ffc": force_field_corrector}

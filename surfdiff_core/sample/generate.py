@@ -21,13 +21,13 @@ from surfdiff_core.config import SampleConfig
 from surfdiff_core.diffusion.flow import SurfaceFlow
 from surfdiff_core.diffusion.guidance import ForceFieldGuidance
 from surfdiff_core.diffusion.repulsion import OverlapRepulsion
-from surfdiff_core.diffusion.samplers import SAMPLERS
 from surfdiff_core.diffusion.validity import check_validity
 from surfdiff_core.errors import ConfigError, SurfdiffError
 from surfdiff_core.geometry.batch import SlabBatch, collate
 from surfdiff_core.ml.committee import Committee
 from surfdiff_core.progress import progress_bar
 from surfdiff_core.relax.mlff import mlff_relax
+from surfdiff_core.sample.conditioning import Conditioning, id_parts, make_sampler, resolve_conditioning
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
 from surfdiff_core.store.documents import atoms_to_structure_dict
 from surfdiff_core.system import SurfaceSystem
@@ -47,6 +47,7 @@ class GenerationResult:
     reasons: list[str] = field(default_factory=list)
     wall_time: float = 0.0
     structure_steps: int = 0
+    conditioning: dict = field(default_factory=dict)  # what sample.inpaint / seed_structure fixed (document meta)
 
     @property
     def n(self) -> int:
@@ -93,11 +94,13 @@ def generate(
     batches: list[int] | None = None,
     on_batch: Callable[[int, GenerationResult], None] | None = None,
     committee: Sequence[LoadedModel] = (),
+    conditioning: Conditioning | None = None,
 ) -> GenerationResult:
     """Sample `n` structures in batches of scfg.batch_size (only the batch numbers in `batches` when given);
     `on_batch(k, result_of_batch_k)` runs as each batch finishes (the store write, for resumable runs).
     `committee`: MLFF-only models whose mean with this model's MLFF relaxes and scores the samples (guidance
-    stays with the sampling model)."""
+    stays with the sampling model). `conditioning`: the resolved sample.inpaint / seed_structure (resolved here
+    from files when not given); fixed atoms keep their given coordinates exactly, relaxation included."""
     for member in (loaded, *committee):
         missing = _unknown_elements(member, system)
         if missing:
@@ -109,30 +112,35 @@ def generate(
     if (scfg.sampler == "flow") != isinstance(process, SurfaceFlow):  # raised before anything is written
         kind = "a flow-matching" if isinstance(process, SurfaceFlow) else "a diffusion"
         raise ConfigError(f"model {loaded.model_id} is {kind} model: sample.sampler {scfg.sampler!r} cannot "
-                          f"sample it ('flow' for flow matching; 'em', 'ode' or 'ddim' for diffusion)")
+                          f"sample it ('flow' for flow matching; 'em', 'ode', 'ddim', 'pc' or 'ffc' for diffusion)")
     mlff = Committee([model, *(m.model.to(device).eval() for m in committee)])
     denoise, relax_forces = conditioned_denoiser(model, scfg), mlff
     if scfg.repulsion > 0:
         wall = OverlapRepulsion(scale=scfg.repulsion)
         denoise, relax_forces = wall.wrap(denoise), wall.wrap(relax_forces)
-    sampler = SAMPLERS[scfg.sampler]
+    cond = conditioning if conditioning is not None else resolve_conditioning(scfg, system, None)
+    cond.check(process, scfg)
+    sampler, n_steps = make_sampler(scfg), cond.steps(process, scfg.steps)
     guidance = ForceFieldGuidance(eta_dt=scfg.eta_dt) if scfg.guidance and scfg.eta_dt > 0 else None
-    res = GenerationResult(system=system)
+    guidance = cond.guidance(guidance, scfg, process, system, device)
+    res = GenerationResult(system=system, conditioning=cond.meta(scfg, system))
     t0 = time.perf_counter()
     todo = list(range(-(-n // scfg.batch_size))) if batches is None else list(batches)
-    bar = progress_bar(total=len(todo) * scfg.steps, desc=f"sample {system.composition} {system.cell}", unit="step",
+    bar = progress_bar(total=len(todo) * n_steps, desc=f"sample {system.composition} {system.cell}", unit="step",
                        disable=not progress, dynamic_ncols=True)
     for k in todo:
         size = min(scfg.batch_size, n - k * scfg.batch_size)
         gen = batch_generator(seed, k, device)
-        part = GenerationResult(system=system)
+        part = GenerationResult(system=system, conditioning=res.conditioning)
         tb = time.perf_counter()
-        x = process.sample_prior(prior_batch(system, size, device), generator=gen)
-        x = sampler(denoise, x, process, steps=scfg.steps, guidance=guidance,
-                    callback=lambda i, t, b: bar.update(1), generator=gen)
-        part.structure_steps = size * scfg.steps
+        x, proc = cond.start(process, prior_batch(system, size, device), system, gen)
+        known = cond.known(x, system)
+        x = cond.sampler(sampler, known)(denoise, x, proc, steps=n_steps, guidance=guidance,
+                                         callback=lambda i, t, b: bar.update(1), generator=gen)
+        part.structure_steps = size * n_steps
         if scfg.relax and scfg.relax_steps > 0:
-            x, info = mlff_relax(relax_forces, x, steps=scfg.relax_steps)
+            relaxed, info = mlff_relax(relax_forces, cond.hold(x, known), steps=scfg.relax_steps)
+            x = x.with_positions(relaxed.positions)
             steps = info.steps.tolist()
         else:
             steps = [0] * size
@@ -147,7 +155,7 @@ def generate(
         for b in range(size):
             sel = idx == b
             f = forces[sel]
-            part.positions.append(pos[sel])
+            part.positions.append(cond.restore(pos[sel], system))
             part.energies.append(float(energies[b]))
             part.energy_std.append(float(spread[b]) if len(mlff) > 1 else None)
             part.forces.append(f)
@@ -183,7 +191,7 @@ def generated_doc_id(model_id: str, system: SurfaceSystem, scfg: SampleConfig, s
     ranked_by = ("committee", *committee) if committee else ()
     return make_doc_id("generated", model_id, system.system_id, system.composition, scfg.sampler,
                        scfg.steps, guided, scfg.eta_dt, scfg.relax, scfg.relax_steps, scfg.batch_size, seed, i,
-                       *conditioned, *repelled, *ranked_by)
+                       *conditioned, *repelled, *ranked_by, *id_parts(scfg))
 
 
 def generated_docs(
@@ -215,9 +223,19 @@ def generated_docs(
                   "index": i, "checkpoint": checkpoint, "wall_time_batch": res.wall_time,
                   "energy_target": scfg.energy_target, "repulsion": scfg.repulsion,
                   "cfg_scale": None if scfg.energy_target is None else scfg.cfg_scale,
-                  "committee": list(committee), "mlff_energy_std": res.energy_std[j]},
+                  "committee": list(committee), "mlff_energy_std": res.energy_std[j],
+                  **_corrector_meta(scfg), **res.conditioning},
         ))
     return docs
+
+
+def _corrector_meta(scfg: SampleConfig) -> dict:
+    if scfg.sampler == "pc":
+        return {"corrector": {"steps": scfg.corrector_steps, "snr": scfg.snr}}
+    if scfg.sampler == "ffc":
+        return {"corrector": {"steps": scfg.corrector_steps, "step": scfg.corrector_step,
+                              "t_max": scfg.corrector_t_max}}
+    return {}
 
 
 def sample_into_store(
@@ -242,6 +260,7 @@ def sample_into_store(
                                           study=study, first_index=k * bs, committee=member_ids))
 
         res = generate(loaded, system, scfg, n=n, seed=seed, device=device, progress=progress,
-                       batches=missing, on_batch=write, committee=committee)
+                       batches=missing, on_batch=write, committee=committee,
+                       conditioning=resolve_conditioning(scfg, system, store, study))
     by_id = {d.doc_id: d for d in store.find({"doc_id": {"$in": ids}})}
     return res, [by_id[i] for i in ids if i in by_id]

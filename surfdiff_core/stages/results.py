@@ -34,6 +34,7 @@ class RSSResult(StageResult):
     retried: int = 0  # stored failures tried again (rss.max_attempts)
     given_up: int = 0  # stored failures left alone: they used up their attempts
     out_of_box: int = 0
+    by_others: int = 0  # computed meanwhile by another process sharing the store (claimed by it)
     per_minute: float = 0.0
     wall_time: float = 0.0
     best: dict[str, float] = field(default_factory=dict)
@@ -74,6 +75,9 @@ class TargetSamples:
     wall_time: float
     structure_steps_per_second: float
     doc_ids: list[str] = field(default_factory=list)
+    batches: int = 0  # sampling batches of this target
+    reused_batches: int = 0  # of those, already in the store from an earlier run (not generated again)
+    reused_runs: list[str] = field(default_factory=list)  # the run ids the reused documents carry
 
 
 @dataclass

@@ -69,9 +69,11 @@ def sample_one(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, m
     loaded = load_checkpoint(model.checkpoint, device=dev)
     committee = [load_checkpoint(rec.checkpoint, device=dev) for rec in committee_records(cfg, model)]
     system = target_system(cfg, target)
+    reused = _reused_batches(store, loaded.model_id, system, scfg, [m.model_id for m in committee])
     res, docs = sample_into_store(store, loaded, system, scfg, device=dev, run_id=run_id,
                                   checkpoint=model.checkpoint, progress=progress, study=cfg.name,
                                   committee=committee)
+    reused_ids = {i for batch in reused for i in batch}
     valid = [d for d in docs if d.valid and d.in_box and d.energy is not None]
     wall = res.wall_time if res else 0.0
     return TargetSamples(
@@ -79,8 +81,34 @@ def sample_one(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, m
         n_valid=len(valid), rejection_rate=1 - len(valid) / len(docs) if docs else 0.0,
         best_energy=min((d.energy for d in valid), default=None), wall_time=wall,
         structure_steps_per_second=(res.structure_steps / wall) if res and wall > 0 else 0.0,
-        doc_ids=[d.doc_id for d in docs],
+        doc_ids=[d.doc_id for d in docs], batches=-(-scfg.n // scfg.batch_size), reused_batches=len(reused),
+        reused_runs=sorted({d.run_id for d in docs if d.doc_id in reused_ids and d.run_id}),
     )
+
+
+def _reused_batches(store: ResultsStore, model_id: str, system, scfg: SampleConfig,
+                    committee: list[str]) -> list[list[str]]:
+    """The doc ids of the batches already complete in the store: the ones sample_into_store will not generate
+    again (same ids and batch rule as it uses), so a resumed run can say what it reused."""
+    from surfdiff_core.sample.generate import generated_doc_id
+
+    ids = [generated_doc_id(model_id, system, scfg, scfg.seed, i, committee) for i in range(scfg.n)]
+    have = store.existing_ids(ids)
+    bs = scfg.batch_size
+    batches = [ids[k : k + bs] for k in range(0, len(ids), bs)]
+    return [b for b in batches if all(i in have for i in b)]
+
+
+def check_conditioning(cfg: SurfdiffConfig, store: ResultsStore, targets: list[SampleTarget],
+                       scfg: SampleConfig) -> None:
+    """Resolve sample.inpaint / seed_structure for every target before any is sampled: a bad source or selection
+    is one line (ConfigError) instead of a failure after the first targets were written."""
+    if scfg.inpaint is None and scfg.seed_structure is None:
+        return
+    from surfdiff_core.sample.conditioning import resolve_conditioning
+
+    for target in targets:
+        resolve_conditioning(scfg, target_system(cfg, target), store)
 
 
 def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: TrainResult | None = None, *,
@@ -91,7 +119,9 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: TrainResult | None =
     scfg = scfg or cfg.sample
     result = SampleResult(study=cfg.name, run_id=run_id, config_hash=cfg.section_hash("sample"),
                           model_id=model.model_id, checkpoint=model.checkpoint)
-    for target in targets or sample_targets(cfg):
+    targets = targets or sample_targets(cfg)
+    check_conditioning(cfg, store, targets, scfg)
+    for target in targets:
         result.targets.append(sample_one(cfg, store, target, model, scfg=scfg, run_id=run_id, progress=progress,
                                          device=device))
     return result

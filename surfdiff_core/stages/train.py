@@ -27,7 +27,8 @@ def sample_validity_check(cfg: SurfdiffConfig, checkpoint: str, *, n_train: int,
                           n: int = 8) -> tuple[float | None, str | None]:
     """Valid fraction of a few samples of the first target (or the training cell) right after training,
     with a warning when the data or the model are too small for valid samples. The model's own samples: the
-    overlap wall (sample.repulsion) is off here, since it repairs exactly the collapse this check detects."""
+    overlap wall (sample.repulsion) is off here, since it repairs exactly the collapse this check detects, and so
+    are inpainting, seeds and novelty guidance."""
     from surfdiff_core.config import SampleTarget
     from surfdiff_core.sample.generate import generate
     from surfdiff_core.stages.common import sample_targets, target_system
@@ -38,7 +39,7 @@ def sample_validity_check(cfg: SurfdiffConfig, checkpoint: str, *, n_train: int,
     system = target_system(cfg, target)
     dev = pick_device(device)
     scfg = cfg.sample.model_copy(update={"n": n, "batch_size": n, "seed": cfg.sample.seed + 104729,
-                                         "repulsion": 0.0})
+                                         "repulsion": 0.0, "inpaint": None, "seed_structure": None, "novelty": 0.0})
     try:
         res = generate(load_checkpoint(checkpoint, device=dev), system, scfg, device=dev, progress=False)
     except SurfdiffError:  # a target the model cannot sample (elements) is reported by the sample stage
