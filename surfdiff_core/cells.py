@@ -23,6 +23,9 @@ _NAMED: dict[str, dict[str, list[list[int]]]] = {
     "c(2x2)": {"fcc100": [[1, 1], [-1, 1]]},
 }
 _P_CELL = re.compile(r"^p\((\d+)x(\d+)\)$")
+# Substrate atoms (cell area in primitive cells × layers) a system may have: beyond this, placing one random
+# structure alone needs gigabytes (pair distances), so such a cell is refused when the config is read.
+MAX_SUBSTRATE_ATOMS = 10_000
 
 
 def canonical_cell_name(name: str) -> str:
@@ -71,3 +74,11 @@ def cell_label(cell: str | list[list[int]], facet: str) -> str:
         return canonical_cell_name(cell)
     m = cell_matrix(cell, facet)
     return f"[[{m[0, 0]},{m[0, 1]}],[{m[1, 0]},{m[1, 1]}]]"
+
+
+def check_slab_size(cell: str | list[list[int]], matrix: np.ndarray, layers: int) -> None:
+    """One line when the slab of `cell` (its matrix) with `layers` layers has too many atoms to handle."""
+    n = abs(round(float(np.linalg.det(matrix)))) * layers  # every facet: one atom per primitive cell and layer
+    if n > MAX_SUBSTRATE_ATOMS:
+        raise ConfigError(f"cell {cell!r} with {layers} substrate layers makes {n} substrate atoms; at most "
+                          f"{MAX_SUBSTRATE_ATOMS} are supported (choose a smaller cell or fewer layers)")

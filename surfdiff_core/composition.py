@@ -9,6 +9,9 @@ from ase.data import atomic_numbers
 from surfdiff_core.errors import ConfigError
 
 _TOKEN = re.compile(r"([A-Z][a-z]?)(-?\d*)")
+# Overlayer atoms one composition may ask for: each is placed and relaxed one by one, and the list of them is
+# built up front, so an absurd count (Ag1000000000) is refused here instead of exhausting memory.
+MAX_OVERLAYER_ATOMS = 10_000
 
 
 def parse_composition(text: str) -> dict[str, int]:
@@ -24,6 +27,8 @@ def parse_composition(text: str) -> dict[str, int]:
         element, number = m.group(1), m.group(2)
         if element not in atomic_numbers:
             raise ConfigError(f"composition {s!r}: unknown element {element!r}")
+        if len(number) > 9:  # more atoms than MAX_OVERLAYER_ATOMS by far (and no 4300-digit int parsing)
+            raise ConfigError(f"composition {s[:40]!r}: too many {element} atoms (at most {MAX_OVERLAYER_ATOMS})")
         n = int(number) if number not in ("", "-") else (1 if number == "" else -1)
         if n < 0:
             raise ConfigError(f"composition {s!r}: negative count for {element}")
@@ -34,6 +39,9 @@ def parse_composition(text: str) -> dict[str, int]:
     counts = {el: n for el, n in counts.items() if n > 0}
     if not counts:
         raise ConfigError(f"composition {s!r} has no atoms")
+    if sum(counts.values()) > MAX_OVERLAYER_ATOMS:
+        raise ConfigError(f"composition {s!r} has {sum(counts.values())} atoms; at most {MAX_OVERLAYER_ATOMS} "
+                          f"are supported")
     return counts
 
 

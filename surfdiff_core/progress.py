@@ -20,3 +20,10 @@ def progress_bar(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
         kwargs.setdefault("mininterval", interval)
         kwargs.setdefault("maxinterval", max(interval, kwargs["mininterval"]))  # tqdm's monitor would force 10 s
     return tqdm(iterable, **kwargs)
+
+
+def close_all_bars() -> None:
+    """Close the bars an interrupted stage left open, so that they are not redrawn after the command's last line
+    (tqdm redraws a bar when it is garbage-collected)."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

@@ -13,6 +13,7 @@ failed ones are retried up to rss.max_attempts times (see surfdiff_core.retry).
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
@@ -25,9 +26,11 @@ from threadpoolctl import threadpool_limits
 from surfdiff_core.composition import parse_composition
 from surfdiff_core.config import SurfdiffConfig, with_overrides
 from surfdiff_core.errors import ConfigError, SurfdiffError
+from surfdiff_core.lifetime import die_with_parent
 from surfdiff_core.progress import progress_bar
 from surfdiff_core.retry import PriorFailure, attempt_meta, plan_work
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
+from surfdiff_core.store.claims import WorkQueue, claim_board
 from surfdiff_core.store.documents import atoms_to_structure_dict, frames_from_arrays
 from surfdiff_core.system import SurfaceSystem, build_system
 
@@ -53,6 +56,7 @@ class RSSReport:
     best: dict[str, float] = field(default_factory=dict)
     doc_ids: list[str] = field(default_factory=list)  # every planned structure, finished now or before
     lost: dict[str, str] = field(default_factory=dict)  # doc_id -> why its worker/job died (not stored)
+    by_others: int = 0  # planned here, but computed by another process sharing the store (claims)
 
     @property
     def per_minute(self) -> float:
@@ -118,7 +122,9 @@ def plan_tasks(cfg: SurfdiffConfig, systems: dict[str, SurfaceSystem], n: int, s
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent_pid: int | None = None) -> None:
+    # A worker dies with the command that started it, even when that one is killed (SIGKILL, no cleanup runs).
+    die_with_parent(parent_pid)
     try:
         import torch
 
@@ -251,47 +257,95 @@ def run_rss(
         report.lost[task.doc_id] = f"{type(exc).__name__}: {exc}"[:300]
         bar.update(1)
 
+    def needed(doc_id: str) -> bool:
+        """Still to compute once claimed: not stored meanwhile, nor retried, by another process."""
+        now = plan_work(store, [doc_id], cfg.rss.max_attempts)
+        before, after = work.retry.get(doc_id), now.retry.get(doc_id)
+        return doc_id not in now.finished and (before.attempts if before else 0) == (after.attempts if after else 0)
+
+    # Claimed one by one as a worker frees up, so that processes sharing the store split the work.
+    queue = WorkQueue(claim_board(store), [t.doc_id for t in todo], needed)
+    tasks_by_id = {t.doc_id: t for t in todo}
     try:
-        if executor is not None:
-            _run_on(executor, cfg, systems, todo, run_id, record, lost, work.retry)
-        elif workers == 1 or len(todo) <= 1:
-            calc = get_calculator(cfg.oracle.name, **cfg.oracle.settings) if todo else None
-            with threadpool_limits(1, user_api="blas"):
-                for t in todo:
-                    record(relax_task(systems[t.composition], t, cfg, run_id=run_id, calculator=calc,
-                                      prior=work.retry.get(t.doc_id)))
-        else:
-            ctx = mp.get_context("spawn")  # torch-based oracles are not fork-safe
-            threads = max(1, (mp.cpu_count() or 1) // workers)
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(threads,)) as pool:
-                _run_on(pool, cfg, systems, todo, run_id, record, lost, work.retry)
+        with queue:
+            if executor is not None:  # Slurm: every job submitted at once, as before
+                _run_on(executor, cfg, systems, tasks_by_id, queue, len(todo), run_id, record, lost, work.retry)
+            elif workers == 1 or len(todo) <= 1:
+                calc = get_calculator(cfg.oracle.name, **cfg.oracle.settings) if todo else None
+                with threadpool_limits(1, user_api="blas"):
+                    while (doc_id := _next(queue)) is not None:
+                        t = tasks_by_id[doc_id]
+                        record(relax_task(systems[t.composition], t, cfg, run_id=run_id, calculator=calc,
+                                          prior=work.retry.get(t.doc_id)))
+                        queue.done(doc_id)
+            else:
+                ctx = mp.get_context("spawn")  # torch-based oracles are not fork-safe
+                threads = max(1, (mp.cpu_count() or 1) // workers)
+                pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                           initargs=(threads, os.getpid()))
+                try:
+                    _run_on(pool, cfg, systems, tasks_by_id, queue, workers, run_id, record, lost, work.retry)
+                except BaseException:
+                    _stop_pool(pool)  # interrupted (Ctrl-C, SIGTERM): running relaxations are redone by a rerun
+                    raise
+                pool.shutdown(wait=True)
     finally:
+        report.by_others = queue.elsewhere
+        bar.update(queue.elsewhere)
         bar.close()
         report.wall_time = time.perf_counter() - start
-    if todo and len(report.lost) == len(todo):
+    computed = len(todo) - report.by_others
+    if computed and len(report.lost) == computed:
         first = next(iter(report.lost.values()))
-        raise SurfdiffError(f"every RSS relaxation was lost ({len(todo)}); the first: {first}")
+        raise SurfdiffError(f"every RSS relaxation was lost ({computed}); the first: {first}")
     return report
 
 
-def _run_on(executor: Executor, cfg, systems, todo, run_id, record, lost, retry: dict[str, PriorFailure]) -> None:
-    """Submit every task; record documents as they finish. A task whose worker or job died (a Slurm job
-    cancelled or out of time) is reported to `lost` and the others go on; a rerun redoes only those."""
-    futures = {executor.submit(relax_remote, systems[t.composition], t, cfg, run_id, retry.get(t.doc_id)): t
-               for t in todo}
-    pending = set(futures)
+def _next(queue: WorkQueue) -> str | None:
+    """The next id to compute, waiting while other processes hold the rest; None when nothing is left."""
+    while (doc_id := queue.take()) is None and queue.waiting():
+        queue.pause()
+    return doc_id
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Stop the workers now instead of waiting for their running relaxations (hours on DFT): the command is
+    being interrupted, and what they were computing is not in the store, so a rerun redoes exactly that."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # Python < 3.14 has no terminate_workers
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_on(executor: Executor, cfg, systems, tasks: dict[str, RSSTask], queue: WorkQueue, window: int, run_id,
+            record, lost, retry: dict[str, PriorFailure]) -> None:
+    """Keep up to `window` claimed tasks running; record documents as they finish. A task whose worker or job
+    died (a Slurm job cancelled or out of time) is reported to `lost` and the others go on; a rerun redoes only
+    those."""
+    futures: dict[Any, RSSTask] = {}
     try:
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+        while True:
+            while len(futures) < window and (doc_id := queue.take()) is not None:
+                t = tasks[doc_id]
+                futures[executor.submit(relax_remote, systems[t.composition], t, cfg, run_id, retry.get(doc_id))] = t
+            if not futures:
+                if not queue.waiting():
+                    return
+                queue.pause()  # the rest is claimed by other processes: wait for it to be stored or to lapse
+                continue
+            finished, _ = wait(futures, timeout=queue.poll_s if queue.waiting() else None,
+                               return_when=FIRST_COMPLETED)
             for fut in finished:
+                t = futures.pop(fut)
                 try:
                     data = fut.result()
                 except Exception as exc:  # noqa: BLE001 - one lost job must not stop the search
-                    lost(futures[fut], exc)
-                    continue
-                record(StructureDoc.model_validate(data))
+                    lost(t, exc)
+                else:
+                    record(StructureDoc.model_validate(data))
+                queue.done(t.doc_id)
     except BaseException:
-        for fut in pending:
+        for fut in futures:
             fut.cancel()
         raise

@@ -12,7 +12,7 @@ from ase import Atoms
 from ase.build import fcc100, fcc110, fcc111, hcp0001, make_supercell
 from ase.data import atomic_numbers, covalent_radii
 
-from surfdiff_core.cells import cell_label, cell_matrix
+from surfdiff_core.cells import cell_label, cell_matrix, check_slab_size
 from surfdiff_core.composition import composition_symbols, format_composition, parse_composition
 from surfdiff_core.config import CellSpec, ConfinementConfig, SubstrateConfig
 from surfdiff_core.errors import ConfigError
@@ -214,6 +214,7 @@ def build_system(
 ) -> SurfaceSystem:
     """The SurfaceSystem for one (cell, composition). `lattice` resolves lattice_constant='auto'."""
     matrix = cell_matrix(cell, substrate.facet)
+    check_slab_size(cell, matrix, substrate.layers)  # a cell from the command line: bounded before any work
     if substrate.lattice_constant == "auto":
         if lattice is None:
             raise ConfigError("lattice_constant is 'auto' but no relaxed bulk lattice constant was given")

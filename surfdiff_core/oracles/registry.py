@@ -258,13 +258,33 @@ def _check_model_file(name: str, resolved: Mapping[str, Any]) -> None:
     if not isinstance(trusted, bool):
         raise OracleError(f"oracle {name!r}: settings.{TRUST_MODEL_FILE} must be true or false, got {trusted!r}")
     model = resolved.get("model")
-    if trusted or _PACKAGED_MODEL[name](model):
+    if _PACKAGED_MODEL[name](model):
+        _check_packaged_name(name, model)
+        return
+    if trusted:
         return
     raise OracleError(
         f"oracle {name!r}: settings.model {str(model)!r} is not a packaged model but a file, which {name} loads "
         f"with torch.load(weights_only=False) and so can run any code it holds; only the packaged weights load "
         f"unless the settings say {TRUST_MODEL_FILE}: true"
     )
+
+
+def _check_packaged_name(name: str, model: Any) -> None:
+    """A packaged model that the package does not ship: one line now, not a failure after the store was made.
+    CHGNet's are the folders of chgnet/pretrained (found without importing chgnet and torch)."""
+    if name != "chgnet" or model is None:
+        return
+    spec = importlib.util.find_spec("chgnet")
+    if spec is None or not spec.submodule_search_locations:
+        return  # not installed: require_oracle names the extra
+    from pathlib import Path
+
+    shipped = sorted(p.name for root in spec.submodule_search_locations
+                     for p in (Path(root) / "pretrained").glob("*") if p.is_dir())
+    if shipped and str(model) not in shipped:
+        raise OracleError(f"oracle 'chgnet': settings.model {str(model)!r} is no packaged CHGNet model; choose "
+                          f"one of {', '.join(shipped)} (or a model file with {TRUST_MODEL_FILE}: true)")
 
 
 def supported_elements(name: str) -> frozenset[str] | None:

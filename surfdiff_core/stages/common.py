@@ -7,6 +7,9 @@ the config once, so every stage after that reads the store location from the con
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -35,6 +38,34 @@ def with_store_path(cfg: SurfdiffConfig, store_path: str | Path | None) -> Surfd
 
 def open_study_store(cfg: SurfdiffConfig) -> ResultsStore:
     return open_store(cfg.store)
+
+
+def check_store_writable(cfg: SurfdiffConfig) -> None:
+    """Before any work: the embedded store's directory and the data folder beside it (checkpoints, figures) can
+    be written and have store.min_free_mb free; one line naming the folder otherwise. Nothing is created."""
+    from surfdiff_core.store.backends import sqlite_file
+
+    folders = [data_root(cfg)]
+    if cfg.store.backend == "sqlite":
+        file = sqlite_file(cfg.store, None)
+        folders.insert(0, file.parent)
+        if file.exists() and not os.access(file, os.W_OK):
+            raise ConfigError(f"the results store {file} is read-only")
+    elif cfg.store.backend in ("monty", "json"):
+        folders.insert(0, Path(cfg.store.path).expanduser().resolve().parent)
+    for folder in folders:
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir():
+            raise ConfigError(f"{existing} is a file, so {folder} cannot be made for the store's files")
+        try:  # a real write: access() passes for root and cannot see every read-only mount
+            with tempfile.TemporaryFile(dir=existing, prefix=".surfdiff-write-check-"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"cannot write to {existing} (for {folder}): {exc.strerror or exc}") from None
+        free_mb = shutil.disk_usage(existing).free / 2**20
+        if free_mb < cfg.store.min_free_mb:
+            raise ConfigError(f"only {free_mb:.1f} MB free on the file system of {existing}; the store needs "
+                              f"store.min_free_mb = {cfg.store.min_free_mb:g} MB")
 
 
 def model_registry(cfg: SurfdiffConfig) -> ModelRegistry:

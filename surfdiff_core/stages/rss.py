@@ -21,7 +21,7 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: None = None, *, n: i
         study=cfg.name, run_id=run_id, config_hash=cfg.section_hash("substrate", "confinement", "oracle", "rss"),
         system_id=training_system(cfg).system_id, energy_model=cfg.oracle.energy_model, planned=report.planned,
         done=report.done, skipped=report.skipped, failed=report.failed, retried=report.retried,
-        given_up=report.given_up, out_of_box=report.out_of_box,
+        given_up=report.given_up, out_of_box=report.out_of_box, by_others=report.by_others,
         per_minute=report.per_minute, wall_time=report.wall_time, best=report.best, lost=report.lost,
         doc_ids=report.doc_ids,
     )

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from surfdiff_core.config import StoreConfig
 from surfdiff_core.errors import SurfdiffError
+from surfdiff_core.store.backends import check_reachable
 from surfdiff_core.store.documents import now
 from surfdiff_core.store.results import make_maggma_store
 
@@ -55,9 +56,17 @@ class ModelRegistry:
     def __init__(self, cfg: StoreConfig, path: str | Path | None = None) -> None:
         self._store = make_maggma_store(cfg.model_copy(update={"collection": f"{cfg.collection}_models"}),
                                         path=path)
+        self._timeout_s = cfg.server_timeout_s
 
     def __enter__(self) -> ModelRegistry:
-        self._store.connect()
+        try:  # an unreachable server or unreadable file: one line, as for the results store
+            self._store.connect()
+            check_reachable(self._store, self._timeout_s)
+        except SurfdiffError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any backend failure is reported as one line
+            first = str(exc).splitlines()[0][:200] if str(exc) else ""
+            raise SurfdiffError(f"cannot open the model registry: {type(exc).__name__}: {first}") from None
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,0 +1,180 @@
+"""Issue 27: oracle work is claimed. Two `rss` processes on one study never compute the same structure twice and
+together compute all; a claim whose owner died (dead pid on this host) or stopped heart-beating (expired) is taken
+over. Claims work on the SQLite store and on MongoDB (mongomock here)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from surfdiff_core.config import load_config
+from surfdiff_core.rss import plan_tasks, resolve_lattice, systems_for
+from surfdiff_core.stages.common import open_study_store
+from surfdiff_core.store.claims import ClaimBoard, MongoClaims, SqliteClaims, WorkQueue, claim_board
+from tests.conftest import TINY_CONFIG
+from tests.test_lifetime import stored
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def _as_owner(board: ClaimBoard, *, host: str | None = None, pid: int | None = None) -> ClaimBoard:
+    """The same board seen as another owner (another process, or another host)."""
+    board.host = host or board.host
+    board.pid = pid or board.pid
+    board.owner = f"{board.host}:{board.pid}:other"
+    return board
+
+
+@pytest.fixture(params=["sqlite", "mongo"])
+def boards(request, tmp_path):
+    """A factory of claim boards over one shared backend: each call is another owner."""
+    if request.param == "sqlite":
+        from surfdiff_core.config import StoreConfig
+        from surfdiff_core.store import open_store
+
+        store = open_store(StoreConfig(path=str(tmp_path / "store"))).connect()
+        yield lambda ttl=60.0: SqliteClaims(store.store, ttl_s=ttl)
+        store.close()
+    else:
+        import mongomock_ng
+
+        coll = mongomock_ng.MongoClient().surfdiff.structures_claims
+        yield lambda ttl=60.0: MongoClaims(coll, ttl_s=ttl)
+
+
+def test_a_claim_is_held_until_released(boards):
+    a, b = boards(), boards()
+    assert a.claim("x") and a.claim("x")  # taking one's own claim again is fine
+    assert not b.claim("x") and b.held_by_others(["x", "y"]) == {"x"}
+    assert b.claim("y")
+    a.release("x")
+    assert b.claim("x") and not a.claim("x")
+    b.release_all()
+    assert a.claim("x") and a.claim("y")
+
+
+def test_a_dead_owners_claim_is_taken_over(boards):
+    dead = _as_owner(boards(), pid=_dead_pid())  # this host, a process that is gone: no need to wait
+    assert dead.claim("x")
+    live = boards()
+    assert live.held_by_others(["x"]) == set()
+    assert live.claim("x")
+
+
+def test_an_expired_claim_is_taken_over_and_a_heartbeat_keeps_one(boards):
+    far = _as_owner(boards(ttl=1.0), host="node-elsewhere", pid=1)  # another host: only expiry frees it
+    assert far.claim("x") and far.claim("y")
+    me = boards()
+    assert not me.claim("x")
+    time.sleep(0.6)
+    far.renew()  # the heartbeat pushes both claims forward
+    time.sleep(0.6)  # past the first expiry, not the renewed one
+    assert not me.claim("x")
+    time.sleep(1.1)
+    assert me.claim("x") and me.claim("y")
+
+
+def test_the_work_queue_hands_out_each_id_once_and_waits_for_others(boards):
+    a, b = boards(), boards()
+    stored: set[str] = set()
+    qa = WorkQueue(a, ["1", "2", "3"], needed=lambda i: i not in stored, poll_s=0.05)
+    qb = WorkQueue(b, ["1", "2", "3"], needed=lambda i: i not in stored, poll_s=0.05)
+    with qa, qb:
+        assert qa.take() == "1" and qb.take() == "2"
+        assert qa.take() == "3" and qb.take() is None and qb.waiting()
+        for i in ("1", "2", "3"):
+            stored.add(i)
+            (qb if i == "2" else qa).done(i)
+        time.sleep(0.06)
+        assert qb.take() is None and not qb.waiting() and qb.elsewhere == 2
+    assert not a.held_by_others(["1", "2", "3"])
+
+
+# ---- two processes, one study ---------------------------------------------------------------------------------
+RSS = "rss: {cell: p(2x2), compositions: [Ag1O1, Ag2O1], n: 20, fmax: 0.02, steps: 150, seed: 0}"
+
+
+def _config(tmp_path: Path) -> Path:
+    text = TINY_CONFIG.replace("STORE", str(tmp_path / "data" / "store")).replace(
+        "rss: {cell: p(2x2), compositions: [Ag1O1, Ag2O1], n: 8, fmax: 0.2, steps: 40, seed: 0}", RSS)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(text)
+    return path
+
+
+def _relaxed(text: str) -> tuple[int, int]:
+    m = re.search(r"RSS: (\d+) relaxed, \d+ already in the store(?:, (\d+) computed meanwhile)?", text)
+    assert m, text
+    return int(m.group(1)), int(m.group(2) or 0)
+
+
+@pytest.mark.slow
+def test_two_rss_processes_split_the_work(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "a.out"
+    with open(out, "wb") as fh:
+        other = subprocess.Popen([sys.executable, "-m", "flows.cli", "rss", str(cfg), "--run-id", "a"], cwd=ROOT,
+                                 env=env, stdout=fh, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not stored(tmp_path / "data" / "store", "rss"):
+            assert other.poll() is None and time.monotonic() < deadline, "the other rss ended before its first"
+            time.sleep(0.05)
+        assert main(["rss", str(cfg), "--run-id", "b"]) == 0  # this one joins while the other is at work
+    finally:
+        assert other.wait(timeout=300) == 0
+    done_b, _ = _relaxed(capsys.readouterr().out)
+    done_a, _ = _relaxed(out.read_text())
+    assert done_a + done_b == 20 and done_a > 0 and done_b > 0  # all computed, none twice, both at work
+    with open_study_store(load_config(cfg)) as store:
+        runs = [d["run_id"] for d in store.find_raw({"source": "rss"}, properties=["doc_id", "run_id"])]
+    assert len(runs) == 20 and runs.count("a") == done_a and runs.count("b") == done_b
+    assert main(["rss", str(cfg)]) == 0 and _relaxed(capsys.readouterr().out) == (0, 0)  # nothing left
+
+
+def _claim_all(cfg_path: Path, board_for) -> list[str]:
+    cfg = load_config(cfg_path)
+    systems = systems_for(cfg, cfg.rss.cell, cfg.rss.compositions, resolve_lattice(cfg))
+    ids = [t.doc_id for t in plan_tasks(cfg, systems, cfg.rss.n, cfg.rss.seed)]
+    with open_study_store(cfg) as store:
+        board = board_for(claim_board(store))
+        assert all(board.claim(i) for i in ids)
+    return ids
+
+
+def test_claims_of_a_dead_rss_are_taken_over_at_once(tmp_path, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY_CONFIG.replace("STORE", str(tmp_path / "data" / "store")))
+    _claim_all(cfg, lambda b: _as_owner(b, pid=_dead_pid()))  # an rss killed with SIGKILL on this host
+    start = time.monotonic()
+    assert main(["rss", str(cfg)]) == 0
+    assert _relaxed(capsys.readouterr().out) == (8, 0) and time.monotonic() - start < 60
+
+
+def test_claims_of_a_silent_host_are_taken_over_when_they_expire(tmp_path, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY_CONFIG.replace("STORE", str(tmp_path / "data" / "store")).replace("n: 8,", "n: 2,"))
+
+    def far(board: ClaimBoard) -> ClaimBoard:
+        board.ttl_s = 1.0
+        return _as_owner(board, host="node-elsewhere", pid=1)
+
+    _claim_all(cfg, far)
+    start = time.monotonic()
+    assert main(["rss", str(cfg)]) == 0
+    assert _relaxed(capsys.readouterr().out) == (2, 0)
+    assert time.monotonic() - start >= 0.9  # it waited for the claims to lapse, then did the work
