@@ -41,7 +41,7 @@ def build(rev: str, march: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     (out.parent / "painn_message.cpp").write_text(source)
     flags = [f"-march={march.split()[0]}", *march.split()[1:]]
-    cmd = ["g++", "-shared", "-fPIC", "-std=c++17", "-O3", "-ffp-contract=fast", "-fopenmp", *flags,
+    cmd = ["g++", "-shared", "-fPIC", "-std=c++17", "-w", "-O3", "-ffp-contract=fast", "-fopenmp", *flags,
            *(f"-I{p}" for p in include_paths()), f"-I{sysconfig.get_paths()['include']}",
            "-DTORCH_EXTENSION_NAME=_painn_ops", str(out.parent / "painn_message.cpp"), "-o", str(out),
            *(f"-L{p}" for p in library_paths()), *(f"-Wl,-rpath,{p}" for p in library_paths()),
