@@ -47,6 +47,17 @@ store: {backend: sqlite, path: STORE}
 
 
 @pytest.fixture
+def single_thread():
+    """One torch thread for the test (restored after): small seeded tensors, no thread-count noise."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_config(tmp_path):
     """A complete tiny study (EMT, 2-layer Ag(111), a PaiNN of 8 features) with its own on-disk store."""
     path = tmp_path / "tiny.yaml"

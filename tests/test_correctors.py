@@ -25,13 +25,7 @@ from tests.test_diffusion import (
     wrapped_stats,
 )
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: threads only add noise
 
 
 def spread_error(out, mu) -> float:

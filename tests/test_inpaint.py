@@ -20,13 +20,7 @@ from surfdiff_core.errors import ConfigError
 from surfdiff_core.geometry.batch import DenoiserOutput, SlabBatch
 from tests.test_diffusion import BOX, GaussianData, frac_coords, gaussian_setup, make_batch, wrapped_stats
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: threads only add noise
 
 
 class TwoModes:

@@ -18,13 +18,7 @@ from surfdiff_core.geometry.batch import DenoiserOutput, SlabBatch
 from tests.test_diffusion import BOX, make_batch
 from tests.test_inpaint import tiny_study
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: threads only add noise
 
 
 DESC = PairDescriptor(species=(8, 29))

@@ -26,7 +26,7 @@ import torch
 
 from surfdiff_core.diffusion.guidance import DenoiserFn, Guidance, cap_norm
 from surfdiff_core.diffusion.process import SlabGeometry, SurfaceDiffusion
-from surfdiff_core.diffusion.steps import em_step
+from surfdiff_core.diffusion.steps import em_step, model_at, run_steps
 from surfdiff_core.geometry.batch import SlabBatch
 
 
@@ -52,9 +52,7 @@ def langevin_step(
     """One Langevin corrector step at time t (one model evaluation); dt is the predictor's step (guidance
     rates are per unit time of that step)."""
     sch, L = process.schedule, process.length_scale
-    xb = x.with_positions(pos)
-    tvec = torch.full((x.n_structures,), t, device=pos.device, dtype=pos.dtype)
-    out = model(xb, tvec, with_forces=guidance is not None and guidance.needs_forces)
+    xb, tvec, out = model_at(model, x, pos, t, guidance is not None and guidance.needs_forces)
     score = -out.eps / (sch.sigma(t) * L)
     if guidance is not None:
         b, a = sch.beta(t), sch.alpha(t)
@@ -93,24 +91,20 @@ def predictor_corrector(
     if corrector_steps < 0 or snr <= 0:
         raise ValueError("predictor_corrector needs corrector_steps >= 0 and snr > 0")
     geo = process.geometry(x)
-    ts = process.time_grid(steps)
-    pos = geo.confine(x.positions)
-    for i in range(steps):
-        t, t_next = ts[i], ts[i + 1]
+
+    def step(pos: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
         pos = em_step(model, x, pos, t, t_next, process, geo, guidance, generator)
         for _ in range(corrector_steps):
             pos = langevin_step(model, x, pos, t_next, t - t_next, process, geo, guidance, generator, snr)
-        if callback is not None:
-            callback(i, t_next, x.with_positions(pos))
-    return x.with_positions(pos)
+        return pos
+
+    return x.with_positions(run_steps(x, process, geo, steps, step, callback))
 
 
 def force_step(model: DenoiserFn, x: SlabBatch, pos: torch.Tensor, t: float, geo: SlabGeometry,
                step: float, max_displacement: float | None) -> torch.Tensor:
     """One capped steepest-descent step along the denoiser's MLFF forces at time t (one evaluation)."""
-    xb = x.with_positions(pos)
-    tvec = torch.full((x.n_structures,), t, device=pos.device, dtype=pos.dtype)
-    out = model(xb, tvec, with_forces=True)
+    _, _, out = model_at(model, x, pos, t, True)
     if out.forces is None:
         raise ValueError("the force-field corrector needs a model that returns forces")
     new = geo.confine(pos + cap_norm(step * out.forces, max_displacement))
@@ -137,14 +131,11 @@ def force_field_corrector(
     if corrector_steps < 0 or step < 0 or not 0 <= t_max <= 1:
         raise ValueError("force_field_corrector needs corrector_steps >= 0, step >= 0 and t_max in [0, 1]")
     geo = process.geometry(x)
-    ts = process.time_grid(steps)
-    pos = geo.confine(x.positions)
-    for i in range(steps):
-        t, t_next = ts[i], ts[i + 1]
+
+    def predict_then_correct(pos: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
         pos = em_step(model, x, pos, t, t_next, process, geo, guidance, generator)
-        if t_next <= t_max:
-            for _ in range(corrector_steps):
-                pos = force_step(model, x, pos, t_next, geo, step, max_displacement)
-        if callback is not None:
-            callback(i, t_next, x.with_positions(pos))
-    return x.with_positions(pos)
+        for _ in range(corrector_steps if t_next <= t_max else 0):
+            pos = force_step(model, x, pos, t_next, geo, step, max_displacement)
+        return pos
+
+    return x.with_positions(run_steps(x, process, geo, steps, predict_then_correct, callback))

@@ -25,7 +25,7 @@ import torch
 
 from surfdiff_core.diffusion.guidance import DenoiserFn, Guidance
 from surfdiff_core.diffusion.process import SlabGeometry, SurfaceDiffusion, truncated_normal
-from surfdiff_core.diffusion.steps import em_step
+from surfdiff_core.diffusion.steps import em_step, run_steps
 from surfdiff_core.geometry.batch import SlabBatch
 
 
@@ -92,16 +92,20 @@ def repaint(
     if bool((known.mask & ~x.movable).any()):
         raise ValueError("known atoms must be movable overlayer atoms (the substrate is fixed already)")
     geo = process.geometry(x)
-    ts = process.time_grid(steps)
     pos = geo.confine(x.positions)
-    pos = known.apply(pos, forward_transition(process, geo, known.apply(pos), 0.0, ts[0], generator))
-    for i in range(steps):
-        t, t_next = ts[i], ts[i + 1]
+    pos = known.apply(pos, forward_transition(process, geo, known.apply(pos), 0.0, process.time_grid(steps)[0],
+                                              generator))
+
+    def step(pos: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
         for u in range(resample):
             pos = em_step(model, x, pos, t, t_next, process, geo, guidance, generator)
             pos = known.apply(pos, forward_transition(process, geo, known.apply(pos), 0.0, t_next, generator))
             if u < resample - 1:
                 pos = forward_transition(process, geo, pos, t_next, t, generator)
-        if callback is not None:
-            callback(i, t_next, x.with_positions(known.apply(pos) if i == steps - 1 else pos))
+        return pos
+
+    def exact_at_the_end(i: int, t_next: float, xb: SlabBatch) -> None:
+        callback(i, t_next, xb.with_positions(known.apply(xb.positions)) if i == steps - 1 else xb)
+
+    pos = run_steps(x, process, geo, steps, step, exact_at_the_end if callback is not None else None, pos)
     return x.with_positions(known.apply(pos))

@@ -44,7 +44,7 @@ from surfdiff_core.diffusion.correctors import force_field_corrector, predictor_
 from surfdiff_core.diffusion.flow import SurfaceFlow, flow_euler
 from surfdiff_core.diffusion.guidance import DenoiserFn, Guidance
 from surfdiff_core.diffusion.process import SurfaceDiffusion
-from surfdiff_core.diffusion.steps import em_step, reverse_drift
+from surfdiff_core.diffusion.steps import em_step, reverse_drift, run_steps
 from surfdiff_core.geometry.batch import SlabBatch
 
 Callback = Callable[[int, float, SlabBatch], None]
@@ -77,13 +77,11 @@ def euler_maruyama(
 ) -> SlabBatch:
     """Euler–Maruyama integration of the reverse SDE (paper eq. 2 plus guidance eq. 3)."""
     geo = process.geometry(x)
-    ts = process.time_grid(steps)
-    pos = geo.confine(x.positions)
-    for i in range(steps):
-        pos = em_step(model, x, pos, ts[i], ts[i + 1], process, geo, guidance, generator)
-        if callback is not None:
-            callback(i, ts[i + 1], x.with_positions(pos))
-    return x.with_positions(pos)
+
+    def step(pos: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
+        return em_step(model, x, pos, t, t_next, process, geo, guidance, generator)
+
+    return x.with_positions(run_steps(x, process, geo, steps, step, callback))
 
 
 @torch.no_grad()

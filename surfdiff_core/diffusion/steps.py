@@ -4,12 +4,37 @@ and conventions are those of the samplers' module docstring."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from surfdiff_core.diffusion.guidance import DenoiserFn, Guidance
 from surfdiff_core.diffusion.process import SlabGeometry, SurfaceDiffusion, truncated_normal
-from surfdiff_core.geometry.batch import SlabBatch
+from surfdiff_core.geometry.batch import DenoiserOutput, SlabBatch
+
+StepFn = Callable[[torch.Tensor, float, float], torch.Tensor]  # (positions, t, t_next) -> new positions
+
+
+def model_at(model: DenoiserFn, x: SlabBatch, pos: torch.Tensor, t: float,
+             with_forces: bool) -> tuple[SlabBatch, torch.Tensor, DenoiserOutput]:
+    """(batch at `pos`, its time vector, the model's output there): one model evaluation."""
+    xb = x.with_positions(pos)
+    tvec = torch.full((x.n_structures,), t, device=pos.device, dtype=pos.dtype)
+    return xb, tvec, model(xb, tvec, with_forces=with_forces)
+
+
+def run_steps(x: SlabBatch, process: SurfaceDiffusion, geo: SlabGeometry, steps: int, step: StepFn,
+              callback: Callable[[int, float, SlabBatch], None] | None,
+              pos: torch.Tensor | None = None) -> torch.Tensor:
+    """The reverse-time loop of the samplers built on single steps: over `process.time_grid(steps)`,
+    pos <- step(pos, t, t_next), then `callback(i, t_next, batch)`; starts from the confined `x` (or `pos`)."""
+    ts = process.time_grid(steps)
+    pos = geo.confine(x.positions) if pos is None else pos
+    for i in range(steps):
+        pos = step(pos, ts[i], ts[i + 1])
+        if callback is not None:
+            callback(i, ts[i + 1], x.with_positions(pos))
+    return pos
 
 
 def reverse_drift(
@@ -26,9 +51,7 @@ def reverse_drift(
     """Deterministic reverse-time velocity [N,3] (Å per unit of decreasing time) at time t:
     the reverse-SDE drift, or (ode=True) the probability-flow velocity."""
     sch, L = process.schedule, process.length_scale
-    xb = x.with_positions(pos)
-    tvec = torch.full((x.n_structures,), t, device=pos.device, dtype=pos.dtype)
-    out = model(xb, tvec, with_forces=guidance is not None and guidance.needs_forces)
+    xb, tvec, out = model_at(model, x, pos, t, guidance is not None and guidance.needs_forces)
     b, a, s = sch.beta(t), sch.alpha(t), sch.sigma(t)
     score = -out.eps / (s * L)
     # Reverse SDE = probability flow + Langevin term ½g²·score (+ noise g dW̄, added by the caller).
