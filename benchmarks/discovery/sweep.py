@@ -313,7 +313,17 @@ def main(argv: list[str] | None = None) -> Path:
         sys.exit(f"error: {err}")
     print(f"{len(targets)} targets: {', '.join(f'{t.composition} {t.cell}' for t in targets)}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    lock = hold_lock(out)  # noqa: F841 - held until exit
+    lock = hold_lock(out)
+    try:
+        return run_locked(args, base, argv, out, store_path)
+    finally:
+        lock.close()  # released now, not when the frame is collected (main() twice in one process)
+
+
+def run_locked(args: argparse.Namespace, base: tuple[str, str, dict], argv: list[str], out: Path,
+               store_path: Path) -> Path:
+    """Every seed of this invocation, each appended to runs.jsonl, then the report (the folder's lock held)."""
+    runs = out / "runs.jsonl"
     signal.signal(signal.SIGTERM, _terminated)
     with (out / "commands.txt").open("a") as fh:
         fh.write(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')} .venv/bin/python "
