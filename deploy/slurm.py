@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -238,10 +239,10 @@ def make_executor(settings: SlurmSettings | str | Path | None, kind: JobKind) ->
 
 # ---- training and sampling: one job on a GPU -----------------------------------------------------------------
 def run_surfdiff(argv: Sequence[str]) -> int:
-    """What a train/sample job runs: the `surfdiff` command line, in the job."""
-    from flows.cli import main
-
-    code = main(list(argv))
+    """What a train/sample job runs: the `surfdiff` command line, in the job, as the installed entry point of
+    this interpreter's environment (deploy/ never imports flows/, which imports deploy/)."""
+    code = subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=Path(__file__).resolve().parents[1],
+                          check=False).returncode
     if code:
         raise RuntimeError(f"surfdiff {' '.join(argv)} exited with {code}; see the job log")
     return code
