@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from prefect import flow
+from prefect import flow, task
 
 from flows.active import active_learning_flow
 from flows.common import resolve_study
@@ -16,6 +16,9 @@ from flows.rss import rss_flow
 from flows.sample import sample_flow
 from flows.train import train_flow
 from surfdiff_core.config import SurfdiffConfig
+from surfdiff_core.stages.common import open_study_store
+from surfdiff_core.stages.evaluate_report import EvaluationResult
+from surfdiff_core.stages.outputs import write_run_outputs
 
 
 @flow(name="discovery", log_prints=True)
@@ -35,9 +38,17 @@ def discovery_flow(study: SurfdiffConfig | None = None, config_path: str | None 
     samples = sample_flow(study=cfg, upstream=model, executor=executor, hpc_settings=hpc_settings)
     relaxed = relax_flow(study=cfg, upstream=samples, executor=executor, hpc_settings=hpc_settings)
     evaluation = evaluate_flow(study=cfg, upstream=samples) if evaluate else None
+    outputs = outputs_task(cfg, evaluation)
     return {"study": cfg.name, "rss": rss.as_dict(ids=False), "model": model.as_dict(ids=False),
             "samples": samples.as_dict(ids=False), "relax": relaxed.as_dict(ids=False),
             "active_learning": learning.rounds if learning else None,
             "evaluation": evaluation.rows() if evaluation else None,
             "evaluation_all_in": evaluation.all_in if evaluation else None,
-            "warnings": evaluation.warnings() if evaluation else []}
+            "warnings": evaluation.warnings() if evaluation else [], "outputs": outputs}
+
+
+@task
+def outputs_task(cfg: SurfdiffConfig, evaluation: EvaluationResult | None) -> dict:
+    """The report, figures and best structures where people look for them (paths in the flow's result)."""
+    with open_study_store(cfg) as store:
+        return write_run_outputs(cfg, store, evaluation)

@@ -2,71 +2,39 @@
 
 Every model forbids unknown keys, so a typo fails before any work starts with one line naming it.
 Distances are in Å, energies in eV. The confinement box is given *relative to the top substrate layer*.
+The base model, size bounds and error messages every section shares live in config_base.py, the sample section
+in config_sample.py; both are re-exported here, so `from surfdiff_core.config import ...` reaches every section.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from ase.data import atomic_numbers, chemical_symbols
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from surfdiff_core.cells import cell_matrix, check_slab_size
 from surfdiff_core.composition import normalise_composition
+from surfdiff_core.config_base import MAX_SAMPLES as MAX_SAMPLES
+from surfdiff_core.config_base import MAX_STEPS as MAX_STEPS
+from surfdiff_core.config_base import MAX_STRUCTURES as MAX_STRUCTURES
+from surfdiff_core.config_base import SEED_BOUND as SEED_BOUND
+from surfdiff_core.config_base import CellSpec as CellSpec
+from surfdiff_core.config_base import Seed as Seed
+from surfdiff_core.config_base import _Strict
+from surfdiff_core.config_base import format_validation_error as format_validation_error
+from surfdiff_core.config_base import with_overrides as with_overrides
+from surfdiff_core.config_sample import InpaintConfig as InpaintConfig
+from surfdiff_core.config_sample import SampleConfig as SampleConfig
+from surfdiff_core.config_sample import SampleTarget as SampleTarget
 from surfdiff_core.errors import ConfigError
-from surfdiff_core.sweep import SweepConfig, plan_sweep
+from surfdiff_core.sweep import SweepConfig as SweepConfig
+from surfdiff_core.sweep import plan_sweep
 from surfdiff_core.yaml_limits import MAX_CONFIG_BYTES, bounded_load
-
-CellSpec = str | list[list[int]]
-
-# Bounds on sizes that are planned up front (one task, sample or relaxation each): beyond them a run would hang
-# on planning alone, so they are refused with one line. Seeds: numpy and torch both take [0, 2**63).
-MAX_STRUCTURES = 100_000
-MAX_SAMPLES = 1_000_000
-MAX_STEPS = 1_000_000
-SEED_BOUND = 2**63
-Seed = Annotated[int, Field(ge=0, lt=SEED_BOUND)]
-
-
-def _non_finite_path(value: Any, where: str) -> str | None:
-    """The key path of the first NaN/inf float inside plain values (dicts, lists), else None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return where
-    if isinstance(value, dict):
-        items: Any = value.items()
-    elif isinstance(value, list | tuple):
-        items = enumerate(value)
-    else:
-        return None
-    for key, item in items:
-        found = _non_finite_path(item, f"{where}.{key}")
-        if found:
-            return found
-    return None
-
-
-class _Strict(BaseModel):
-    # allow_inf_nan=False: every typed float of every section must be finite (NaN/inf name their key).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @model_validator(mode="after")
-    def _untyped_values_finite(self) -> Any:
-        """Free-form values (oracle settings, references) are not typed floats: check them here."""
-        for name in type(self).model_fields:
-            value = getattr(self, name)
-            if isinstance(value, BaseModel):
-                continue  # a section validates itself
-            found = _non_finite_path(value, name)
-            if found:
-                raise ValueError(f"{found} must be a finite number")
-        return self
-
 
 # Offered as choices in typed forms (the Prefect UI); validated below with a one-line error.
 _ELEMENT_CHOICES = {"enum": [s for s in chemical_symbols if s != "X"]}
@@ -206,6 +174,9 @@ class TrainConfig(_Strict):
     # land on the first model's scale.
     energy_models: list[str] | None = None
     combine: Literal["none", "reference_shift"] = "none"
+    # Fine-tune from a shipped pretrained model (its name, see `surfdiff models`) or a registered model id,
+    # committee members included; the model section must be the one it was built with.
+    init_from: str | None = Field(None, min_length=1, max_length=200)
 
     @model_validator(mode="after")
     def _combine_needed(self) -> TrainConfig:
@@ -214,98 +185,6 @@ class TrainConfig(_Strict):
         if self.energy_models and len(set(self.energy_models)) > 1 and self.combine == "none":
             raise ValueError("train.energy_models names several energy models: set train.combine: "
                              "reference_shift to say how their energies are combined")
-        return self
-
-
-class SampleTarget(_Strict):
-    cell: CellSpec
-    composition: str
-
-    @field_validator("composition")
-    @classmethod
-    def _composition(cls, v: str) -> str:
-        return normalise_composition(v)
-
-
-class InpaintConfig(_Strict):
-    """Inpainting (RePaint): overlayer atoms of `source` held fixed while the rest of the target is generated.
-    The fixed atoms are the source's overlayer atoms that pass every selection given (none: all of them)."""
-
-    source: str = Field(min_length=1)  # ASE-readable structure file, or a store document id
-    elements: list[str] | None = None  # e.g. ["O"]
-    z_range: tuple[float, float] | None = None  # Å above the top substrate layer, like the confinement box
-    indices: list[int] | None = None  # overlayer atoms of the source, 0-based, counted after the substrate
-    resample: int = Field(3, ge=1, le=50)  # RePaint repeats per step (model evaluations per step)
-
-    @field_validator("elements")
-    @classmethod
-    def _elements(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None:
-            if not v:
-                raise ValueError("give at least one element, or leave elements out")
-            bad = [s for s in v if s not in atomic_numbers or s == "X"]
-            if bad:
-                raise ValueError(f"unknown element {bad[0]!r}")
-        return v
-
-    @field_validator("indices")
-    @classmethod
-    def _indices(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (not v or min(v) < 0 or len(set(v)) != len(v)):
-            raise ValueError("indices must be distinct overlayer indices >= 0 (at least one)")
-        return v
-
-    @field_validator("z_range")
-    @classmethod
-    def _z_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
-        if v is not None and not v[0] < v[1]:
-            raise ValueError(f"z_range {list(v)} must be increasing")
-        return v
-
-
-class SampleConfig(_Strict):
-    # what is sampled: these targets, then the sweep's (cells × compositions, see surfdiff_core/sweep.py), each
-    # once; stages read them through surfdiff_core.stages.common.sample_targets
-    targets: list[SampleTarget] = Field(default_factory=list)
-    sweep: SweepConfig | None = None
-    n: int = Field(16, ge=1, le=MAX_SAMPLES)
-    steps: int = Field(500, ge=1, le=MAX_STEPS)
-    # pc: Euler–Maruyama + Langevin corrector steps; ffc: Euler–Maruyama + MLFF force steps near t = 0
-    sampler: Literal["em", "ode", "ddim", "flow", "pc", "ffc"] = "em"
-    guidance: bool = True
-    eta_dt: float = Field(0.001, ge=0)  # the paper's η·Δt in Å/(eV/Å)
-    relax: bool = True  # short MLFF relaxation after sampling
-    relax_steps: int = Field(50, ge=0, le=MAX_STEPS)
-    # pairs closer than this fraction of their covalent radii sum are pushed apart in the guidance and the
-    # MLFF relaxation (diffusion/repulsion.py); 0 = off, the MLFF alone
-    repulsion: float = Field(0.75, ge=0, le=1.5)
-    batch_size: int = Field(64, ge=1, le=MAX_SAMPLES)
-    seed: Seed = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # energy-conditioned models (model.energy_features > 0): E_diff to sample at, in eV per movable atom above
-    # the lowest training structure of the composition (0 = as low as the data goes; None = unconditional),
-    # and the classifier-free guidance scale w: eps = eps_null + w·(eps_cond − eps_null), 1 = conditional only
-    energy_target: float | None = Field(None, ge=0)
-    cfg_scale: float = Field(2.0, ge=0, le=100)
-    # corrector samplers (pc, ffc): corrector steps after each predictor step (one model evaluation each);
-    # pc's Langevin signal-to-noise ratio; ffc's force steps (Å per eV/Å, capped at 0.1 Å) once t <= corrector_t_max
-    corrector_steps: int = Field(1, ge=0, le=100)
-    snr: float = Field(0.16, gt=0, le=10)
-    corrector_step: float = Field(0.01, ge=0, le=1)
-    corrector_t_max: float = Field(0.1, ge=0, le=1)
-    # structure-aware generation: keep some atoms of a structure and generate the rest (inpaint); or start from a
-    # structure (file or document id) noised to time t0 and denoise it (seed_structure: local exploration)
-    inpaint: InpaintConfig | None = None
-    seed_structure: str | None = Field(None, min_length=1)
-    t0: float = Field(0.3, gt=0, le=1)
-    # novelty guidance: strength (Å², like eta_dt) of a push away from the minima this study already found for the
-    # target (relaxed and RSS documents), in a symmetry-aware pair-distance descriptor; 0 = off
-    novelty: float = Field(0.0, ge=0, le=10)
-
-    @model_validator(mode="after")
-    def _inpaint_sampler(self) -> SampleConfig:
-        if self.inpaint is not None and self.sampler != "em":
-            raise ValueError(f"sample.inpaint samples with Euler–Maruyama steps: set sampler em, not {self.sampler!r}")
         return self
 
 
@@ -429,46 +308,6 @@ class SurfdiffConfig(_Strict):
         """Stable hash of the named sections: provenance that changes when the physics does."""
         payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
         return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def with_overrides(section: _Strict, updates: dict[str, Any]) -> Any:
-    """A copy of a config section with the non-None `updates` applied and validated; a bad value is one line
-    naming the command-line option (`--eta-dt: ...`)."""
-    given = {k: v for k, v in updates.items() if v is not None}
-    try:
-        return type(section).model_validate({**section.model_dump(), **given})
-    except ValidationError as exc:
-        loc, msg, _ = _first_problem(exc)
-        option = loc.split(".")[0] if loc else ""
-        option = option if option in given else next(iter(given), option)  # a cross-field check names no field
-        raise ConfigError(f"--{option.replace('_', '-')}: {msg}") from None
-
-
-# Parts pydantic adds to an error location for the branch of a union or a validator: not keys of the config.
-_BRANCH_TAG = re.compile(r"^(function-.*|float|int|str|bool|none|literal\[.*\]|list\[.*\]|tuple\[.*\]|"
-                         r"dict\[.*\]|is-instance\[.*\]|constrained-.*)$")
-
-
-def _first_problem(exc: ValidationError) -> tuple[str, str, int]:
-    """(dotted key, message, number of keys with problems) of a validation error; a union's branches count once."""
-    problems: dict[str, str] = {}
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not _BRANCH_TAG.match(str(p)))
-        msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (typo?)"
-        problems.setdefault(loc, msg)
-    loc, msg = next(iter(problems.items()))
-    return loc, msg, len(problems)
-
-
-def format_validation_error(exc: ValidationError, source: str = "") -> str:
-    """One line: `source: key.path: message (and N more problems)`."""
-    loc, msg, n = _first_problem(exc)
-    extra = f" (and {n - 1} more problems)" if n > 1 else ""
-    # A message that starts by naming its top-level key ("composition 'Qq3': ...") needs no second name.
-    where = f"{loc}: " if loc and not msg.startswith(f"{loc} ") else ""
-    return f"{source}: {where}{msg}{extra}" if source else f"{where}{msg}{extra}"
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> SurfdiffConfig:

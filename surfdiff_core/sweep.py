@@ -35,7 +35,7 @@ _TOL = 1e-9  # limits are inclusive: 1/3 computed twice must not fall on either 
 
 
 class _Strict(BaseModel):
-    # config._Strict's settings (that module imports this one); every field here is typed, so
+    # config_base._Strict's settings (config imports this module); every field here is typed, so
     # allow_inf_nan=False already checks every float.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 

@@ -257,3 +257,71 @@ def test_replaced_option_says_what_replaced_it(tmp_path):
     cfg = _study(tmp_path, "opts", "Ag1O1", tmp_path / "store")
     r = _surfdiff("sample", str(cfg), "--checkpoint", "x.pt")
     assert r.returncode == 2 and "replaced by --model-id" in r.stderr and "Traceback" not in r.stderr
+
+
+# Allowed directions between the top-level parts of the tree (README, "Layout"): the library stands alone,
+# deploy/ (HPC, serving) builds on the library only, flows/ (Prefect, the CLI) on both; nothing points back.
+ALLOWED_LAYERS = {"surfdiff_core": {"surfdiff_core"}, "deploy": {"surfdiff_core", "deploy"},
+                  "flows": {"surfdiff_core", "deploy", "flows"}}
+
+
+def _whole_tree_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for top in ALLOWED_LAYERS:
+        for mod, deps in _import_graph(ROOT / top).items():
+            graph[mod] = {d for d in deps if d.split(".")[0] in ALLOWED_LAYERS}
+    return graph
+
+
+def _resolve(graph: dict[str, set[str]], name: str) -> str | None:
+    """The module of the tree an import names (`from a.b import c` may name module a.b.c or a.b)."""
+    while name and name not in graph:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def test_whole_tree_imports_follow_the_written_directions_without_cycles():
+    graph = _whole_tree_graph()
+    assert {m.split(".")[0] for m in graph} == set(ALLOWED_LAYERS)
+    for mod, deps in graph.items():
+        for d in deps:
+            assert d.split(".")[0] in ALLOWED_LAYERS[mod.split(".")[0]], f"{mod} imports {d} against the layering"
+    # cycles between modules' packages (a package's own modules may use each other), imports inside functions
+    # included: a lazy import hides a loop from Python, not from a reader
+    def package(name: str) -> str:
+        parts = name.split(".")
+        return ".".join(parts[:2]) if parts[0] == "surfdiff_core" else parts[0]
+
+    edges: dict[str, set[str]] = {}
+    for mod, deps in graph.items():
+        for d in deps:
+            target = _resolve(graph, d)
+            if target and package(target) != package(mod):
+                edges.setdefault(package(mod), set()).add(package(target))
+    state: dict[str, int] = {}
+
+    def visit(n: str, path: list[str]) -> None:
+        state[n] = 1
+        for b in sorted(edges.get(n, ())):
+            assert state.get(b) != 1, f"import cycle: {' -> '.join([*path, b])}"
+            if b not in state:
+                visit(b, [*path, b])
+        state[n] = 2
+
+    for n in sorted(edges):
+        if n not in state:
+            visit(n, [n])
+
+
+def test_the_layering_check_finds_a_cycle_and_a_wrong_direction(monkeypatch):
+    fake = {"flows.cli": {"deploy.slurm"}, "deploy.slurm": {"flows.cli"}}
+    monkeypatch.setattr(sys.modules[__name__], "_whole_tree_graph", lambda: {**_REAL_GRAPH(), **fake})
+    with pytest.raises(AssertionError, match="deploy.slurm imports flows.cli against the layering"):
+        test_whole_tree_imports_follow_the_written_directions_without_cycles()
+    fake = {"surfdiff_core.aa": {"surfdiff_core.bb"}, "surfdiff_core.bb": {"surfdiff_core.aa"}}
+    monkeypatch.setattr(sys.modules[__name__], "_whole_tree_graph", lambda: {**_REAL_GRAPH(), **fake})
+    with pytest.raises(AssertionError, match="import cycle"):
+        test_whole_tree_imports_follow_the_written_directions_without_cycles()
+
+
+_REAL_GRAPH = _whole_tree_graph

@@ -279,7 +279,7 @@ def test_bad_sources_are_refused_with_one_line(tiny, tmp_path) -> None:
 def test_cli_inpaint_options_name_themselves(tiny) -> None:
     import argparse
 
-    from flows.cli import _inpaint_options
+    from flows.cli_stages import _inpaint_options
 
     cfg, _, _ = tiny
     ns = dict(inpaint_from=None, fix=None, fix_z=None, fix_indices=None, resample=None)

@@ -186,17 +186,32 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
     )
 
 
-def all_in_cost(training_docs: list[StructureDoc], targets: list[TargetEvaluation]) -> dict:
+def pretrained_training(name: str | None) -> tuple[dict[str, float] | None, dict | None]:
+    """The training-data cost of the shipped model a model descends from, and what the report says of it."""
+    from surfdiff_core import pretrained
+
+    card = pretrained.find_shipped(name)
+    if card is None:
+        return None, None
+    cost = pretrained.training_cost(card)
+    return cost, {"name": card.name, "structures": card.training_data.get("structures"), **cost}
+
+
+def all_in_cost(training_docs: list[StructureDoc], targets: list[TargetEvaluation],
+                pretrained_cost: dict[str, float] | None = None) -> dict:
     """The all-in comparison (see surfdiff_core.evaluate.cost.all_in): the training data is every oracle
     relaxation of the training cell this model's data came from, lost ones included (they cost calls too),
     but not the evaluation's own documents (a target in the training cell) nor active-learning labels, which
-    are the other shared part. Sets each target's one-target all-in ratio."""
-    from surfdiff_core.evaluate.cost import TargetCost, all_in, total_cost
+    are the other shared part. A shipped pretrained model the study fine-tuned or sampled with is charged its
+    whole training data (`pretrained_cost`): made once, but made. Sets each target's one-target all-in ratio."""
+    from surfdiff_core.evaluate.cost import ZERO, OracleCost, TargetCost, all_in, total_cost
 
     evaluation = {i for t in targets for i in (*t.relaxed_ids, *t.rss_ids, *t.rss_lost_ids)}
     learning = [d for d in training_docs if d.meta.get("active_learning")]
     training = [d for d in training_docs if not d.meta.get("active_learning") and d.doc_id not in evaluation]
-    summary = all_in(total_cost(training), total_cost(learning), [TargetCost.from_dict(t.cost) for t in targets])
+    shipped = OracleCost.from_dict(pretrained_cost) or ZERO
+    summary = all_in(total_cost(training) + shipped, total_cost(learning),
+                     [TargetCost.from_dict(t.cost) for t in targets])
     for t, one in zip(targets, summary.one_target, strict=True):
         t.one_target_all_in = one
     return summary.as_dict()
@@ -240,6 +255,7 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
         learned.append({"meta.active_learning": True, "doc_id": {"$in": record.learned_labels}})
     training_docs = list(store.find({"study": cfg.name, "energy_model": {"$in": list(training_energy_models(cfg))},
                                      "$or": learned}))
+    shipped_cost, shipped = pretrained_training(record.pretrained)
     calculator = get_calculator(cfg.oracle.name, **cfg.oracle.settings)
     result = EvaluationResult(study=cfg.name, run_id=run_id or (upstream.run_id if upstream else new_run_id()),
                               config_hash=cfg.section_hash("evaluate", "rss", "oracle"), model_id=model,
@@ -249,11 +265,12 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
                                                  bool(d.meta.get("active_learning")) and d.source != "single_point"
                                                  for d in training_docs),
                                              "active_learning_single_points": sum(
-                                                 d.source == "single_point" for d in training_docs)})
+                                                 d.source == "single_point" for d in training_docs),
+                                             "pretrained": shipped})
     for t in targets:
         result.targets.append(evaluate_target(cfg, store, t, upstream, model, calculator, training_docs, progress,
                                               sample_run, tuple(record.committee)))
-    result.all_in = all_in_cost(training_docs, result.targets)
+    result.all_in = all_in_cost(training_docs, result.targets, shipped_cost)
     extras(cfg, store, upstream, model, targets[0], calculator, result)
     lines = phase_lines_for(cfg, store, result, calculator)
     result.phase_diagram = phase_rows(lines, cfg.evaluate.dmu_range)

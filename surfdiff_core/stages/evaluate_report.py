@@ -62,7 +62,7 @@ class TargetEvaluation:
 class EvaluationResult(StageResult):
     model_id: str
     energy_model: str
-    training_cost: dict[str, int]
+    training_cost: dict[str, Any]
     targets: list[TargetEvaluation] = field(default_factory=list)
     phase_diagram: list[dict[str, Any]] = field(default_factory=list)
     guidance: dict[str, float | None] = field(default_factory=dict)  # median unrelaxed energies, eV
@@ -276,6 +276,12 @@ def cost_section(result: EvaluationResult) -> list[str]:
             "targets reached.\n"]
 
 
+def pretrained_sentence(shipped: dict) -> str:
+    return (f"The model descends from the shipped pretrained model {shipped['name']}: its training data "
+            f"({shipped.get('structures')} structures, {shipped['force_calls']:.0f} oracle force calls, "
+            f"{shipped['atom_force_calls']:.4g} atom-weighted) is charged in full to the all-in ratios below.\n")
+
+
 def markdown_report(result: EvaluationResult) -> str:
     from surfdiff_core.evaluate.phase_compare import comparison_section
     from surfdiff_core.report import markdown_table, png_markdown
@@ -288,6 +294,7 @@ def markdown_report(result: EvaluationResult) -> str:
              f"active-learning relaxations and {cost.get('active_learning_single_points', 0)} active-learning "
              f"single points in the target cells). The budgets below count oracle relaxations in the target cell; "
              f"single points there are charged as the relaxations their force calls would buy.\n",
+             *([pretrained_sentence(cost["pretrained"])] if cost.get("pretrained") else []),
              markdown_table(rows, list(rows[0])) if rows else "no targets", *cost_section(result)]
     parts += [f"\n**Warning**, {w}\n" for w in result.warnings()]
     g = result.guidance

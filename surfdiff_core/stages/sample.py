@@ -20,7 +20,10 @@ from surfdiff_core.store.models import ModelRecord, verify_checkpoint
 def resolve_model(cfg: SurfdiffConfig, upstream: TrainResult | None = None,
                   model_id: str | None = None) -> ModelRecord:
     """The model to sample with: the training stage's result, a named model, or the newest one registered for
-    this study's training system and energy model. Its checkpoint must match the record."""
+    this study's training system and energy model. Its checkpoint must match the record. A shipped pretrained
+    model's name (or id) works as a model id: it is registered on first use."""
+    if upstream is None and model_id:
+        model_id = shipped_model_id(cfg, model_id)
     with model_registry(cfg) as registry:
         if upstream is not None:
             rec = registry.get(upstream.model_id)
@@ -33,6 +36,17 @@ def resolve_model(cfg: SurfdiffConfig, upstream: TrainResult | None = None,
             return rec
         return registry.resolve(study=cfg.name, system_id=training_system(cfg).system_id,
                                 energy_model=training_energy_models(cfg)[0], model_id=model_id)
+
+
+def shipped_model_id(cfg: SurfdiffConfig, name_or_id: str) -> str:
+    """The model id for a registered id as it is; for a shipped model's name, its id once registered here."""
+    from surfdiff_core import pretrained
+
+    with model_registry(cfg) as registry:
+        if registry.get(name_or_id) is not None:
+            return name_or_id
+    card = pretrained.find_shipped(name_or_id)
+    return pretrained.register(card, cfg).model_id if card is not None else name_or_id
 
 
 def registered_model(cfg: SurfdiffConfig, run_id: str, model_id: str | None = None) -> TrainResult:

@@ -15,7 +15,7 @@ from surfdiff_core.stages.common import (
 )
 from surfdiff_core.stages.results import RSSResult, TrainResult
 from surfdiff_core.store import ResultsStore
-from surfdiff_core.store.models import ModelRecord, file_sha256
+from surfdiff_core.store.models import ModelRecord, file_sha256, verify_checkpoint
 
 if TYPE_CHECKING:
     from surfdiff_core.train.trainer import TrainingRun
@@ -73,6 +73,11 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = N
         raise SurfdiffError(f"the RSS result ({upstream.system_id}, {upstream.energy_model}) is not this "
                             f"study's training system and energy model ({system_id}, {models[0]})")
     tcfg = cfg.train if device is None else cfg.train.model_copy(update={"device": device})
+    pretrained = None
+    if cfg.train.init_from:  # every round of the chain descends from it; the first starts from its weights
+        start, committee_start, pretrained = initial_model(cfg)
+        if init_from is None:
+            init_from, init_committee = start, committee_start
     scope = DataScope(study=cfg.name, system_id=system_id, energy_models=models, learned_systems=learned_systems,
                       learned_labels=learned_labels)
     res = train(store, cfg.model, tcfg, scope=scope, checkpoint_dir=checkpoint_dir(cfg), progress=progress,
@@ -88,7 +93,7 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = N
             study=cfg.name, system_id=system_id, energy_models=list(models), epochs=trained.epochs,
             best_val=trained.best_val, n_train=trained.n_train, n_val=trained.n_val,
             model=cfg.model.model_dump(mode="json"), train=member_tcfg.model_dump(mode="json"), round=round_index,
-            learned_labels=list(learned_labels), **extra)
+            learned_labels=list(learned_labels), pretrained=pretrained, **extra)
 
     with model_registry(cfg) as registry:  # members first: a recorded model's committee is always there
         for member, member_tcfg in members:
@@ -104,6 +109,26 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = N
         learned_labels=list(learned_labels), committee=[m.model_id for m, _ in members],
         training_doc_ids=res.doc_ids, history=res.history,
     )
+
+
+def initial_model(cfg: SurfdiffConfig) -> tuple[str, tuple[str, ...], str | None]:
+    """`train.init_from`: a shipped pretrained model (registered in the study's registry on first use) or a
+    registered model id. Its checkpoint, its committee's model ids and the shipped model it descends from."""
+    from surfdiff_core import pretrained
+
+    name = cfg.train.init_from
+    card = pretrained.find_shipped(name)
+    if card is not None:
+        rec = pretrained.register(card, cfg, for_training=True)
+        return rec.checkpoint, tuple(rec.committee), card.name
+    with model_registry(cfg) as registry:
+        rec = registry.get(name) if name else None
+    if rec is None:
+        shipped = ", ".join(c.name for c in pretrained.shipped_models()) or "none"
+        raise SurfdiffError(f"train.init_from {name!r} is neither a shipped pretrained model ({shipped}) nor a "
+                            f"model id in this study's registry (see `surfdiff models --config CONFIG`)")
+    verify_checkpoint(rec)
+    return rec.checkpoint, tuple(rec.committee), rec.pretrained
 
 
 def committee_config(tcfg: TrainConfig, k: int) -> TrainConfig:

@@ -39,6 +39,7 @@ class ModelRecord(BaseModel):
     learned_labels: list[str] = Field(default_factory=list)  # ids of the active-learning labels it learned
     committee: list[str] = Field(default_factory=list)  # ids of the MLFF-only models ranked beside it
     member_of: str | None = None  # set on a committee member: the model it ranks beside (never sampled with)
+    pretrained: str | None = None  # the shipped pretrained model it is, or was fine-tuned from (its name)
     created_at: str = Field(default_factory=lambda: now().isoformat())
 
 

@@ -127,7 +127,9 @@ def model_id_for(mcfg: ModelConfig, tcfg: TrainConfig, fingerprint: str, scope: 
     later = {*(("energy_features",) if plain else ()), *(("generative",) if mcfg.generative == "diffusion" else ())}
     parts = [mcfg.model_dump(mode="json", exclude=later),
              # the committee size does not change how this one model trains
-             tcfg.model_dump(mode="json", exclude={"device", "ensemble", *(("condition_dropout",) if plain else ())}),
+             # init_from: the parent's id below says it (and a name would not say which weights)
+             tcfg.model_dump(mode="json", exclude={"device", "ensemble", "init_from",
+                                                   *(("condition_dropout",) if plain else ())}),
              fingerprint, scope.system_id, list(scope.energy_models), scope.study]
     if parent is not None:  # fine-tuned from another model: not the same as trained from scratch
         parts.append(parent)

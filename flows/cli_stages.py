@@ -1,0 +1,403 @@
+"""`surfdiff rss | train | sample | relax | evaluate | run`: the pipeline's stages on the command line, and their
+parsers. Library imports stay inside the commands, so that the command line starts fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from flows.cli_common import STORE_HELP, check_at_least, load_study
+from surfdiff_core.errors import ConfigError, SurfdiffError
+
+
+# ---- stages -----------------------------------------------------------------------------------------------
+def cmd_rss(args: argparse.Namespace) -> int:
+    from deploy.slurm import executor_for
+    from surfdiff_core.config import with_overrides
+    from surfdiff_core.rss import resolve_lattice, systems_for
+    from surfdiff_core.stages import rss
+    from surfdiff_core.stages.common import check_store_writable, open_study_store
+
+    cfg = load_study(args.config, args.store)
+    # Every option through the config model (ranges, seeds >= 0, the size bound): one line naming it.
+    rcfg = with_overrides(cfg.rss, {"n": args.n, "seed": args.seed, "workers": args.workers})
+    if rcfg.n == 0:
+        raise ConfigError("nothing to do: 0 structures asked (--n or rss.n); the store is left as it is")
+    cfg = cfg.model_copy(update={"rss": rcfg})
+    # Validate the whole search (systems, box, lattice, oracle) before the store is opened: nothing half-written.
+    systems_for(cfg, cfg.rss.cell, cfg.rss.compositions, resolve_lattice(cfg))
+    check_store_writable(cfg)  # a read-only or full disk: one line now, not after the relaxations ran
+    with executor_for(args.executor, "rss", args.hpc_settings) as ex, open_study_store(cfg) as store:
+        r = rss.run(cfg, store, run_id=args.run_id, executor=ex)
+        label = store.label
+    gave_up = f", {r.given_up} failed for good (rss.max_attempts)" if r.given_up else ""
+    others = f", {r.by_others} computed meanwhile by another process" if r.by_others else ""
+    print(f"RSS: {r.done} relaxed, {r.skipped} already in the store{others}, {r.retried} retried, {r.failed} failed"
+          f"{gave_up}, {r.out_of_box} left the box; {r.per_minute:.1f} relaxations/min")
+    for comp, e in sorted(r.best.items()):
+        print(f"  best {comp}: {e:.4f} eV")
+    print(f"study {r.study}, energy model {r.energy_model}, run {r.run_id}; store: {label}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from surfdiff_core.config import with_overrides
+    from surfdiff_core.query import require_existing_store
+    from surfdiff_core.stages import train
+    from surfdiff_core.stages.common import check_store_writable, open_study_store
+
+    cfg = load_study(args.config, args.store)
+    with_overrides(cfg.train, {"epochs": args.epochs, "device": args.device})  # one line naming a bad option
+    require_existing_store(cfg.store)  # training reads the store: a missing one is not created empty
+    check_store_writable(cfg)
+    with open_study_store(cfg) as store:
+        s = train.run(cfg, store, epochs=args.epochs, device=args.device)
+    last = s.history[-1] if s.history else {}
+    if s.resumed_from:
+        print(f"resumed from its checkpoint at epoch {s.resumed_from}")
+    print(f"model {s.model_id}: {s.epochs} epochs, best validation loss {s.best_val:.4f} "
+          f"(score {last.get('val_score', float('nan')):.4f}, forces {last.get('val_forces', float('nan')):.4f}); "
+          f"{s.n_train} train / {s.n_val} validation structures; {s.samples_per_second:.1f} samples/s")
+    print(f"trained on study {s.study}, system {s.system_id}, energy model {', '.join(s.energy_models)}")
+    if s.committee:
+        print(f"MLFF committee (ranks its samples with it): {', '.join(s.committee)}")
+    if s.warning:
+        print(f"warning: {s.warning}", file=sys.stderr)
+    print(f"checkpoint: {s.checkpoint}")
+    return 0
+
+
+def _inpaint_options(args: argparse.Namespace, section) -> dict | None:
+    """The sample.inpaint section with --inpaint-from / --fix* / --resample applied (None: none given)."""
+    given = {"source": args.inpaint_from, "resample": args.resample,
+             "elements": [e.strip() for e in args.fix.split(",") if e.strip()] if args.fix else None,
+             "z_range": args.fix_z, "indices": args.fix_indices}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return None
+    if section.inpaint is None and "source" not in given:
+        raise ConfigError("--fix, --fix-z, --fix-indices and --resample need --inpaint-from FILE_OR_DOC_ID "
+                          "(or sample.inpaint in the config)")
+    from pydantic import ValidationError
+
+    from surfdiff_core.config import InpaintConfig, format_validation_error
+
+    base = section.inpaint.model_dump() if section.inpaint is not None else {}
+    try:  # checked here so that a bad value names the option, not the config key
+        return InpaintConfig.model_validate({**base, **given}).model_dump()
+    except ValidationError as exc:
+        names = {"source": "--inpaint-from", "elements": "--fix", "z_range": "--fix-z", "indices": "--fix-indices",
+                 "resample": "--resample"}
+        key = str(exc.errors()[0]["loc"][0]) if exc.errors() and exc.errors()[0]["loc"] else ""
+        raise ConfigError(f"{names.get(key, '--inpaint-from')}: {format_validation_error(exc).split(': ', 1)[-1]}") \
+            from None
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from surfdiff_core.config import with_overrides
+    from surfdiff_core.query import require_existing_store
+    from surfdiff_core.stages import sample
+    from surfdiff_core.stages.common import check_store_writable, open_study_store, sample_targets, target_system
+
+    if args.checkpoint:
+        raise ConfigError("--checkpoint was replaced by --model-id (see `surfdiff query --config CONFIG --models`)")
+    cfg = load_study(args.config, args.store)
+    scfg = with_overrides(cfg.sample, {"n": args.n, "steps": args.steps, "guidance": args.guidance,
+                                       "sampler": args.sampler, "seed": args.seed, "batch_size": args.batch_size,
+                                       "eta_dt": args.eta_dt, "relax": args.relax,
+                                       "energy_target": args.energy_target, "cfg_scale": args.cfg_scale,
+                                       "corrector_steps": args.corrector_steps, "snr": args.snr,
+                                       "inpaint": _inpaint_options(args, cfg.sample),
+                                       "seed_structure": args.seed_structure, "t0": args.t0,
+                                       "novelty": args.novelty})
+    targets = sample_targets(cfg, [args.cell] if args.cell else None,
+                             [args.composition] if args.composition else None)
+    for t in targets:  # validate every target (cell, composition, box) before any work
+        target_system(cfg, t)
+    require_existing_store(cfg.store)  # its model is registered there: a missing store is not created empty
+    check_store_writable(cfg)
+    if scfg.inpaint is not None or scfg.seed_structure is not None:  # a bad source is one line before any work
+        with open_study_store(cfg) as store:
+            sample.check_conditioning(cfg, store, targets, scfg)
+    model = sample.resolve_model(cfg, model_id=args.model_id)
+    with open_study_store(cfg) as store:
+        res = sample.run(cfg, store, targets=targets, scfg=scfg, model_id=model.model_id, run_id=args.run_id,
+                         device=args.device)
+    for s in res.targets:
+        best = f"{s.best_energy:.3f} eV" if s.best_energy is not None else "-"
+        print(f"{s.composition} {s.cell}: {s.n_valid}/{s.n} valid (rejection rate {s.rejection_rate:.1%}), "
+              f"best MLFF energy {best}, {s.structure_steps_per_second:.1f} structure-steps/s")
+        if s.reused_batches:  # a resumed run says what it did not generate again, and from which run
+            print(f"  {s.reused_batches} of {s.batches} batches already in the store "
+                  f"(run {', '.join(s.reused_runs) or '?'})")
+    if res.targets and all(s.reused_batches == s.batches for s in res.targets):
+        runs = sorted({r for s in res.targets for r in s.reused_runs})
+        print(f"model {res.model_id}: nothing new to generate; the documents carry run {', '.join(runs) or '?'}")
+    else:
+        print(f"model {res.model_id}, run {res.run_id}")
+    if args.json:
+        print(json.dumps([t for t in res.as_dict(ids=False)["targets"]], indent=1))
+    return 0
+
+
+def cmd_relax(args: argparse.Namespace) -> int:
+    from deploy.slurm import executor_for
+    from surfdiff_core.config import with_overrides
+    from surfdiff_core.query import require_existing_store
+    from surfdiff_core.rss import check_oracle_support
+    from surfdiff_core.stages import relax
+    from surfdiff_core.stages.common import check_store_writable, open_study_store
+    from surfdiff_core.sweep import sweep_compositions
+
+    cfg = load_study(args.config, args.store)
+    rcfg = with_overrides(cfg.relax, {"top_k": args.top_k, "method": args.method})
+    compositions = [t.composition for t in cfg.sample.targets] + sweep_compositions(cfg.sample.sweep)
+    check_oracle_support(cfg, compositions, method=rcfg.method, settings=rcfg.settings)
+    require_existing_store(cfg.store)  # the candidates come from the store: a missing one is not created empty
+    check_store_writable(cfg)
+    with executor_for(args.executor, "relax", args.hpc_settings) as ex, open_study_store(cfg) as store:
+        s = relax.run(cfg, store, rcfg=rcfg, model_id=args.model_id, run_id=args.run_id, executor=ex)
+    if not s.candidates:
+        raise SurfdiffError(f"nothing to relax: study {cfg.name!r} has no valid generated structures of that model "
+                            f"(run `surfdiff sample CONFIG` first)")
+    gave_up = f", {s.given_up} failed for good (relax.max_attempts)" if s.given_up else ""
+    print(f"relax ({s.method}): {s.candidates} candidates, {s.relaxed} relaxed, {s.skipped} reused, "
+          f"{s.retried} retried, {s.failed} failed{gave_up}")
+    for key, e in sorted(s.best.items()):
+        print(f"  best {key}: {e:.4f} eV")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from surfdiff_core.config import with_overrides
+    from surfdiff_core.evaluate.budget import speedup_phrase
+    from surfdiff_core.evaluate.cost import cost_phrase
+    from surfdiff_core.query import require_existing_store
+    from surfdiff_core.stages import evaluate
+    from surfdiff_core.stages.common import (
+        check_store_writable,
+        figure_dir,
+        open_study_store,
+        sample_targets,
+        target_system,
+    )
+    from surfdiff_core.stages.evaluate_report import all_in_summary, markdown_report
+
+    cfg = load_study(args.config, args.store)
+    ecfg = with_overrides(cfg.evaluate, {"budget": args.budget, "rss_budget": args.rss_budget})
+    if args.reference:
+        key, _, path = args.reference.partition("=")
+        if not path or not Path(path).is_file():
+            raise ConfigError(f"--reference {args.reference!r}: give 'COMPOSITION CELL=FILE' with an existing file")
+        ecfg = ecfg.model_copy(update={"references": {**ecfg.references, key.strip(): path}})
+    cfg = cfg.model_copy(update={"evaluate": ecfg})
+    targets = sample_targets(cfg, [args.cell] if args.cell else None, [args.composition] if args.composition else None)
+    for t in targets:
+        target_system(cfg, t)
+    require_existing_store(cfg.store)  # it evaluates a trained model's samples: a missing store is not made
+    check_store_writable(cfg)
+    with open_study_store(cfg) as store:
+        result = evaluate.run(cfg, store, model_id=args.model_id, targets=targets, sample_run=args.sample_run)
+    report = figure_dir(cfg) / "evaluation" / "report.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(markdown_report(result))
+    cost = result.training_cost
+    print(f"evaluation of {result.study} (model {result.model_id}, {result.energy_model}); training data: "
+          f"{cost['structures']} structures, {cost['force_calls']} oracle force calls"
+          + (f"; fine-tuned from the shipped model {cost['pretrained']['name']}, whose training data "
+             f"({cost['pretrained']['force_calls']:.0f} force calls) the all-in ratios charge"
+             if cost.get("pretrained") else ""))
+    for r in result.rows():
+        sp = speedup_phrase(r["speedup"])
+        print(f"  {r['target']}: {r['valid']} valid, unique {r['unique']}, best surfdiff {r['best_generative_eV']} eV "
+              f"({r['generative_relaxations']} relaxed) vs RSS {r['best_rss_eV']} eV ({r['rss_relaxations']}): {sp}; "
+              f"median steps {r['steps_generative_median']} vs {r['steps_rss_median']}"
+              + (f"; MLFF/oracle rank correlation {r['mlff_rank_correlation']}"
+                 if r["mlff_rank_correlation"] is not None else "")
+              + (f"; {r['active_learning_labels']} of the relaxations were active-learning labels"
+                 if r["active_learning_labels"] else "")
+              + (f"; {r['active_learning_single_points']} active-learning single points, charged as "
+                 f"{r['single_point_charge']} relaxations" if r["active_learning_single_points"] else "")
+              + (f"; reference found at rank {r['reference_rank']}" if r["reference_rank"] else "")
+              + (f"; {cost_phrase(r['speedup_atom_weighted'])}; one-target all-in: "
+                 f"{cost_phrase(r['one_target_all_in'])}" if result.all_in else ""))
+    if result.all_in:
+        print(f"  {all_in_summary(result.all_in)}")
+    for warning in result.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
+    for seg in result.phase_diagram:
+        print(f"  Δμ {seg['dmu_min']:+.2f} .. {seg['dmu_max']:+.2f} eV: {seg['phase']}")
+    for arm in result.phase_comparison.get("arms", {}):
+        from surfdiff_core.evaluate.phase_compare import missed_sentence
+
+        print(f"  phase diagram: {missed_sentence(result.phase_comparison, arm)}")
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=1, default=str))
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from surfdiff_core.config import with_overrides
+    from surfdiff_core.stages.common import check_store_writable, data_root, sample_targets, target_system
+
+    cfg = load_study(args.config, args.store, one_process=True)  # one clear line before Prefect starts
+    check_at_least("rss-n", args.rss_n, 0)
+    if args.rss_n is not None:
+        cfg = cfg.model_copy(update={"rss": with_overrides(cfg.rss, {"n": args.rss_n})})
+    for t in sample_targets(cfg):
+        target_system(cfg, t)
+    if args.executor == "slurm":
+        from deploy.hpc import load_settings
+
+        load_settings(args.hpc_settings)  # a bad settings file: one line before Prefect starts
+    check_store_writable(cfg)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # Bars on a terminal; in a log file (nohup, a batch job) the same bars, one refresh every 30 s, not silence.
+    os.environ.setdefault("SURFDIFF_PROGRESS", "1")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("SURFDIFF_PROGRESS_INTERVAL", "30")
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # stage lines reach a log file as they are printed
+    # The temporary local API needs no telemetry (and its heartbeat races the run for the SQLite lock).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.discovery import discovery_flow
+    from flows.ephemeral import start_ephemeral_server
+
+    start_ephemeral_server()  # the temporary API server dies with this command, even on SIGKILL
+    from surfdiff_core.evaluate.budget import speedup_phrase
+    from surfdiff_core.evaluate.cost import cost_phrase
+    from surfdiff_core.stages.evaluate_report import all_in_summary
+
+    result = discovery_flow(study=cfg, executor=args.executor, hpc_settings=args.hpc_settings)
+    print("\n=== surfdiff discovery finished ===")
+    rss, model = result["rss"], result["model"]
+    print(f"study {cfg.name}: RSS: {rss['done']} new + {rss['skipped']} reused structures")
+    print(f"model: {model['model_id']} ({model['checkpoint']})")
+    if model.get("resumed_from"):
+        print(f"resumed training at epoch {model['resumed_from']}")
+    if model.get("warning"):
+        print(f"warning: {model['warning']}", file=sys.stderr)
+    for r in result["samples"]["targets"]:
+        best = f"{r['best_energy']:.4f} eV" if r["best_energy"] is not None else "-"
+        print(f"generated {r['composition']} {r['cell']}: {r['n_valid']}/{r['n']} valid, best MLFF energy {best}")
+    for key, e in sorted(result["relax"]["best"].items()):
+        print(f"relaxed ({result['relax']['method']}) best {key}: {e:.4f} eV")
+    for r in result.get("evaluation") or []:
+        sp = speedup_phrase(r["speedup"])
+        print(f"evaluated {r['target']}: surfdiff best {r['best_generative_eV']} eV, RSS best {r['best_rss_eV']} eV "
+              f"in the same cell: {sp}"
+              + (f"; one-target all-in: {cost_phrase(r['one_target_all_in'])}" if "one_target_all_in" in r else ""))
+    if result.get("evaluation_all_in"):  # the discovery flow's dict, when it passes the sweep's all-in on
+        print(all_in_summary(result["evaluation_all_in"]))
+    for warning in result.get("warnings") or []:
+        print(f"warning: {warning}", file=sys.stderr)
+    outputs = result.get("outputs") or {}
+    print(f"\nresults store: {cfg.store.path} ({cfg.store.backend})")
+    if outputs.get("report"):
+        print(f"report: {outputs['report']}")
+    print(f"figures: {outputs.get('figures') or data_root(cfg) / 'figures'}")
+    if outputs.get("best"):
+        print(f"best structures (oracle-relaxed, one per target): {outputs['best']}")
+    print("query them with, e.g.:")
+    print(f"  surfdiff query --config {args.config} --source relaxed --top 5")
+    print(f"  surfdiff query --config {args.config} --source generated --top 10 --export best.extxyz")
+    return 0
+
+
+# ---- parser -----------------------------------------------------------------------------------------------
+def add_stage_parsers(sub) -> None:
+    r = sub.add_parser("rss", help="random structure search: training data into the store")
+    r.add_argument("config", help="YAML config (see configs/)")
+    r.add_argument("--n", type=int, default=None, help="number of structures (default: rss.n of the config)")
+    r.add_argument("--seed", type=int, default=None, help="run seed (default: rss.seed)")
+    r.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: rss.workers)")
+    r.add_argument("--run-id", default=None, help="label stored with every document")
+    r.set_defaults(func=cmd_rss)
+
+    t = sub.add_parser("train", help="train the denoiser and MLFF on the study's RSS data")
+    t.add_argument("config")
+    t.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="generate structures with the study's trained model into the store")
+    s.add_argument("config")
+    s.add_argument("--cell", default=None, help="e.g. 'p(4x4)' (default: sample.targets of the config)")
+    s.add_argument("--composition", default=None, help="e.g. Ag12O6")
+    s.add_argument("--n", type=int, default=None)
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--sampler", choices=["em", "ode", "ddim", "flow", "pc", "ffc"], default=None,
+                   help="pc: + Langevin corrector; ffc: + MLFF force corrector near t = 0")
+    s.add_argument("--corrector-steps", type=int, default=None, help="pc/ffc: corrector steps per step")
+    s.add_argument("--snr", type=float, default=None, help="pc: Langevin signal-to-noise ratio (default 0.16)")
+    s.add_argument("--inpaint-from", default=None, metavar="FILE_OR_DOC_ID",
+                   help="inpainting: keep atoms of this structure (file or document id), generate the rest")
+    s.add_argument("--fix", default=None, metavar="ELEMENTS",
+                   help="inpainting: keep the source's overlayer atoms of these elements, e.g. 'O' or 'O,Ag'")
+    s.add_argument("--fix-z", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="inpainting: keep the source's overlayer atoms between LO and HI Å above the surface")
+    s.add_argument("--fix-indices", type=lambda v: [int(i) for i in v.split(",")], default=None, metavar="I,J,..",
+                   help="inpainting: keep these overlayer atoms of the source (0-based, after the substrate)")
+    s.add_argument("--resample", type=int, default=None, help="inpainting: RePaint repeats per step (default 3)")
+    s.add_argument("--from", dest="seed_structure", default=None, metavar="STRUCTURE",
+                   help="seeded exploration: start from this structure (file or document id) noised to --t0")
+    s.add_argument("--t0", type=float, default=None, help="seeded exploration: noise level to start from (0.3)")
+    s.add_argument("--novelty", type=float, default=None,
+                   help="novelty guidance away from the study's known minima, strength in Å² (0 = off)")
+    s.add_argument("--guidance", action=argparse.BooleanOptionalAction, default=None,
+                   help="force-field guidance (default: sample.guidance)")
+    s.add_argument("--relax", action=argparse.BooleanOptionalAction, default=None,
+                   help="short MLFF relaxation after sampling")
+    s.add_argument("--eta-dt", type=float, default=None, help="guidance strength ηΔt in Å²/eV (paper: 0.001)")
+    s.add_argument("--energy-target", type=float, default=None,
+                   help="energy-conditioned models: E_diff to sample at, eV per movable atom above the lowest "
+                        "training structure (0 = as low as the data goes)")
+    s.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (default 2)")
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--model-id", default=None,
+                   help="registered model, or a shipped pretrained model's name (see `surfdiff models`); default: "
+                        "the newest for this study, system and energy model")
+    s.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)  # replaced by --model-id
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    s.add_argument("--run-id", default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_sample)
+
+    x = sub.add_parser("relax", help="relax the study's best generated candidates (jobflow/atomate2)")
+    x.add_argument("config")
+    x.add_argument("--top-k", type=int, default=None)
+    x.add_argument("--method", default=None, help="emt | chgnet | sevennet | gpaw | vasp")
+    x.add_argument("--model-id", default=None, help="candidates of this model (default: the newest)")
+    x.add_argument("--run-id", default=None, help="candidates of this sampling run only")
+    x.set_defaults(func=cmd_relax)
+
+    e = sub.add_parser("evaluate", help="discovery power against RSS in each target cell; γ(Δμ) phase diagram")
+    e.add_argument("config")
+    e.add_argument("--cell", default=None, help="e.g. 'p(4x4)' (default: sample.targets of the config)")
+    e.add_argument("--composition", default=None, help="e.g. Ag12O6")
+    e.add_argument("--budget", type=int, default=None, help="oracle relaxations of samples per target")
+    e.add_argument("--rss-budget", type=int, default=None, help="RSS relaxations in each target cell")
+    e.add_argument("--model-id", default=None, help="samples of this model (default: the newest)")
+    e.add_argument("--sample-run", default=None, metavar="RUN_ID",
+                   help="the model's samples of this sample run (default: those the config's sample section makes)")
+    e.add_argument("--reference", default=None, metavar="'COMPOSITION CELL=FILE'",
+                   help="a known minimum to look for, e.g. 'Ag12O6 p(4x4)=ag6.extxyz'")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    u = sub.add_parser("run", help="the whole discovery pipeline (Prefect flow, embedded store, no server)")
+    u.add_argument("config")
+    u.add_argument("--rss-n", type=int, default=None, help="override rss.n")
+    u.set_defaults(func=cmd_run)
+    for p in (r, t, s, x, e, u):
+        p.add_argument("--store", default=None, metavar="PATH", help=STORE_HELP)
+    for p in (r, x, u):  # the stages that fan out: RSS and relaxations
+        p.add_argument("--executor", choices=["local", "slurm"], default="local",
+                       help="slurm: one Slurm job per structure or batch (see deploy/README.md)")
+        p.add_argument("--hpc-settings", default=None, metavar="PATH",
+                       help="Slurm settings YAML (deploy/hpc/slurm.yaml); SURFDIFF_HPC_* variables win")
