@@ -72,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size.add_argument("--al-labels", type=int, help="active-learning relaxations per target and round")
     size.add_argument("--al-budget", type=int, help="active_learning.max_relaxations")
     size.add_argument("--allocation", choices=["uniform", "envelope"], help="active_learning.allocation")
+    size.add_argument("--al-samples", type=int, help="guided samples per target and round (active_learning.samples)")
     size.add_argument("--ensemble", type=int, help="MLFF committee size")
     p.add_argument("--workers", type=int, help="RSS worker processes (rss.workers)")
     p.add_argument("--rss-arm-seed", type=int, default=7919, help="evaluate.seed of every seed's study: one "
@@ -118,7 +119,7 @@ def study_config(args: argparse.Namespace, base: tuple[str, str, dict], seed: in
     put("train", epochs=args.epochs, ensemble=args.ensemble, seed=seed)
     put("sample", n=args.samples, steps=args.steps, seed=seed)
     put("active_learning", rounds=args.al_rounds, relax_per_round=args.al_labels,
-        max_relaxations=args.al_budget, allocation=args.allocation)
+        max_relaxations=args.al_budget, allocation=args.allocation, samples=args.al_samples)
     # One RSS arm per target for every seed: same seed, same baseline study (surfdiff_core.stages.evaluate.rss_arm)
     put("evaluate", budget=args.budget, rss_budget=args.rss_budget, seed=args.rss_arm_seed,
         rss_study=f"sweep-{name}-{em}-rss")
