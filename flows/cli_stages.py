@@ -117,7 +117,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
                              [args.composition] if args.composition else None)
     for t in targets:  # validate every target (cell, composition, box) before any work
         target_system(cfg, t)
-    require_existing_store(cfg.store)  # its model is registered there: a missing store is not created empty
+    from surfdiff_core import pretrained
+
+    shipped = pretrained.find_shipped(args.model_id)
+    if shipped is not None:  # sampled directly: checked before a store is made for it
+        pretrained.check_fits(shipped, cfg)
+    else:
+        require_existing_store(cfg.store)  # its model is registered there: a missing store is not created empty
     check_store_writable(cfg)
     if scfg.inpaint is not None or scfg.seed_structure is not None:  # a bad source is one line before any work
         with open_study_store(cfg) as store:
@@ -293,6 +299,8 @@ def cmd_run(args: argparse.Namespace) -> int:
               + (f"; one-target all-in: {cost_phrase(r['one_target_all_in'])}" if "one_target_all_in" in r else ""))
     if result.get("evaluation_all_in"):  # the discovery flow's dict, when it passes the sweep's all-in on
         print(all_in_summary(result["evaluation_all_in"]))
+    for seg in result.get("phase_diagram") or []:
+        print(f"stable phase for Δμ {seg['dmu_min']:+.2f} .. {seg['dmu_max']:+.2f} eV: {seg['phase']}")
     for warning in result.get("warnings") or []:
         print(f"warning: {warning}", file=sys.stderr)
     outputs = result.get("outputs") or {}

@@ -96,9 +96,36 @@ def energy_model_key(name: str, settings: dict[str, Any] | None = None) -> str:
     return f"{name}:{digest}"
 
 
+def _registered_oracles() -> list[str]:
+    """The names of the oracle registry, the one list of energy models (imported when first needed: the registry
+    package pulls in ASE's builders, which a config that is only read does not need)."""
+    from surfdiff_core.oracles.registry import available_oracles
+
+    return available_oracles()
+
+
+def _oracle_choices(schema: dict[str, Any]) -> None:
+    """JSON-schema choices (a dropdown in typed forms such as the Prefect UI): the registry's names when the
+    schema is made, oracles registered by plugins included."""
+    schema["enum"] = _registered_oracles()
+
+
+def _check_oracle_name(value: str, what: str) -> str:
+    valid = _registered_oracles()
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+    return value
+
+
 class OracleConfig(_Strict):
-    name: Literal["emt", "chgnet", "sevennet", "gpaw", "vasp"] = "emt"
+    # Any name of the oracle registry (surfdiff_core/oracles/registry.py, or registered by a plugin).
+    name: str = Field("emt", json_schema_extra=_oracle_choices)
     settings: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        return _check_oracle_name(v, "oracle")
 
     @property
     def energy_model(self) -> str:
@@ -189,8 +216,13 @@ class TrainConfig(_Strict):
 
 
 class RelaxConfig(_Strict):
-    method: Literal["emt", "chgnet", "sevennet", "gpaw", "vasp"] = "emt"
+    method: str = Field("emt", json_schema_extra=_oracle_choices)  # an oracle of the registry, as oracle.name
     settings: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        return _check_oracle_name(v, "relaxation method")
 
     @property
     def energy_model(self) -> str:

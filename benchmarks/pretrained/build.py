@@ -73,8 +73,10 @@ def train_and_export(cfg, name: str, description: str, *, skip_rss: bool) -> Mod
             r = rss.run(cfg, store)
             print(f"RSS: {r.done} new, {r.skipped} reused", flush=True)
         res = train.run(cfg, store)
-        docs = list(store.find({"doc_id": {"$in": list(res.training_doc_ids)}}))
-    system = training_system(cfg)
+        system = training_system(cfg)
+        # every RSS relaxation the data cost, failed and out-of-box ones too (they were spent)
+        docs = list(store.find({"study": cfg.name, "source": "rss", "system_id": system.system_id,
+                                "energy_model": res.energy_models[0]}))
     lattice = cfg.substrate.lattice_constant
     lattice = float(lattice if lattice != "auto" else (resolve_lattice(cfg) or {})["a"])
     folder = SHIPPED_DIR / name
@@ -106,7 +108,8 @@ def train_and_export(cfg, name: str, description: str, *, skip_rss: bool) -> Mod
                           z_max=cfg.confinement.z_max, training_system_id=system.system_id),
         model=cfg.model.model_dump(mode="json"), train=cfg.train.model_dump(mode="json"),
         training_data={"study": cfg.name, "cell": str(cfg.rss.cell), "compositions": list(cfg.rss.compositions),
-                       "structures": len(docs), "n_train": res.n_train, "n_val": res.n_val,
+                       "structures": len(docs), "used": len(res.training_doc_ids), "n_train": res.n_train,
+                       "n_val": res.n_val,
                        "relaxer": {"fmax": cfg.rss.fmax, "steps": cfg.rss.steps, "optimizer": cfg.rss.optimizer},
                        **cost.as_dict()},
         epochs=res.epochs, validation=best_validation(res.history), checkpoint=main, committee=members,
@@ -115,10 +118,20 @@ def train_and_export(cfg, name: str, description: str, *, skip_rss: bool) -> Mod
     return card
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def built_record() -> dict:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "commit": commit,
-            "machine": f"{platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            "machine": f"{platform.node()}, {cpu_name()}, {os.cpu_count()} cores, "
                        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
             "command": shlex.join([Path(sys.executable).name, *sys.argv])}
 
@@ -180,8 +193,10 @@ def card_markdown(card: ModelCard) -> str:
              f"{s.z_min:g}–{s.z_max:g} Å above the top layer |",
              f"| elements | {', '.join(card.elements)} |",
              f"| energy model | {card.energy_model} |",
-             f"| training data | {d['structures']} RSS relaxations in {d['cell']} of {', '.join(d['compositions'])} "
-             f"({d['n_train']} train / {d['n_val']} validation); {d['force_calls']:.0f} oracle force calls, "
+             f"| training data | {d['structures']} RSS relaxations in {d['cell']} of {', '.join(d['compositions'])}, "
+             f"{d['used']} of them used (failed, out-of-box and above the energy window left out; with periodic "
+             f"tiles {d['n_train']} train / {d['n_val']} validation); all {d['structures']} charged: "
+             f"{d['force_calls']:.0f} oracle force calls, "
              f"{d['atom_force_calls']:.4g} atom-weighted |",
              f"| model | PaiNN {card.model['n_features']} features × {card.model['n_interactions']} interactions, "
              f"cutoff {card.model['cutoff']} Å; MLFF committee of {1 + len(card.committee)} |",

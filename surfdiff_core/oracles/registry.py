@@ -4,6 +4,10 @@ Each oracle has a fixed set of settings with defaults; unknown keys are errors s
 silently falls back to a default (and the settings hash, which keys caches, stays meaningful).
 Optional dependencies are imported only when an oracle is used, and a missing one gives one line
 naming the pip extra.
+
+The registry is the one list of energy models: the config's `oracle.name` and `relax.method`, the relaxation
+makers and the UI's choices all read it. A new in-process oracle is one `OracleSpec` entry in `_BUILTIN` below
+(plus its pip extra), or, from a plugin or a test, one `register_oracle(spec)` call (docs/extending.md).
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import importlib
 import importlib.util
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
@@ -36,6 +42,9 @@ class MissingExtraError(OracleError):
 
 @dataclass(frozen=True)
 class OracleSpec:
+    """One energy model. `factory` gets the resolved settings (defaults updated with the config's) and returns a
+    fresh ASE calculator; every key of `defaults` is a setting, and no other key is accepted."""
+
     name: str
     description: str
     module: str  # top-level package that must import for the oracle to work
@@ -43,6 +52,11 @@ class OracleSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     factory: Callable[[dict[str, Any]], Calculator] | None = None  # None: not an in-process calculator
     route: str = "ase"  # 'ase' (in-process ASE calculator) or 'jobflow' (atomate2 job only)
+    # The elements it can treat (a set, or a function giving one, called when asked); None: cannot tell.
+    elements: Iterable[str] | Callable[[], Iterable[str]] | None = None
+    # For a `model` setting that may name a weights file loaded with torch.load(weights_only=False): whether a
+    # value is packaged weights (True) or a file, which loads only with settings.trust_model_file: true.
+    packaged_model: Callable[[Any], bool] | None = None
 
     @property
     def in_process(self) -> bool:
@@ -80,9 +94,9 @@ def _sevennet_packaged(model: Any) -> bool:
 
 
 # Oracles whose `model` setting may name a file, which their packages load with torch.load(weights_only=False):
-# unpickling runs any code the file holds, so only packaged weights load unless the config trusts the file.
+# unpickling runs any code the file holds, so only packaged weights load unless the config trusts the file
+# (OracleSpec.packaged_model tells which values are packaged).
 TRUST_MODEL_FILE = "trust_model_file"
-_PACKAGED_MODEL: dict[str, Callable[[Any], bool]] = {"chgnet": _chgnet_packaged, "sevennet": _sevennet_packaged}
 
 
 def chgnet_task(properties: Iterable[str] | None) -> str:
@@ -182,40 +196,58 @@ VASP_SLAB_INCAR: dict[str, Any] = {
     "LVTOT": False,
 }
 
-_REGISTRY: dict[str, OracleSpec] = {
-    spec.name: spec
-    for spec in (
-        OracleSpec(
-            "emt", "ASE effective-medium theory (Al Cu Ag Au Ni Pd Pt; H C N O for testing)", "ase", None,
-            {"asap_cutoff": False}, _emt,
-        ),
-        OracleSpec(
-            "chgnet", "CHGNet universal potential, ASE calculator (weights shipped in the package)",
-            "chgnet", "chgnet", {"model": "0.3.0", "device": "cpu"}, _chgnet,
-        ),
-        OracleSpec(
-            "sevennet", "SevenNet universal potential, ASE calculator (weights shipped in the package)",
-            "sevenn", "sevennet", {"model": "7net-0", "device": "cpu", "modal": None}, _sevennet,
-        ),
-        OracleSpec(
-            "gpaw", "GPAW plane-wave DFT (small defaults for a tiny local slab)", "gpaw", "gpaw",
-            {
-                "ecut": 350.0, "kpts": None, "kpts_density": 3.0, "xc": "PBE", "smearing": "fermi-dirac",
-                "smearing_width": 0.1, "spinpol": False, "symmetry": "off", "convergence": None,
-                "maxiter": 333, "txt": None,
-            },
-            _gpaw,
-        ),
-        OracleSpec(
-            "vasp", "VASP through atomate2/custodian (jobflow route only)", "atomate2", "vasp",
-            {
-                "incar": {}, "kpts": None, "kpts_density": 3.0, "potcar_functional": "PBE_54",
-                "user_potcar_settings": {}, "run_vasp_kwargs": {}, "write_input_set_kwargs": {},
-            },
-            None, route="jobflow",
-        ),
-    )
-}
+
+def _emt_elements() -> frozenset[str]:
+    from ase.calculators.emt import parameters
+
+    return frozenset(parameters)
+
+
+def _chgnet_elements() -> frozenset[str]:
+    from ase.data import chemical_symbols
+
+    # CHGNet embeds atoms by atomic number in a table of 94 rows (H..Pu).
+    return frozenset(chemical_symbols[1:95])
+
+
+# The built-in oracles. SevenNet's species live in its checkpoint, GPAW's and VASP's in the installed setups and
+# POTCARs: surfdiff cannot tell theirs without running them (elements None).
+_BUILTIN: tuple[OracleSpec, ...] = (
+    OracleSpec(
+        "emt", "ASE effective-medium theory (Al Cu Ag Au Ni Pd Pt; H C N O for testing)", "ase", None,
+        {"asap_cutoff": False}, _emt, elements=_emt_elements,
+    ),
+    OracleSpec(
+        "chgnet", "CHGNet universal potential, ASE calculator (weights shipped in the package)",
+        "chgnet", "chgnet", {"model": "0.3.0", "device": "cpu"}, _chgnet, elements=_chgnet_elements,
+        packaged_model=_chgnet_packaged,
+    ),
+    OracleSpec(
+        "sevennet", "SevenNet universal potential, ASE calculator (weights shipped in the package)",
+        "sevenn", "sevennet", {"model": "7net-0", "device": "cpu", "modal": None}, _sevennet,
+        packaged_model=_sevennet_packaged,
+    ),
+    OracleSpec(
+        "gpaw", "GPAW plane-wave DFT (small defaults for a tiny local slab)", "gpaw", "gpaw",
+        {
+            "ecut": 350.0, "kpts": None, "kpts_density": 3.0, "xc": "PBE", "smearing": "fermi-dirac",
+            "smearing_width": 0.1, "spinpol": False, "symmetry": "off", "convergence": None,
+            "maxiter": 333, "txt": None,
+        },
+        _gpaw,
+    ),
+    OracleSpec(
+        "vasp", "VASP through atomate2/custodian (jobflow route only)", "atomate2", "vasp",
+        {
+            "incar": {}, "kpts": None, "kpts_density": 3.0, "potcar_functional": "PBE_54",
+            "user_potcar_settings": {}, "run_vasp_kwargs": {}, "write_input_set_kwargs": {},
+        },
+        None, route="jobflow",
+    ),
+)
+_REGISTRY: dict[str, OracleSpec] = {spec.name: spec for spec in _BUILTIN}
+_ROUTES = ("ase", "jobflow")
+_NAME = re.compile(r"[a-z][a-z0-9_-]{0,39}")
 
 
 # ---- public API -----------------------------------------------------------------------------------------
@@ -225,6 +257,50 @@ def available_oracles(installed_only: bool = False) -> list[str]:
     if installed_only:
         names = [n for n in names if importlib.util.find_spec(_REGISTRY[n].module) is not None]
     return names
+
+
+def register_oracle(spec: OracleSpec) -> None:
+    """Add an energy model (a plugin's, a test's): from now on configs, relaxations and the UI's choices accept
+    `spec.name`. It is known to this process only: worker processes (rss.workers > 1) and cluster jobs see it
+    when the module that registers it is imported there too, so a built-in oracle belongs in `_BUILTIN`."""
+    if not isinstance(spec, OracleSpec):
+        raise OracleError(f"register_oracle takes an OracleSpec, got {type(spec).__name__}")
+    if not isinstance(spec.name, str) or not _NAME.fullmatch(spec.name):
+        raise OracleError(f"oracle name {spec.name!r}: lowercase letters, digits, '-' and '_', starting with a "
+                          f"letter, at most 40 characters")
+    if spec.name in _REGISTRY:
+        raise OracleError(f"oracle {spec.name!r} is already registered ({_REGISTRY[spec.name].description})")
+    if spec.route not in _ROUTES:
+        raise OracleError(f"oracle {spec.name!r}: route must be one of {list(_ROUTES)}, got {spec.route!r}")
+    if spec.route == "ase" and spec.factory is None:
+        raise OracleError(f"oracle {spec.name!r}: an in-process ('ase' route) oracle needs a factory")
+    if TRUST_MODEL_FILE in spec.defaults:
+        raise OracleError(f"oracle {spec.name!r}: {TRUST_MODEL_FILE!r} is not a setting of its own (see "
+                          f"OracleSpec.packaged_model)")
+    try:
+        _jsonable(spec.defaults)  # the settings hash that keys caches needs plain JSON values
+    except OracleError as exc:
+        raise OracleError(f"oracle {spec.name!r}: default {exc}") from None
+    _REGISTRY[spec.name] = spec
+
+
+def unregister_oracle(name: str) -> OracleSpec:
+    """Remove an oracle added with `register_oracle` (the built-in ones stay); returns its spec."""
+    spec = get_oracle_spec(name)
+    if any(b.name == name for b in _BUILTIN):
+        raise OracleError(f"oracle {name!r} is built in and cannot be unregistered")
+    return _REGISTRY.pop(name, spec)
+
+
+@contextmanager
+def registered_oracle(spec: OracleSpec) -> Iterator[OracleSpec]:
+    """`spec` registered for the duration of a with-block (tests, notebooks)."""
+    register_oracle(spec)
+    try:
+        yield spec
+    finally:
+        if _REGISTRY.get(spec.name) is spec:
+            del _REGISTRY[spec.name]
 
 
 def get_oracle_spec(name: str) -> OracleSpec:
@@ -239,7 +315,7 @@ def resolve_settings(name: str, settings: Mapping[str, Any] | None = None) -> di
     that the settings do not trust (see TRUST_MODEL_FILE)."""
     spec = get_oracle_spec(name)
     settings = dict(settings or {})
-    allowed = set(spec.defaults) | ({TRUST_MODEL_FILE} if name in _PACKAGED_MODEL else set())
+    allowed = set(spec.defaults) | ({TRUST_MODEL_FILE} if spec.packaged_model is not None else set())
     unknown = sorted(set(settings) - allowed)
     if unknown:
         valid = ", ".join(sorted(allowed)) or "(none)"
@@ -247,18 +323,19 @@ def resolve_settings(name: str, settings: Mapping[str, Any] | None = None) -> di
         raise OracleError(f"unknown setting(s) {keys} for oracle {name!r}; valid: {valid}")
     resolved = {k: _copy_default(v) for k, v in spec.defaults.items()}
     resolved.update(settings)
-    _check_model_file(name, resolved)
+    _check_model_file(spec, resolved)
     return resolved
 
 
-def _check_model_file(name: str, resolved: Mapping[str, Any]) -> None:
-    if name not in _PACKAGED_MODEL:
+def _check_model_file(spec: OracleSpec, resolved: Mapping[str, Any]) -> None:
+    if spec.packaged_model is None:
         return
+    name = spec.name
     trusted = resolved.get(TRUST_MODEL_FILE, False)
     if not isinstance(trusted, bool):
         raise OracleError(f"oracle {name!r}: settings.{TRUST_MODEL_FILE} must be true or false, got {trusted!r}")
     model = resolved.get("model")
-    if _PACKAGED_MODEL[name](model):
+    if spec.packaged_model(model):
         _check_packaged_name(name, model)
         return
     if trusted:
@@ -290,17 +367,10 @@ def _check_packaged_name(name: str, model: Any) -> None:
 def supported_elements(name: str) -> frozenset[str] | None:
     """The elements oracle `name` can treat, or None where surfdiff cannot tell without running it (SevenNet's
     species live in its checkpoint, GPAW's and VASP's in the installed setups and POTCARs)."""
-    get_oracle_spec(name)
-    if name == "emt":
-        from ase.calculators.emt import parameters
-
-        return frozenset(parameters)
-    if name == "chgnet":
-        from ase.data import chemical_symbols
-
-        # CHGNet embeds atoms by atomic number in a table of 94 rows (H..Pu).
-        return frozenset(chemical_symbols[1:95])
-    return None
+    elements = get_oracle_spec(name).elements
+    if elements is None:
+        return None
+    return frozenset(elements() if callable(elements) else elements)
 
 
 def check_elements(name: str, elements: Mapping[str, Iterable[str]]) -> None:

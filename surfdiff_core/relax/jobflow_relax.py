@@ -1,4 +1,8 @@
-"""Relaxation of candidate slabs through jobflow + atomate2 (EMT, CHGNet, SevenNet, GPAW, VASP).
+"""Relaxation of candidate slabs through jobflow + atomate2, with any oracle of the registry.
+
+Every in-process oracle (EMT, CHGNet, SevenNet, GPAW, and any registered later) relaxes in an atomate2 ASE job
+with the calculator the registry builds; CHGNet/SevenNet in atomate2's force-field job, GPAW with its k-points
+made per structure. VASP (the jobflow route) has its own maker.
 
 One atomate2 job per candidate, so the same flow runs locally (`run_relax_flow`) or on a cluster
 (jobflow-remote). Substrate atoms to hold are marked by the pymatgen site property
@@ -24,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from atomate2.ase.jobs import AseRelaxMaker, EmtRelaxMaker
+from atomate2.ase.jobs import AseRelaxMaker
 from atomate2.forcefields.jobs import ForceFieldRelaxMaker
 from jobflow import Flow, Job, JobStore, run_locally
 from maggma.core import Store
@@ -35,7 +39,9 @@ from threadpoolctl import threadpool_limits
 from surfdiff_core.oracles import (
     VASP_SLAB_INCAR,
     OracleError,
+    available_oracles,
     get_calculator,
+    get_oracle_spec,
     gpaw_parameters,
     kpts_from_cell,
     require_oracle,
@@ -49,9 +55,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("emt", "chgnet", "sevennet", "gpaw", "vasp")
 RELAX_DEFAULTS: dict[str, Any] = {"fmax": 0.05, "steps": 200, "optimizer": "BFGS"}
+# In-process oracles that relax in atomate2's force-field job (its documents name the force field); every other
+# in-process oracle relaxes in OracleRelaxMaker, GPAW in GpawRelaxMaker.
 _FORCE_FIELD_NAMES = {"chgnet": "CHGNet", "sevennet": "SevenNet"}
+# Oracles of the jobflow route, each with the function making its maker for one structure (see _vasp_maker).
+_JOBFLOW_MAKERS = ("vasp",)
 _SLAB_PBC = (True, True, False)  # the third cell vector is the surface normal: 1 k-point along it
 # jobflow.managers.local logs a failed job as "<job name> failed with exception:\n<traceback>".
 _FAILED_MARK = " failed with exception:\n"
@@ -80,7 +89,32 @@ class RelaxOutcome:
         return self.job_uuid
 
 
+def relax_methods() -> tuple[str, ...]:
+    """The relaxation methods: every oracle of the registry (read when asked, so registered ones count)."""
+    return tuple(available_oracles())
+
+
+def __getattr__(name: str) -> Any:
+    if name == "METHODS":  # the registry's names now, not when this module was imported
+        return relax_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # ---- makers ---------------------------------------------------------------------------------------------
+@dataclass
+class OracleRelaxMaker(AseRelaxMaker):
+    """atomate2's ASE relaxation with the calculator of any in-process oracle of the registry (built from the
+    resolved settings by its factory). Cell fixed: slabs keep the substrate's in-plane cell."""
+
+    name: str = "surfdiff oracle relax"
+    oracle: str = "emt"
+    oracle_settings: dict = field(default_factory=dict)
+    relax_cell: bool = False
+
+    def _get_calculator(self) -> Calculator:
+        return get_calculator(self.oracle, **self.oracle_settings)
+
+
 @dataclass
 class OracleForceFieldRelaxMaker(ForceFieldRelaxMaker):
     """atomate2's force-field relaxation with the calculator built by the surfdiff oracle registry.
@@ -130,9 +164,11 @@ class GpawRelaxMaker(AseRelaxMaker):
 def _split_settings(method: str, settings: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(relaxation settings, resolved oracle settings); unknown keys raise OracleError."""
     settings = dict(settings or {})
-    if method == "vasp" and "optimizer" in settings:
-        raise OracleError("setting 'optimizer' does not apply to vasp (set IBRION through settings['incar'])")
-    relax_keys = ("fmax", "steps") if method == "vasp" else tuple(RELAX_DEFAULTS)
+    in_process = get_oracle_spec(method).in_process
+    if not in_process and "optimizer" in settings:
+        hint = " (set IBRION through settings['incar'])" if method == "vasp" else ""
+        raise OracleError(f"setting 'optimizer' does not apply to {method}{hint}")
+    relax_keys = tuple(RELAX_DEFAULTS) if in_process else ("fmax", "steps")
     relax = {k: settings.pop(k, RELAX_DEFAULTS[k]) for k in relax_keys}
     if float(relax["fmax"]) <= 0 or int(relax["steps"]) < 0:
         raise OracleError("relaxation settings need fmax > 0 and steps >= 0")
@@ -186,17 +222,19 @@ def _ase_maker(method: str, relax: dict[str, Any], oracle_settings: dict[str, An
         "relax_kwargs": {"fmax": float(relax["fmax"])},
         "optimizer_kwargs": {"optimizer": relax["optimizer"]},
     }
-    if method == "emt":
-        return EmtRelaxMaker(calculator_kwargs=dict(oracle_settings), **common)
     if method == "gpaw":
         return GpawRelaxMaker(gpaw_settings=dict(oracle_settings), **common)
-    return OracleForceFieldRelaxMaker(
-        name=f"{_FORCE_FIELD_NAMES[method]} relaxation",
-        force_field_name=_FORCE_FIELD_NAMES[method],
-        oracle=method,
-        oracle_settings=dict(oracle_settings),
-        **common,
-    )
+    if method in _FORCE_FIELD_NAMES:
+        return OracleForceFieldRelaxMaker(
+            name=f"{_FORCE_FIELD_NAMES[method]} relaxation",
+            force_field_name=_FORCE_FIELD_NAMES[method],
+            oracle=method,
+            oracle_settings=dict(oracle_settings),
+            **common,
+        )
+    # Any other in-process oracle (EMT, one registered later): the registry's calculator in atomate2's ASE job.
+    return OracleRelaxMaker(name=f"{method} relaxation", oracle=method, oracle_settings=dict(oracle_settings),
+                            **common)
 
 
 def make_relax_flow(
@@ -212,12 +250,17 @@ def make_relax_flow(
     of VASP_SLAB_INCAR, 'kpts' or 'kpts_density', 'potcar_functional', 'user_potcar_settings',
     'run_vasp_kwargs', 'write_input_set_kwargs').
     """
-    if method not in METHODS:
-        raise OracleError(f"unknown relaxation method {method!r}; valid: {', '.join(METHODS)}")
+    methods = relax_methods()
+    if method not in methods:
+        raise OracleError(f"unknown relaxation method {method!r}; valid: {', '.join(methods)}")
+    spec = get_oracle_spec(method)
+    if not spec.in_process and method not in _JOBFLOW_MAKERS:
+        raise OracleError(f"oracle {method!r} has no relaxation maker: a jobflow-route oracle needs one in "
+                          f"surfdiff_core/relax/jobflow_relax.py")
     require_oracle(method)  # one clear line now rather than a failed job per structure later
     relax, resolved = _split_settings(method, settings)
     # ASE-based methods share one maker; VASP needs one per structure (k-points from each cell).
-    ase_maker = None if method == "vasp" else _ase_maker(method, relax, resolved)
+    ase_maker = _ase_maker(method, relax, resolved) if spec.in_process else None
 
     jobs: list[Job] = []
     for index, item in enumerate(structures):
