@@ -259,7 +259,7 @@ def test_replaced_option_says_what_replaced_it(tmp_path):
     assert r.returncode == 2 and "replaced by --model-id" in r.stderr and "Traceback" not in r.stderr
 
 
-# Allowed directions between the top-level parts of the tree (README, "Layout"): the library stands alone,
+# Allowed directions between the top-level parts of the tree (docs/reference.md, "Layout"): the library stands alone,
 # deploy/ (HPC, serving) builds on the library only, flows/ (Prefect, the CLI) on both; nothing points back.
 ALLOWED_LAYERS = {"surfdiff_core": {"surfdiff_core"}, "deploy": {"surfdiff_core", "deploy"},
                   "flows": {"surfdiff_core", "deploy", "flows"}}
