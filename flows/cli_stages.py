@@ -17,9 +17,9 @@ from surfdiff_core.errors import ConfigError, SurfdiffError
 def cmd_rss(args: argparse.Namespace) -> int:
     from deploy.slurm import executor_for
     from surfdiff_core.config import with_overrides
-    from surfdiff_core.rss import resolve_lattice, systems_for
     from surfdiff_core.stages import rss
     from surfdiff_core.stages.common import check_store_writable, open_study_store
+    from surfdiff_core.system_build import resolve_lattice, systems_for
 
     cfg = load_study(args.config, args.store)
     # Every option through the config model (ranges, seeds >= 0, the size bound): one line naming it.
@@ -153,10 +153,10 @@ def cmd_relax(args: argparse.Namespace) -> int:
     from deploy.slurm import executor_for
     from surfdiff_core.config import with_overrides
     from surfdiff_core.query import require_existing_store
-    from surfdiff_core.rss import check_oracle_support
     from surfdiff_core.stages import relax
     from surfdiff_core.stages.common import check_store_writable, open_study_store
     from surfdiff_core.sweep import sweep_compositions
+    from surfdiff_core.system_build import check_oracle_support
 
     cfg = load_study(args.config, args.store)
     rcfg = with_overrides(cfg.relax, {"top_k": args.top_k, "method": args.method})

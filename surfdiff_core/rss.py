@@ -15,7 +15,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from surfdiff_core.composition import parse_composition
 from surfdiff_core.config import SurfdiffConfig, with_overrides
 from surfdiff_core.errors import ConfigError, SurfdiffError
 from surfdiff_core.lifetime import die_with_parent
@@ -32,7 +31,8 @@ from surfdiff_core.retry import PriorFailure, attempt_meta, plan_work
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
 from surfdiff_core.store.claims import WorkQueue, claim_board
 from surfdiff_core.store.documents import atoms_to_structure_dict, frames_from_arrays
-from surfdiff_core.system import SurfaceSystem, build_system
+from surfdiff_core.system import SurfaceSystem
+from surfdiff_core.system_build import resolve_lattice, systems_for
 
 
 @dataclass(frozen=True)
@@ -61,44 +61,6 @@ class RSSReport:
     @property
     def per_minute(self) -> float:
         return 60.0 * self.done / self.wall_time if self.wall_time > 0 else 0.0
-
-
-def check_oracle_support(cfg: SurfdiffConfig, compositions: Iterable[str] = (), *, method: str | None = None,
-                         settings: dict[str, Any] | None = None) -> None:
-    """Before anything runs: the energy model (the oracle, or `method` with `settings`) has valid settings and can
-    treat the substrate and every element of `compositions` (one line naming what it cannot)."""
-    from surfdiff_core.oracles import check_elements, resolve_settings
-
-    name = method or cfg.oracle.name
-    resolve_settings(name, cfg.oracle.settings if method is None else settings)
-    check_elements(name, {"substrate.element": [cfg.substrate.element],
-                          **{f"composition {c}": list(parse_composition(c)) for c in compositions}})
-
-
-def resolve_lattice(cfg: SurfdiffConfig) -> dict[str, float] | None:
-    """Relaxed bulk lattice constant of the oracle when lattice_constant is 'auto' (cached on disk)."""
-    check_oracle_support(cfg)
-    if cfg.substrate.lattice_constant != "auto":
-        return None
-    from surfdiff_core.oracles import bulk_lattice_constant
-
-    crystal = "hcp" if cfg.substrate.facet == "hcp0001" else "fcc"
-    if cfg.oracle.name == "vasp":  # VASP runs on HPC only: give lattice_constant explicitly there
-        from surfdiff_core.errors import ConfigError
-
-        raise ConfigError("lattice_constant 'auto' needs a local oracle; with oracle 'vasp' give a number")
-    return bulk_lattice_constant(cfg.substrate.element, crystal, cfg.oracle.name, cfg.oracle.settings)
-
-
-def systems_for(cfg: SurfdiffConfig, cell: Any, compositions: list[str], lattice: dict | None) -> dict:
-    check_oracle_support(cfg, compositions)
-    return {
-        c: build_system(
-            cfg.substrate, cfg.confinement, cell, c, lattice=lattice,
-            min_distance_scale=cfg.rss.min_distance_scale,
-        )
-        for c in compositions
-    }
 
 
 def plan_tasks(cfg: SurfdiffConfig, systems: dict[str, SurfaceSystem], n: int, seed: int) -> list[RSSTask]:

@@ -8,7 +8,7 @@ from surfdiff_core.config import load_config
 from surfdiff_core.errors import SurfdiffError
 from surfdiff_core.stages import active, evaluate, rss, sample, train
 from surfdiff_core.stages.common import model_registry, open_study_store, training_system
-from surfdiff_core.train.trainer import load_checkpoint
+from surfdiff_core.train.checkpoint import load_checkpoint
 from tests.conftest import TINY_CONFIG
 
 

@@ -31,7 +31,7 @@ def _check_two_studies(cfg_a, cfg_b, result_a: dict, result_b: dict) -> None:
     """Each study's training data, candidates, relaxations and query defaults are its own."""
     from surfdiff_core.query import build_criteria, query_docs
     from surfdiff_core.stages.common import model_registry, open_study_store
-    from surfdiff_core.train.trainer import load_checkpoint
+    from surfdiff_core.train.checkpoint import load_checkpoint
 
     with open_study_store(cfg_a) as store:
         for cfg, result in ((cfg_a, result_a), (cfg_b, result_b)):

@@ -15,9 +15,10 @@ import pytest
 
 from flows.cli import main
 from surfdiff_core.config import load_config
-from surfdiff_core.rss import plan_tasks, resolve_lattice, systems_for
+from surfdiff_core.rss import plan_tasks
 from surfdiff_core.stages.common import open_study_store
 from surfdiff_core.store.claims import ClaimBoard, MongoClaims, SqliteClaims, WorkQueue, claim_board
+from surfdiff_core.system_build import resolve_lattice, systems_for
 from tests.conftest import TINY_CONFIG
 from tests.test_lifetime import stored
 

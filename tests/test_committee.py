@@ -15,7 +15,7 @@ from surfdiff_core.ml.models import ModelSpec, SurfaceModel
 from surfdiff_core.relax.mlff import mlff_relax
 from surfdiff_core.stages import active, rss, sample, train
 from surfdiff_core.stages.common import model_registry, open_study_store, training_energy_models, training_system
-from surfdiff_core.train.trainer import load_checkpoint
+from surfdiff_core.train.checkpoint import load_checkpoint
 from tests.conftest import TINY_CONFIG
 from tests.test_painn import _two_slabs
 

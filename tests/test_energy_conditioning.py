@@ -136,8 +136,8 @@ def conditioned_study(tmp_path_factory):
 def test_conditioned_study_trains_and_samples_at_a_target_energy(conditioned_study):
     from surfdiff_core.stages import sample
     from surfdiff_core.stages.common import training_system
+    from surfdiff_core.train.checkpoint import load_checkpoint
     from surfdiff_core.train.data import DataScope, load_samples
-    from surfdiff_core.train.trainer import load_checkpoint
 
     cfg, store, model = conditioned_study
     loaded = load_checkpoint(model.checkpoint)
@@ -183,7 +183,7 @@ def test_unconditioned_model_ids_ignore_the_conditioning_settings(tmp_path):
 
 def test_checkpoints_from_before_energy_conditioning_still_fine_tune(tmp_path):
     from surfdiff_core.errors import SurfdiffError
-    from surfdiff_core.train.trainer import warm_start
+    from surfdiff_core.train.checkpoint import warm_start
 
     plain = ModelSpec(**{**SPEC.to_dict(), "energy_features": 0})
     old = SurfaceModel(plain)

@@ -93,7 +93,7 @@ def test_a_flow_model_trains_samples_and_refuses_diffusion_samplers(tmp_path):
     from surfdiff_core.sample.generate import generate
     from surfdiff_core.stages import rss, sample, train
     from surfdiff_core.stages.common import open_study_store, target_system
-    from surfdiff_core.train.trainer import load_checkpoint
+    from surfdiff_core.train.checkpoint import load_checkpoint
 
     path = tmp_path / "flow.yaml"
     text = TINY_CONFIG.replace("STORE", str(tmp_path / "store"))

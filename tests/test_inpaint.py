@@ -171,7 +171,8 @@ def test_start_at_grid_and_steps() -> None:
 def tiny_study():
     """The tiny test study's config, its Ag2O2 p(2x2) target and an untrained model of it (plumbing only)."""
     from surfdiff_core.stages.common import target_system
-    from surfdiff_core.train.trainer import LoadedModel, make_model, make_process
+    from surfdiff_core.train.checkpoint import LoadedModel
+    from surfdiff_core.train.trainer import make_model, make_process
     from tests.conftest import TINY_CONFIG
 
     cfg = config_from_dict(yaml.safe_load(TINY_CONFIG.replace("STORE", "unused")))

@@ -13,7 +13,8 @@ from surfdiff_core.config import SampleTarget, load_config
 from surfdiff_core.sample.generate import generate
 from surfdiff_core.stages import relax, rss, sample, train
 from surfdiff_core.stages.common import open_study_store, target_system
-from surfdiff_core.train.trainer import _losses, load_checkpoint, make_model, make_process
+from surfdiff_core.train.checkpoint import load_checkpoint
+from surfdiff_core.train.trainer import _losses, make_model, make_process
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +159,7 @@ def test_guided_samples_have_lower_mlff_energy(trained):
     """Guidance follows the MLFF's own forces, so from the same seed it must end lower in MLFF energy.
     An untrained model scaled to forces of order 1 eV/Å (the 3-epoch one is too flat to show it)."""
     cfg, _, summary = trained
-    from surfdiff_core.train.trainer import LoadedModel
+    from surfdiff_core.train.checkpoint import LoadedModel
 
     torch.manual_seed(0)
     model = make_model(cfg.model, [8, 47])

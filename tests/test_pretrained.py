@@ -46,7 +46,7 @@ def study(tmp_path, name="ft", *, element="Ag", facet="fcc111", z_max=5.5, oracl
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_checkpoints_match_their_cards(name):
-    from surfdiff_core.train.trainer import load_checkpoint
+    from surfdiff_core.train.checkpoint import load_checkpoint
 
     card = pretrained.find_shipped(name)
     assert card is not None, f"{name} is not shipped"

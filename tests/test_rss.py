@@ -9,9 +9,10 @@ import pytest
 from ase.geometry import get_distances
 
 from surfdiff_core.config import StoreConfig, config_from_dict
-from surfdiff_core.rss import run_rss, systems_for
+from surfdiff_core.rss import run_rss
 from surfdiff_core.store import open_store
 from surfdiff_core.system import min_distance_matrix
+from surfdiff_core.system_build import systems_for
 
 
 def _cfg(**rss):

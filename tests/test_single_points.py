@@ -15,8 +15,8 @@ from surfdiff_core.stages import active, evaluate, rss, sample, train
 from surfdiff_core.stages.common import open_study_store
 from surfdiff_core.store import StructureDoc
 from surfdiff_core.train import trainer
+from surfdiff_core.train.checkpoint import load_checkpoint
 from surfdiff_core.train.data import DataScope, load_samples
-from surfdiff_core.train.trainer import load_checkpoint
 from tests.conftest import TINY_CONFIG
 
 AL = "active_learning: {rounds: 1, relax_per_round: 1, single_points_per_round: 3, epochs: 2}\n"

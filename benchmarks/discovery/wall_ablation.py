@@ -28,7 +28,7 @@ from surfdiff_core.oracles.registry import get_calculator  # noqa: E402
 from surfdiff_core.relax.ase_relax import relax_atoms  # noqa: E402
 from surfdiff_core.sample.generate import generate  # noqa: E402
 from surfdiff_core.stages.common import target_system  # noqa: E402
-from surfdiff_core.train.trainer import load_checkpoint  # noqa: E402
+from surfdiff_core.train.checkpoint import load_checkpoint  # noqa: E402
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ def phase_references(cfg: SurfdiffConfig, calculator: Calculator, systems: Itera
                      known: PhaseReferences | None = None) -> PhaseReferences:
     """References for every system (a `known` set is extended, never recomputed)."""
     from surfdiff_core.evaluate.phase import bulk_energy_per_atom, clean_slab_energy, molecule_energy
-    from surfdiff_core.rss import resolve_lattice
+    from surfdiff_core.system_build import resolve_lattice
 
     ev = cfg.evaluate
     systems = list(systems)

@@ -116,7 +116,7 @@ def verify(card: ModelCard) -> None:
 
 
 def lattice_of(cfg: SurfdiffConfig) -> float:
-    from surfdiff_core.rss import resolve_lattice
+    from surfdiff_core.system_build import resolve_lattice
 
     if cfg.substrate.lattice_constant != "auto":
         return float(cfg.substrate.lattice_constant)

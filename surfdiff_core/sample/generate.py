@@ -31,7 +31,7 @@ from surfdiff_core.sample.conditioning import Conditioning, id_parts, make_sampl
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
 from surfdiff_core.store.documents import atoms_to_structure_dict
 from surfdiff_core.system import SurfaceSystem
-from surfdiff_core.train.trainer import LoadedModel
+from surfdiff_core.train.checkpoint import LoadedModel
 
 
 @dataclass

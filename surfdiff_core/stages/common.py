@@ -99,7 +99,7 @@ def new_run_id() -> str:
 
 
 def target_system(cfg: SurfdiffConfig, target: SampleTarget) -> SurfaceSystem:
-    from surfdiff_core.rss import resolve_lattice, systems_for
+    from surfdiff_core.system_build import resolve_lattice, systems_for
 
     return systems_for(cfg, target.cell, [target.composition], resolve_lattice(cfg))[target.composition]
 
@@ -118,7 +118,7 @@ def sample_targets(cfg: SurfdiffConfig, cells: list[str] | None = None,
         return [SampleTarget(cell=c, composition=comp) for c in cells for comp in compositions]
     targets = list(cfg.sample.targets)
     if cfg.sample.sweep is not None:
-        from surfdiff_core.rss import resolve_lattice
+        from surfdiff_core.system_build import resolve_lattice
 
         expansion = expand_sweep(cfg.sample.sweep, cfg.substrate, cfg.confinement, lattice=resolve_lattice(cfg),
                                  min_distance_scale=cfg.rss.min_distance_scale)

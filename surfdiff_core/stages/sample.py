@@ -76,7 +76,8 @@ def sample_one(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, m
                scfg: SampleConfig | None = None, run_id: str, progress: bool = True,
                device: str | None = None) -> TargetSamples:
     from surfdiff_core.sample.generate import sample_into_store
-    from surfdiff_core.train.trainer import load_checkpoint, pick_device
+    from surfdiff_core.train.checkpoint import load_checkpoint
+    from surfdiff_core.train.trainer import pick_device
 
     scfg = scfg or cfg.sample
     dev = pick_device(device or scfg.device)

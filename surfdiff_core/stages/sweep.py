@@ -47,7 +47,7 @@ def expand_sweep(sweep: SweepConfig, substrate: SubstrateConfig, confinement: Co
                  lattice: dict[str, float] | None = None, min_distance_scale: float = 0.75) -> SweepExpansion:
     """Every target of the sweep, built and checked: targets outside atoms_per_area are dropped; one that
     cannot fit its confinement box is refused with one line naming it (ConfigError). `lattice` resolves
-    lattice_constant 'auto' (surfdiff_core.rss.resolve_lattice)."""
+    lattice_constant 'auto' (surfdiff_core.system_build.resolve_lattice)."""
     plan = plan_sweep(sweep, substrate.facet)
     out = SweepExpansion(planned=len(plan))
     systems: dict[str, SurfaceSystem] = {}  # one slab per cell; each composition is checked against it

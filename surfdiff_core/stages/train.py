@@ -32,7 +32,8 @@ def sample_validity_check(cfg: SurfdiffConfig, checkpoint: str, *, n_train: int,
     from surfdiff_core.config import SampleTarget
     from surfdiff_core.sample.generate import generate
     from surfdiff_core.stages.common import sample_targets, target_system
-    from surfdiff_core.train.trainer import load_checkpoint, pick_device
+    from surfdiff_core.train.checkpoint import load_checkpoint
+    from surfdiff_core.train.trainer import pick_device
 
     firsts = cfg.sample.targets or (sample_targets(cfg)[:1] if cfg.sample.sweep else [])  # the sweep's first
     target = (firsts or [SampleTarget(cell=cfg.rss.cell, composition=cfg.rss.compositions[0])])[0]
