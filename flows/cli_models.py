@@ -72,9 +72,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.config or args.store:
         print(f"registered in {where}:")
         for r in registered:
+            shipped = r["study"] is None and r["pretrained"]
             role = f"member of {r['member_of']}" if r["member_of"] else (
-                f"round {r['round']}" if r["round"] is not None else "trained")
-            origin = f", from {r['pretrained']}" if r["pretrained"] else ""
+                f"round {r['round']}" if r["round"] is not None else "shipped" if shipped else "trained")
+            origin = f", {'is' if shipped else 'from'} {r['pretrained']}" if r["pretrained"] else ""
             best = "-" if r["best_val"] is None else f"{r['best_val']:.4f}"
             print(f"  {r['model_id']} [{role}{origin}] study {r['study'] or '(shipped)'}, {r['system_id']}, "
                   f"{','.join(r['energy_models'])}, {r['epochs']} epochs, best validation {best}")

@@ -191,4 +191,4 @@ def test_models_command_lists_shipped_and_registered(tmp_path, capsys, lattice_c
     pretrained.register(pretrained.find_shipped("emt-ag111-o"), cfg)
     assert main(["models", "--config", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "emt-ag111-o" in out and "from emt-ag111-o" in out and "(shipped)" in out
+    assert "[shipped, is emt-ag111-o]" in out and "(shipped)" in out
