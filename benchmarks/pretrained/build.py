@@ -208,16 +208,19 @@ def card_markdown(card: ModelCard) -> str:
              ""]
     m = card.discovery
     if m:
+        def g(x) -> str:
+            return "-" if x is None else f"{x:.3g}"
+
         reached = (f"RSS's best reached at relaxation {m['generative_to_reach']} (RSS expects "
-                   f"{m['rss_expected_to_reach']}): {m['ratio_relaxations']}× fewer relaxations, "
-                   f"{m['ratio_atom_weighted']}× atom-weighted" if m["reached"] else
+                   f"{g(m['rss_expected_to_reach'])}): {g(m['ratio_relaxations'])}× fewer relaxations, "
+                   f"{g(m['ratio_atom_weighted'])}× atom-weighted" if m["reached"] else
                    "RSS's best not reached (within 0.05 eV)")
         lines += ["## Measured with it (no training: the shipped model sampled directly)\n",
                   f"{m['target']}: {m['valid']} of {m['samples']} samples valid ({m['validity']:.0%}), "
                   f"uniqueness {m['unique']}; the best {m['budget']} distinct in MLFF rank order relaxed with "
                   f"{card.energy_model}: best {m['best_surfdiff_eV']} eV against RSS's {m['best_rss_eV']} eV in "
                   f"{m['rss_budget']} relaxations in that cell; {reached}; one-target all-in (the whole training "
-                  f"data charged to this one target): {m.get('one_target_all_in')}×; median BFGS steps "
+                  f"data charged to this one target): {g(m.get('one_target_all_in'))}×; median BFGS steps "
                   f"{m['median_steps'][0]} vs {m['median_steps'][1]}; MLFF/oracle rank correlation "
                   f"{m['mlff_rank_correlation']}.\n",
                   f"Measured {m['measured']['date']} on {m['measured']['machine']}: `{m['measured']['command']}`\n"]
@@ -239,6 +242,7 @@ def main() -> int:
     p.add_argument("--rss-n", type=int, default=None, help="RSS structures (default rss.n of the recipe)")
     p.add_argument("--skip-rss", action="store_true", help="train on the RSS data already in the store")
     p.add_argument("--measure", action="store_true", help="measure the shipped model instead of building it")
+    p.add_argument("--card-only", action="store_true", help="rewrite card.md from card.json, run nothing")
     p.add_argument("--rss-arm-ahead", action="store_true", help="run only the measurement's RSS arm")
     p.add_argument("--target", default="Ag12O6 p(4x4)", help="'COMPOSITION CELL' to measure in")
     p.add_argument("--samples", type=int, default=64)
@@ -249,6 +253,11 @@ def main() -> int:
     cfg = study_config(a.config, workdir, a.store)
     if a.rss_n is not None:
         cfg = cfg.model_copy(update={"rss": cfg.rss.model_copy(update={"n": a.rss_n})})
+    if a.card_only:
+        from surfdiff_core.pretrained import find_shipped
+
+        write_card(find_shipped(a.name))
+        return 0
     if a.rss_arm_ahead:
         rss_arm_ahead(cfg, a.target, a.rss_budget)
         return 0
