@@ -2,8 +2,9 @@
 
 `SlurmSettings` come from a YAML file of flat keys (deploy/hpc/slurm.yaml) with SURFDIFF_HPC_* variables
 above it. No secrets: the Mongo URI and friends stay in the environment, which sbatch hands to the jobs.
-`python -m deploy.hpc train|sample CONFIG` runs training or sampling as one Slurm job on a GPU (the `gres`);
-the RSS and relaxations fan out through deploy/slurm.py (`surfdiff run CONFIG --executor slurm`).
+One route uses them: `surfdiff rss|train|sample|relax|run CONFIG --executor slurm --hpc-settings FILE`
+(deploy/slurm.py: RSS and relaxations fan out, training and sampling are one job each on a GPU, the `gres`).
+`python -m deploy.hpc settings --settings FILE` prints what the jobs will get.
 """
 
 from __future__ import annotations
@@ -170,46 +171,40 @@ def job_parameters(s: SlurmSettings, kind: JobKind) -> dict[str, Any]:
     return {k: v for k, v in p.items() if v is not None}
 
 
-
-
-# ---- command line: training and sampling as a GPU job ------------------------------------------------------
+# ---- command line: the resolved settings ---------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    """`python -m deploy.hpc settings [--settings FILE]` prints the settings the jobs get. `train|sample` were
+    replaced by `surfdiff train|sample CONFIG --executor slurm --hpc-settings FILE`: one line naming it, exit 2."""
     import argparse
+    import shlex
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []  # arguments of the surfdiff command itself
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []  # the old route's arguments of the surfdiff command
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(prog="python -m deploy.hpc", description="surfdiff train|sample as a Slurm GPU job",
-                                epilog="example: python -m deploy.hpc sample configs/demo.yaml "
-                                       "--settings deploy/hpc/slurm.yaml -- --n 64")
-    p.add_argument("kind", choices=["train", "sample", "settings"], help="'settings' prints the resolved settings")
+    p = argparse.ArgumentParser(prog="python -m deploy.hpc", description="the HPC settings of the Slurm route",
+                                epilog="training and sampling on Slurm: surfdiff train|sample CONFIG --executor slurm "
+                                       "--hpc-settings FILE (see deploy/README.md)")
+    p.add_argument("kind", choices=["settings", "train", "sample"], help="'settings' prints the resolved settings")
     p.add_argument("config", nargs="?", default=None)
     p.add_argument("--settings", default=None, help="HPC settings YAML (e.g. deploy/hpc/slurm.yaml)")
-    p.add_argument("--no-wait", action="store_true", help="print the job id and return")
-    a = p.parse_args(argv)
+    p.add_argument("--no-wait", action="store_true", help=argparse.SUPPRESS)
+    a, unknown = p.parse_known_args(argv)
+    if a.kind == "settings" and (unknown or extra):
+        p.error(f"unrecognized arguments: {' '.join(unknown + extra)}")
+    if a.kind != "settings":  # the second command line is gone: say what replaces it, before anything else
+        line = [f"surfdiff {a.kind}", shlex.quote(a.config) if a.config else "CONFIG", "--executor slurm",
+                f"--hpc-settings {shlex.quote(a.settings) if a.settings else 'FILE'}",
+                *map(shlex.quote, unknown + extra), *(["--no-wait"] if a.no_wait else [])]
+        print(f"deploy.hpc: error: `python -m deploy.hpc {a.kind}` was replaced by `{' '.join(line)}`",
+              file=sys.stderr)
+        return 2
     try:
         settings = load_settings(a.settings)
     except HPCConfigError as exc:
         print(f"deploy.hpc: error: {exc}", file=sys.stderr)
         return 2
-    if a.kind == "settings":
-        print(yaml.safe_dump(settings.model_dump(), sort_keys=False), end="")
-        return 0
-    if not a.config:
-        p.error(f"{a.kind} needs a config")
-    from deploy.slurm import submit_stage_job
-
-    job = submit_stage_job(a.kind, a.config, settings, extra)
-    print(f"submitted Slurm job {job.job_id} ({a.kind}); log: {job.paths.stdout}", flush=True)
-    if a.no_wait:
-        return 0
-    try:
-        job.result()
-    except Exception as exc:  # noqa: BLE001 - the job's own error, one line; the log has the rest
-        print(f"Slurm job {job.job_id} failed: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
-        return 1
-    print(f"Slurm job {job.job_id} finished")
+    print(yaml.safe_dump(settings.model_dump(), sort_keys=False), end="")
     return 0
 
 

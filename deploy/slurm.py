@@ -3,12 +3,14 @@
 `batch_size` calls per job (the settings of deploy/hpc.py); submitit pickles the calls and their results
 through the shared job folder. The RSS and relaxation stages take it as `executor=`. A job that Slurm cancels
 or kills at its time limit fails its futures with `SlurmJobLost`, naming the job and its state; the stages
-record those and a rerun redoes only them. `submit_stage_job` runs training or sampling as one GPU job.
+record those and a rerun redoes only them. `submit_stage_job` runs training or sampling as one GPU job
+(`surfdiff train|sample CONFIG --executor slurm`, flows/cli_slurm.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import threading
@@ -228,6 +230,20 @@ def _reason(text: str) -> str:
     return (telling or lines or ["no result"])[-1]
 
 
+def failure_line(exc: BaseException) -> str:
+    """One line for a job's failure: the last line of the call's traceback where it raised in the job
+    (submitit's FailedJobError), else the telling line of a lost job or of sbatch's refusal."""
+    text = str(exc)
+    if "failed during processing with trace" in text:  # the trace sits between two lines of dashes
+        lines = text.splitlines()
+        rules = [i for i, x in enumerate(lines) if x.strip() and not x.strip("-")]
+        if len(rules) >= 2:
+            trace = [x.strip() for x in lines[rules[0] + 1:rules[1]] if x.strip()]
+            if trace:
+                return trace[-1]
+    return _reason(text) if text.strip() else type(exc).__name__
+
+
 def make_executor(settings: SlurmSettings | str | Path | None, kind: JobKind) -> SlurmExecutor:
     """An executor for `kind` jobs from settings or a settings file (None: defaults + SURFDIFF_HPC_*)."""
     from deploy.hpc import load_settings
@@ -239,12 +255,26 @@ def make_executor(settings: SlurmSettings | str | Path | None, kind: JobKind) ->
 
 # ---- training and sampling: one job on a GPU -----------------------------------------------------------------
 def run_surfdiff(argv: Sequence[str]) -> int:
-    """What a train/sample job runs: the `surfdiff` command line, in the job, as the installed entry point of
-    this interpreter's environment (deploy/ never imports flows/, which imports deploy/)."""
-    code = subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=Path(__file__).resolve().parents[1],
-                          check=False).returncode
+    """What a train/sample job runs: the `surfdiff` command line of this checkout, in a child process
+    (deploy/ never imports flows/, which imports deploy/), in the job's directory: the one it was submitted
+    from, so relative paths (the config's store, --store) mean what they meant there. Its stderr goes to the
+    job log as it comes; a failure raises with the command's own last line (its one-line error)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *argv], env=env, stderr=subprocess.PIPE)
+    err, out, tail = proc.stderr, getattr(sys.stderr, "buffer", None), b""
+    for chunk in iter(lambda: err.read1(65536), b""):
+        tail = (tail + chunk)[-4096:]
+        if out is not None:
+            out.write(chunk)
+            out.flush()
+        else:
+            sys.stderr.write(chunk.decode(errors="replace"))
+    code = proc.wait()
     if code:
-        raise RuntimeError(f"surfdiff {' '.join(argv)} exited with {code}; see the job log")
+        last = [x.strip() for x in tail.decode(errors="replace").replace("\r", "\n").splitlines() if x.strip()]
+        raise RuntimeError(f"surfdiff {argv[0] if argv else ''} exited with {code}"
+                           + (f": {last[-1][:500]}" if last else "; see the job log"))
     return code
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from flows.cli_common import STORE_HELP, check_at_least, load_study
+from flows.cli_slurm import add_executor_options, run_as_slurm_job
 from surfdiff_core.errors import ConfigError, SurfdiffError
 
 
@@ -53,6 +54,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     with_overrides(cfg.train, {"epochs": args.epochs, "device": args.device})  # one line naming a bad option
     require_existing_store(cfg.store)  # training reads the store: a missing one is not created empty
     check_store_writable(cfg)
+    if args.executor == "slurm":  # validated here; the same command runs as one Slurm job
+        return run_as_slurm_job("train", args)
     with open_study_store(cfg) as store:
         s = train.run(cfg, store, epochs=args.epochs, device=args.device)
     last = s.history[-1] if s.history else {}
@@ -97,6 +100,7 @@ def _inpaint_options(args: argparse.Namespace, section) -> dict | None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from surfdiff_core import pretrained
     from surfdiff_core.config import with_overrides
     from surfdiff_core.query import require_existing_store
     from surfdiff_core.stages import sample
@@ -117,8 +121,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
                              [args.composition] if args.composition else None)
     for t in targets:  # validate every target (cell, composition, box) before any work
         target_system(cfg, t)
-    from surfdiff_core import pretrained
-
     shipped = pretrained.find_shipped(args.model_id)
     if shipped is not None:  # sampled directly: checked before a store is made for it
         pretrained.check_fits(shipped, cfg)
@@ -128,6 +130,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if scfg.inpaint is not None or scfg.seed_structure is not None:  # a bad source is one line before any work
         with open_study_store(cfg) as store:
             sample.check_conditioning(cfg, store, targets, scfg)
+    if args.executor == "slurm":  # validated here (a shipped model is registered by the job); one Slurm job
+        if shipped is None:  # the store's model: checked before the job waits in the queue
+            sample.resolve_model(cfg, model_id=args.model_id)
+        return run_as_slurm_job("sample", args)
     model = sample.resolve_model(cfg, model_id=args.model_id)
     with open_study_store(cfg) as store:
         res = sample.run(cfg, store, targets=targets, scfg=scfg, model_id=model.model_id, run_id=args.run_id,
@@ -405,7 +411,6 @@ def add_stage_parsers(sub) -> None:
     for p in (r, t, s, x, e, u):
         p.add_argument("--store", default=None, metavar="PATH", help=STORE_HELP)
     for p in (r, x, u):  # the stages that fan out: RSS and relaxations
-        p.add_argument("--executor", choices=["local", "slurm"], default="local",
-                       help="slurm: one Slurm job per structure or batch (see deploy/README.md)")
-        p.add_argument("--hpc-settings", default=None, metavar="PATH",
-                       help="Slurm settings YAML (deploy/hpc/slurm.yaml); SURFDIFF_HPC_* variables win")
+        add_executor_options(p, "one Slurm job per structure or batch")
+    for p in (t, s):  # one job each, on the settings' GPU
+        add_executor_options(p, "the command as one Slurm job on a GPU (gres)", wait=True)

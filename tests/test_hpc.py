@@ -94,3 +94,122 @@ def test_cli_prints_resolved_settings(capsys):
     assert main(["settings", "--settings", str(EXAMPLE)]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["gres"] == "gpu:1"
     assert main(["settings", "--settings", str(ROOT / "missing.yaml")]) == 2
+
+
+# ---- one route: `surfdiff train|sample --executor slurm` (flows/cli_slurm.py); no Slurm needed -----------------
+def test_replaced_hpc_train_names_its_replacement(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "deploy.hpc", "train", "configs/demo.yaml", "--settings", "my.yaml",
+                           "--", "--epochs", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and not proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "surfdiff train configs/demo.yaml --executor slurm --hpc-settings my.yaml --epochs 2" in lines[0]
+
+
+def test_job_argv_is_the_command_without_where_it_runs():
+    from flows.cli import build_parser
+    from flows.cli_slurm import job_argv
+
+    parser = build_parser()
+    argv = ["sample", "c.yaml", "--n", "2", "--exec", "slurm", "--hpc=s.yaml", "--no-wait", "--fix-indices", "0,2",
+            "--fix-z", "1", "2.5", "--no-guidance", "--json", "--run-id=-x", "--store", "data/s"]
+    args = parser.parse_args(argv)
+    forwarded = job_argv(args.parser, args)
+    assert forwarded == ["--n=2", "--fix-z", "1.0", "2.5", "--fix-indices=0,2", "--no-guidance", "--run-id=-x",
+                         "--json", "--store=data/s"]
+    again = vars(parser.parse_args(["sample", "c.yaml", *forwarded]))
+    assert again.pop("executor") == "local" and again.pop("hpc_settings") is None and again.pop("no_wait") is False
+    assert again == {k: v for k, v in vars(args).items() if k not in ("executor", "hpc_settings", "no_wait")}
+    train = parser.parse_args(["train", "c.yaml", "--executor", "slurm", "--hpc-settings", "s.yaml"])
+    assert job_argv(train.parser, train) == []
+
+
+class FakeJob:
+    """What submit_stage_job returns, for the command's side: an id, a log, a result."""
+
+    job_id = "42"
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error, self.paths = error, type("Paths", (), {"stdout": Path("runs/slurm/train/42_0_log.out")})()
+
+    def result(self):
+        if self.error:
+            raise self.error
+        return 0
+
+
+@pytest.fixture
+def tiny_store(tiny_config):
+    """The tiny study with its (empty) store made: what `surfdiff train` checks before it submits."""
+    from surfdiff_core.config import load_config
+    from surfdiff_core.stages.common import open_study_store
+
+    with open_study_store(load_config(tiny_config)):
+        pass
+    return tiny_config
+
+
+def test_train_on_slurm_with_bad_settings_submits_nothing(tiny_store, tmp_path, monkeypatch, capsys):
+    import deploy.slurm
+    from flows.cli import main
+
+    monkeypatch.setattr(deploy.slurm, "submit_stage_job", lambda *a, **k: pytest.fail("submitted"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"partiton": "gpu"}))
+    assert main(["train", str(tiny_store), "--executor", "slurm", "--hpc-settings", str(bad)]) == 2
+    out = capsys.readouterr()
+    assert not out.out and out.err.count("\n") == 1
+    assert out.err.startswith("surfdiff train: error: ") and "unknown key 'partiton'" in out.err
+    # the config is checked first, as the local command does
+    assert main(["train", str(tmp_path / "missing.yaml"), "--executor", "slurm", "--hpc-settings", str(EXAMPLE)]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_train_on_slurm_submits_the_command_and_reports_its_failure(tiny_store, monkeypatch, capsys):
+    from submitit.core.utils import FailedJobError
+
+    import deploy.slurm
+    from flows.cli import main
+
+    calls = []
+    trace = ("Job (task=0) failed during processing with trace:\n----------------------\nTraceback (most recent "
+             "call last):\n  File \"x.py\", line 1\nRuntimeError: surfdiff train exited with 2: surfdiff train: "
+             "error: device 'cuda' requested but no CUDA GPU is available\n\n----------------------\nYou can check "
+             "full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n  - a.err\n  - a.out")
+    jobs = iter([FakeJob(), FakeJob(FailedJobError(trace)), FakeJob()])
+    monkeypatch.setattr(deploy.slurm, "submit_stage_job", lambda *a: calls.append(a) or next(jobs))
+    base = ["train", str(tiny_store), "--executor", "slurm", "--hpc-settings", str(EXAMPLE), "--epochs", "2"]
+    assert main(base) == 0
+    kind, config, settings, argv = calls[0]
+    assert (kind, config, settings.gres, argv) == ("train", str(tiny_store), "gpu:1", ["--epochs=2"])
+    out = capsys.readouterr().out
+    assert "submitted Slurm job 42 (train); log: runs/slurm/train/42_0_log.out" in out and "finished" in out
+
+    assert main(base) == 1  # the job's own error, one line
+    err = capsys.readouterr().err
+    assert err == ("Slurm job 42 failed: RuntimeError: surfdiff train exited with 2: surfdiff train: error: "
+                   "device 'cuda' requested but no CUDA GPU is available\n")
+
+    assert main([*base, "--no-wait"]) == 0 and calls[2][3] == ["--epochs=2"]
+    assert "finished" not in capsys.readouterr().out
+
+
+def test_failure_line_of_a_lost_job():
+    from deploy.slurm import failure_line
+
+    lost = RuntimeError("Job 7 (task: 0) with path /x has not produced any output (state: CANCELLED by 0)\n"
+                        "Error stream produced:\n----------------------------------------\n"
+                        "slurmstepd: error: *** JOB 7 ON node CANCELLED AT 2024-01-01T00:00:00 ***\nmore\n")
+    assert failure_line(lost).startswith("slurmstepd: error: *** JOB 7")
+    assert failure_line(RuntimeError("")) == "RuntimeError"
+
+
+def test_the_job_runs_surfdiff_where_it_was_submitted(tmp_path, monkeypatch):
+    from deploy.slurm import run_surfdiff
+
+    monkeypatch.chdir(tmp_path)  # a relative config means the submitting directory's file, not the checkout's
+    with pytest.raises(RuntimeError, match="exited with 2: surfdiff train: error: config file not found: mine.yaml"):
+        run_surfdiff(["train", "mine.yaml"])

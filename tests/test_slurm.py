@@ -1,5 +1,6 @@
 """The HPC route against a real single-node Slurm (tests/conftest_slurm.py): `surfdiff run --executor slurm`,
-a relaxation job cancelled with scancel, a job past its time limit, and sampling as a (CPU-only) GPU-kind job."""
+a relaxation job cancelled with scancel, a job past its time limit, and `surfdiff sample --executor slurm` as a
+(CPU-only) GPU-kind job, done and failed."""
 
 from __future__ import annotations
 
@@ -186,12 +187,38 @@ def test_job_past_its_time_limit_is_recorded(slurm_run, slurm_cluster):  # noqa:
     assert again.relaxed == 1 and not again.lost
 
 
+def surfdiff(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "SURFDIFF_PROGRESS": "0"})
+
+
 def test_sampling_as_one_gpu_kind_job(slurm_run, slurm_cluster):  # noqa: F811
+    from surfdiff_core.stages.common import open_study_store
+
     before = len(by_name(slurm_cluster, "surfdiff-sample"))
-    proc = subprocess.run([sys.executable, "-m", "deploy.hpc", "sample", str(slurm_run["config"]), "--settings",
-                           str(slurm_run["settings"]), "--", "--n", "2", "--steps", "4"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = surfdiff("sample", str(slurm_run["config"]), "--executor", "slurm", "--hpc-settings",
+                    str(slurm_run["settings"]), "--n", "2", "--steps", "4", "--run-id", "slurm-cli")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "submitted Slurm job" in proc.stdout and "finished" in proc.stdout
+    assert "submitted Slurm job" in proc.stdout and "(sample); log: " in proc.stdout and "finished" in proc.stdout
     jobs = by_name(slurm_cluster, "surfdiff-sample", at_least=before + 1)
     assert len(jobs) == before + 1 and jobs[-1]["JobState"] == "COMPLETED"
+    cfg = study(slurm_run["config"])
+    with open_study_store(cfg) as store:  # the job sampled into the study's store, with the command's options
+        assert store.count({"source": "generated", "study": cfg.name, "run_id": "slurm-cli"}) == 2
+
+
+def test_failed_sampling_job_is_one_line(slurm_run, slurm_cluster):  # noqa: F811
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU here: --device cuda would not fail in the job")
+    # Valid where it is submitted (the login node needs no GPU); the CPU-only job fails on its own.
+    proc = surfdiff("sample", str(slurm_run["config"]), "--executor", "slurm", "--hpc-settings",
+                    str(slurm_run["settings"]), "--n", "2", "--steps", "4", "--device", "cuda")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "submitted Slurm job" in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Slurm job ") and " failed: " in lines[0], proc.stderr
+    assert "surfdiff sample: error: device 'cuda' requested but no CUDA GPU is available" in lines[0], lines
+    job_id = lines[0].split()[2]
+    assert job_states(slurm_cluster, job_id) == {"FAILED"}  # Slurm's own record agrees
