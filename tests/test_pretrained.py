@@ -13,7 +13,7 @@ from surfdiff_core import pretrained
 from surfdiff_core.errors import SurfdiffError
 from surfdiff_core.store.models import file_sha256
 
-SHIPPED = ("emt-ag111-o",)
+SHIPPED = ("emt-ag111-o", "chgnet-ag111-o")
 
 # the shipped EMT model's system (configs/pretrained/emt-ag111-o.yaml), with a small RSS in a small cell
 STUDY = """
@@ -192,3 +192,25 @@ def test_models_command_lists_shipped_and_registered(tmp_path, capsys, lattice_c
     assert main(["models", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "[shipped, is emt-ag111-o]" in out and "(shipped)" in out
+
+
+def test_the_shipped_chgnet_model_samples_the_papers_target_without_training(tmp_path):
+    """Ag12O6 in p(4x4) from chgnet-ag111-o directly; the lattice constant given (the card's), so that no CHGNet
+    bulk relaxation runs here."""
+    from surfdiff_core.config import load_config
+    from surfdiff_core.stages import sample
+    from surfdiff_core.stages.common import open_study_store
+
+    card = pretrained.find_shipped("chgnet-ag111-o")
+    path = tmp_path / "paper.yaml"
+    path.write_text(STUDY.format(name="paper", element="Ag", facet="fcc111", z_max=5.5, oracle="chgnet", features=32,
+                                 init="null", store=tmp_path / "data" / "store")
+                    .replace("lattice_constant: auto", f"lattice_constant: {card.system.lattice_constant}")
+                    .replace('{cell: "p(2x2)", composition: Ag2O1}', '{cell: "p(4x4)", composition: Ag12O6}'))
+    cfg = load_config(path)
+    with open_study_store(cfg) as store:
+        res = sample.run(cfg, store, model_id="chgnet-ag111-o", progress=False)
+    (target,) = res.targets
+    assert (target.composition, target.cell, target.n) == ("Ag12O6", "p(4x4)", 4)
+    assert target.n_valid >= 2  # the card's measurement: most samples valid
+    assert res.model_id == card.checkpoint.model_id
