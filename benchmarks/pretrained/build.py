@@ -119,13 +119,9 @@ def train_and_export(cfg, name: str, description: str, *, skip_rss: bool) -> Mod
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from surfdiff_core.ml.kernel_report import cpu_info
+
+    return cpu_info()[0]
 
 
 def built_record() -> dict:
