@@ -183,7 +183,7 @@ def test_chgnet_computes_what_is_asked_and_the_same_numbers():
     pytest.importorskip("chgnet", reason="chgnet extra not installed")
     from chgnet.model.dynamics import CHGNetCalculator
 
-    from surfdiff_core.oracles.registry import chgnet_task
+    from surfdiff_core.oracles.calculators import chgnet_task
 
     assert [chgnet_task(p) for p in (["energy"], ["forces"], ["stress"], ["magmoms"], None)] == [
         "ef", "ef", "efs", "efsm", "ef"]

@@ -6,20 +6,16 @@
 
 from __future__ import annotations
 
+from surfdiff_core.oracles.calculators import TRUST_MODEL_FILE, VASP_SLAB_INCAR, gpaw_parameters, kpts_from_cell
+from surfdiff_core.oracles.errors import MissingExtraError, OracleError
 from surfdiff_core.oracles.lattice import bulk_lattice_constant, default_cache_dir
 from surfdiff_core.oracles.registry import (
-    TRUST_MODEL_FILE,
-    VASP_SLAB_INCAR,
-    MissingExtraError,
-    OracleError,
     OracleSpec,
     available_oracles,
     canonical_settings,
     check_elements,
     get_calculator,
     get_oracle_spec,
-    gpaw_parameters,
-    kpts_from_cell,
     oracle_settings_hash,
     require_oracle,
     resolve_settings,

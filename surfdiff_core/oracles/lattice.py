@@ -26,8 +26,8 @@ from ase.data import atomic_numbers, covalent_radii, reference_states
 from ase.eos import EquationOfState
 from threadpoolctl import threadpool_limits
 
+from surfdiff_core.oracles.errors import OracleError
 from surfdiff_core.oracles.registry import (
-    OracleError,
     canonical_settings,
     get_calculator,
     oracle_settings_hash,
