@@ -181,8 +181,11 @@ def run_rss(
     # Every number through the config model: one line naming the option, before anything runs.
     rcfg = with_overrides(cfg.rss, {"n": n, "seed": seed, "workers": workers})
     n, seed, workers = rcfg.n, rcfg.seed, rcfg.workers
-    if cfg.oracle.name == "vasp":
-        raise ConfigError("RSS with oracle 'vasp' runs through the HPC route (flows/relax); choose a local oracle")
+    from surfdiff_core.oracles import get_oracle_spec
+
+    if not get_oracle_spec(cfg.oracle.name).in_process:  # VASP: a job per structure on HPC, never here
+        raise ConfigError(f"RSS with oracle {cfg.oracle.name!r} runs through the HPC route (flows/relax); choose "
+                          f"a local oracle")
     from surfdiff_core.oracles import get_calculator
 
     lattice = resolve_lattice(cfg)

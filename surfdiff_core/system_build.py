@@ -30,10 +30,10 @@ def resolve_lattice(cfg: SurfdiffConfig) -> dict[str, float] | None:
     check_oracle_support(cfg)
     if cfg.substrate.lattice_constant != "auto":
         return None
-    from surfdiff_core.oracles import bulk_lattice_constant
+    from surfdiff_core.oracles import bulk_lattice_constant, get_oracle_spec
 
     crystal = "hcp" if cfg.substrate.facet == "hcp0001" else "fcc"
-    if cfg.oracle.name == "vasp":  # VASP runs on HPC only: give lattice_constant explicitly there
+    if not get_oracle_spec(cfg.oracle.name).in_process:  # VASP runs on HPC only: give lattice_constant there
         from surfdiff_core.errors import ConfigError
 
         raise ConfigError("lattice_constant 'auto' needs a local oracle; with oracle 'vasp' give a number")

@@ -59,6 +59,7 @@ class OracleSpec:
     # For a `model` setting that may name a weights file loaded with torch.load(weights_only=False): whether a
     # value is packaged weights (True) or a file, which loads only with settings.trust_model_file: true.
     packaged_model: Callable[[Any], bool] | None = None
+    dft: bool = False  # electronic-structure reference: its relaxations are stored as `dft` documents
 
     @property
     def in_process(self) -> bool:
@@ -87,7 +88,7 @@ _BUILTIN: tuple[OracleSpec, ...] = (
             "smearing_width": 0.1, "spinpol": False, "symmetry": "off", "convergence": None,
             "maxiter": 333, "txt": None,
         },
-        gpaw_factory,
+        gpaw_factory, dft=True,
     ),
     OracleSpec(
         "vasp", "VASP through atomate2/custodian (jobflow route only)", "atomate2", "vasp",
@@ -95,7 +96,7 @@ _BUILTIN: tuple[OracleSpec, ...] = (
             "incar": {}, "kpts": None, "kpts_density": 3.0, "potcar_functional": "PBE_54",
             "user_potcar_settings": {}, "run_vasp_kwargs": {}, "write_input_set_kwargs": {},
         },
-        None, route="jobflow",
+        None, route="jobflow", dft=True,
     ),
 )
 _REGISTRY: dict[str, OracleSpec] = {spec.name: spec for spec in _BUILTIN}

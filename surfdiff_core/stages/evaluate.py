@@ -237,12 +237,13 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
         model_id: str | None = None, targets: list[SampleTarget] | None = None, run_id: str | None = None,
         sample_run: str | None = None, progress: bool = True) -> EvaluationResult:
     from surfdiff_core.evaluate.budget import training_cost
-    from surfdiff_core.oracles import get_calculator
+    from surfdiff_core.oracles import get_calculator, get_oracle_spec
     from surfdiff_core.stages.evaluate_report import phase_comparison_for
     from surfdiff_core.stages.sample import resolve_model
 
-    if cfg.oracle.name == "vasp":
-        raise ConfigError("evaluation relaxes both arms with the oracle here: choose a local oracle (not vasp)")
+    if not get_oracle_spec(cfg.oracle.name).in_process:
+        raise ConfigError(f"evaluation relaxes both arms with the oracle here: choose a local oracle (not "
+                          f"{cfg.oracle.name})")
     record = resolve_model(cfg, model_id=upstream.model_id if upstream is not None else model_id)
     model = record.model_id
     if targets is None and upstream is not None:

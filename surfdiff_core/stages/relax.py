@@ -25,8 +25,6 @@ from surfdiff_core.stages.results import RelaxResult, SampleResult
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
 from surfdiff_core.store.documents import now
 
-DFT_METHODS = ("gpaw", "vasp")
-
 
 def top_candidates(docs: list[StructureDoc], top_k: int) -> list[StructureDoc]:
     """The K lowest-MLFF-energy valid samples per (system, composition), K distinct structures (StructureMatcher
@@ -56,8 +54,15 @@ def select_candidates(cfg: SurfdiffConfig, store: ResultsStore, upstream: Sample
     return top_candidates(list(store.find(crit)), top_k)
 
 
+def relaxation_source(method: str) -> str:
+    """`dft` for an oracle the registry marks as electronic-structure (GPAW, VASP), else `relaxed`."""
+    from surfdiff_core.oracles import get_oracle_spec
+
+    return "dft" if get_oracle_spec(method).dft else "relaxed"
+
+
 def relaxed_doc_id(parent: StructureDoc, rcfg: RelaxConfig) -> str:
-    source = "dft" if rcfg.method in DFT_METHODS else "relaxed"
+    source = relaxation_source(rcfg.method)
     settings = json.dumps(rcfg.settings, sort_keys=True, default=str)
     return make_doc_id(source, parent.doc_id, rcfg.method, settings, rcfg.fmax, rcfg.steps)
 
@@ -158,7 +163,7 @@ def _relaxed_doc(parent: StructureDoc, out, rcfg: RelaxConfig, doc_id: str, run_
 
     from surfdiff_core.store.documents import atoms_to_structure_dict
 
-    source = "dft" if rcfg.method in DFT_METHODS else "relaxed"
+    source = relaxation_source(rcfg.method)
     base = parent.model_dump(exclude={"doc_id", "source", "study", "energy_model", "structure", "energy",
                                       "forces", "fmax", "steps",
                                       "converged", "wall_time", "oracle", "oracle_settings", "initial_structure",
