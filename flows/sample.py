@@ -25,6 +25,14 @@ def sample_task(cfg: SurfdiffConfig, target: SampleTarget, model: ModelRecord, s
         return sample.sample_one(cfg, store, target, model, scfg=scfg, run_id=run_id, progress=show_progress())
 
 
+@task(retries=1, retry_delay_seconds=5)
+def shared_task(cfg: SurfdiffConfig, targets: list[SampleTarget], model: ModelRecord, scfg: SampleConfig,
+                run_id: str) -> list[TargetSamples]:
+    with open_study_store(cfg) as store:
+        return sample.sample_targets_shared(cfg, store, targets, model, scfg=scfg, run_id=run_id,
+                                            progress=show_progress())
+
+
 @flow(name="sample", log_prints=True)
 def sample_flow(study: SurfdiffConfig | None = None, config_path: str | None = None,
                 upstream: TrainResult | None = None, model_id: str | None = None, cells: list[str] | None = None,
@@ -43,9 +51,13 @@ def sample_flow(study: SurfdiffConfig | None = None, config_path: str | None = N
             sample.check_conditioning(cfg, store, targets, scfg)
     model = sample.resolve_model(cfg, upstream, model_id)
     run_id = flow_run_id() or new_run_id()
-    futures = [sample_task.submit(cfg, t, model, scfg, run_id, executor, hpc_settings) for t in targets]
+    if scfg.share_batches and executor == "local":  # one stream of batches over every target
+        done = shared_task(cfg, targets, model, scfg, run_id)
+    else:
+        futures = [sample_task.submit(cfg, t, model, scfg, run_id, executor, hpc_settings) for t in targets]
+        done = [f.result() for f in futures]
     result = SampleResult(study=cfg.name, run_id=run_id, config_hash=cfg.section_hash("sample"),
-                          model_id=model.model_id, checkpoint=model.checkpoint, targets=[f.result() for f in futures])
+                          model_id=model.model_id, checkpoint=model.checkpoint, targets=done)
     for r in result.targets:
         reused = (f"; {r.reused_batches} of {r.batches} batches already in the store (run "
                   f"{', '.join(r.reused_runs) or '?'})" if r.reused_batches else "")

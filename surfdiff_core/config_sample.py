@@ -76,6 +76,9 @@ class SampleConfig(_Strict):
     # MLFF relaxation (diffusion/repulsion.py); 0 = off, the MLFF alone
     repulsion: float = Field(0.75, ge=0, le=1.5)
     batch_size: int = Field(64, ge=1, le=MAX_SAMPLES)
+    # one stream of batches over every target (different cells and sizes in one batch; surfdiff_core/sample/
+    # shared.py) instead of batches per target: fuller batches for sweeps of many small targets
+    share_batches: bool = False
     seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # energy-conditioned models (model.energy_features > 0): E_diff to sample at, in eV per movable atom above
@@ -102,4 +105,11 @@ class SampleConfig(_Strict):
     def _inpaint_sampler(self) -> SampleConfig:
         if self.inpaint is not None and self.sampler != "em":
             raise ValueError(f"sample.inpaint samples with Euler–Maruyama steps: set sampler em, not {self.sampler!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _shared_unconditioned(self) -> SampleConfig:
+        if self.share_batches and (self.inpaint is not None or self.seed_structure is not None or self.novelty > 0):
+            raise ValueError("sample.share_batches samples every target in one stream of batches: inpainting, seed "
+                             "structures and novelty guidance are per target, turn them off (or share_batches)")
         return self

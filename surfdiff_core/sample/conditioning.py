@@ -56,6 +56,8 @@ def id_parts(scfg: SampleConfig) -> tuple:
         parts += ("seeded", source_digest(scfg.seed_structure), scfg.t0)
     if scfg.novelty > 0:
         parts += ("novelty", scfg.novelty)
+    if scfg.share_batches:  # other batch companions and random streams: other samples
+        parts += ("shared-batches",)
     return parts
 
 

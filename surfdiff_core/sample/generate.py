@@ -71,6 +71,13 @@ def _unknown_elements(loaded: LoadedModel, system: SurfaceSystem) -> set[str]:
     return {s for s in symbols if atomic_numbers[s] not in known}
 
 
+def check_model_elements(loaded: LoadedModel, system: SurfaceSystem) -> None:
+    missing = _unknown_elements(loaded, system)
+    if missing:
+        raise SurfdiffError(f"model {loaded.model_id} was not trained on {', '.join(sorted(missing))}: "
+                            f"cannot sample {system.composition}")
+
+
 def prior_batch(system: SurfaceSystem, n: int, device, dtype=torch.float32) -> SlabBatch:
     atoms = system.compose(np.tile(np.mean(system.z_box), (len(system.overlayer), 3)))
     return collate([atoms] * n, [system.movable] * n, [system.z_box] * n, device=device, dtype=dtype)
@@ -102,10 +109,7 @@ def generate(
     stays with the sampling model). `conditioning`: the resolved sample.inpaint / seed_structure (resolved here
     from files when not given); fixed atoms keep their given coordinates exactly, relaxation included."""
     for member in (loaded, *committee):
-        missing = _unknown_elements(member, system)
-        if missing:
-            raise SurfdiffError(f"model {member.model_id} was not trained on {', '.join(sorted(missing))}: "
-                                f"cannot sample {system.composition}")
+        check_model_elements(member, system)
     n = scfg.n if n is None else n
     seed = scfg.seed if seed is None else seed
     model, process = loaded.model.to(device).eval(), loaded.process

@@ -101,6 +101,35 @@ def sample_one(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, m
     )
 
 
+def sample_targets_shared(cfg: SurfdiffConfig, store: ResultsStore, targets: list[SampleTarget], model: ModelRecord,
+                          *, scfg: SampleConfig, run_id: str, progress: bool = True,
+                          device: str | None = None) -> list[TargetSamples]:
+    """Every target through one stream of shared batches (sample.share_batches, surfdiff_core/sample/shared.py)."""
+    from surfdiff_core.sample.shared import sample_shared
+    from surfdiff_core.train.checkpoint import load_checkpoint
+    from surfdiff_core.train.trainer import pick_device
+
+    dev = pick_device(device or scfg.device)
+    loaded = load_checkpoint(model.checkpoint, device=dev)
+    committee = [load_checkpoint(rec.checkpoint, device=dev) for rec in committee_records(cfg, model)]
+    systems = [target_system(cfg, t) for t in targets]
+    per_target, ran = sample_shared(store, loaded, systems, scfg, device=dev, run_id=run_id,
+                                    checkpoint=model.checkpoint, progress=progress, study=cfg.name,
+                                    committee=committee)
+    out = []
+    for t, (system, docs) in enumerate(zip(systems, per_target, strict=True)):
+        valid = [d for d in docs if d.valid and d.in_box and d.energy is not None]
+        wall = ran["wall_time"]
+        out.append(TargetSamples(
+            cell=system.cell, composition=system.composition, system_id=system.system_id, n=len(docs),
+            n_valid=len(valid), rejection_rate=1 - len(valid) / len(docs) if docs else 0.0,
+            best_energy=min((d.energy for d in valid), default=None), wall_time=wall,
+            structure_steps_per_second=ran["structure_steps"] / wall if wall > 0 else 0.0,
+            doc_ids=[d.doc_id for d in docs], batches=ran["batches"][t], reused_batches=ran["reused_batches"][t],
+            reused_runs=sorted({d.run_id for d in docs if d.run_id and d.run_id != run_id})))
+    return out
+
+
 def _reused_batches(store: ResultsStore, model_id: str, system, scfg: SampleConfig,
                     committee: list[str]) -> list[list[str]]:
     """The doc ids of the batches already complete in the store: the ones sample_into_store will not generate
@@ -136,6 +165,10 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: TrainResult | None =
                           model_id=model.model_id, checkpoint=model.checkpoint)
     targets = targets or sample_targets(cfg)
     check_conditioning(cfg, store, targets, scfg)
+    if scfg.share_batches:
+        result.targets = sample_targets_shared(cfg, store, targets, model, scfg=scfg, run_id=run_id,
+                                               progress=progress, device=device)
+        return result
     for target in targets:
         result.targets.append(sample_one(cfg, store, target, model, scfg=scfg, run_id=run_id, progress=progress,
                                          device=device))
