@@ -71,9 +71,11 @@ def run_round(cfg: SurfdiffConfig, store: ResultsStore, model: TrainResult, k: i
         energies = [d.energy for d in relaxed if d.energy is not None and not d.error]
         best[f"{t.composition} {t.cell}"] = min(energies) if energies else None
     learned = tuple(sorted({s.system_id for s in systems.values()}))
-    new = train.run(cfg, store, epochs=al.epochs, run_id=run_id, progress=progress, round_index=k,
-                    learned_systems=learned, learned_labels=(*model.learned_labels, *label_ids),
-                    init_from=model.checkpoint, init_committee=tuple(model.committee))
+    new = train.run(cfg, store, epochs=al.epochs, run_id=run_id, progress=progress,
+                    round_of=train.ActiveLearningRound(index=k, learned_systems=learned,
+                                                       learned_labels=(*model.learned_labels, *label_ids),
+                                                       init_from=model.checkpoint,
+                                                       init_committee=tuple(model.committee)))
     keys = [f"{t.composition} {t.cell}" for t in drawn.targets]
     return new, {"round": k, "model_id": new.model_id, "samples": len(drawn.doc_ids), "labels": labels,
                  "single_points": points, "n_train": new.n_train, "best_labelled": best, "best_val": new.best_val,

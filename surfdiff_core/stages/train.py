@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from surfdiff_core.config import SurfdiffConfig, TrainConfig
@@ -53,18 +54,30 @@ def sample_validity_check(cfg: SurfdiffConfig, checkpoint: str, *, n_train: int,
                    f"model.n_features or n_interactions help)")
 
 
+@dataclass(frozen=True)
+class ActiveLearningRound:
+    """What a round of active learning adds to training: its index, the cells and ids of its oracle labels
+    (every round of its own chain so far: they join the data), and the model it fine-tunes (the previous round's
+    checkpoint and its committee's model ids)."""
+
+    index: int | None = None
+    learned_systems: tuple[str, ...] = ()
+    learned_labels: tuple[str, ...] = ()
+    init_from: str | None = None
+    init_committee: tuple[str, ...] = ()
+
+
 def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = None, *,
         epochs: int | None = None, device: str | None = None, run_id: str | None = None, progress: bool = True,
-        round_index: int | None = None, learned_systems: tuple[str, ...] = (),
-        learned_labels: tuple[str, ...] = (), init_from: str | None = None,
-        init_committee: tuple[str, ...] = ()) -> TrainResult:
+        round_of: ActiveLearningRound | None = None) -> TrainResult:
     """Train (or resume) on the documents of this study, training system and energy model(s), and the
     MLFF committee members when `train.ensemble` > 1.
 
     `upstream` (the RSS stage's result) fixes the system and energy model; without it they come from the
-    config. Active learning passes `learned_systems` and `learned_labels` (the ids of its oracle labels in
-    those cells, every round of its own chain so far: they join the data), `init_from` (the previous round's
-    checkpoint), `init_committee` (the previous round's member model ids) and `round_index`."""
+    config. Active learning passes `round_of`: what its round adds (labels, the model it fine-tunes)."""
+    r = round_of or ActiveLearningRound()
+    round_index, learned_systems, learned_labels = r.index, r.learned_systems, r.learned_labels
+    init_from, init_committee = r.init_from, r.init_committee
     from surfdiff_core.train.data import DataScope
     from surfdiff_core.train.trainer import train
 
