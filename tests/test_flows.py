@@ -93,3 +93,46 @@ def test_killed_run_resumes_without_duplicates(tmp_path, tiny_config):
         assert len(ids) == len(set(ids))
         assert store.count({"source": "generated"}) == 4
         assert store.count({"source": "relaxed", "meta.purpose": None}) == 1  # the relax stage's one
+
+
+def test_a_sweep_run_killed_while_sampling_resumes_without_duplicates(tmp_path):
+    """`surfdiff run` on a sweep with shared batches, SIGKILLed after its first batches were written: the rerun
+    keeps them, generates only what is missing and ends with every target's samples once."""
+    from tests.conftest import TINY_CONFIG
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text(TINY_CONFIG.replace("STORE", str(tmp_path / "data" / "store"))
+                      .replace('targets: [{cell: "p(3x3)", composition: Ag2O1}]',
+                               'sweep: {cells: ["p(3x3)"], compositions: [Ag2O1, Ag1O1]}\n  share_batches: true')
+                      .replace("  n: 4\n  steps: 10\n", "  n: 12\n  steps: 150\n")
+                      .replace("  batch_size: 4\n", "  batch_size: 2\n"))
+    cfg = load_config(config)
+    assert cfg.sample.share_batches and cfg.sample.n == 12 and cfg.sample.batch_size == 2
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(config)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline, before = time.time() + 600, {}
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if (tmp_path / "data" / "store").exists():
+                with open_study_store(cfg) as store:
+                    rows = store.find_raw({"source": "generated"}, properties=["doc_id", "created_at"])
+                    before = {r["doc_id"]: r["created_at"] for r in rows}
+                if len(before) >= 2:
+                    break
+            time.sleep(0.1)
+        assert proc.poll() is None, "run finished before it could be interrupted"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert 2 <= len(before) < 24
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "generated Ag2O1 p(3x3): " in r.stdout and "generated Ag1O1 p(3x3): " in r.stdout
+    with open_study_store(cfg) as store:
+        rows = store.find_raw({"source": "generated"}, properties=["doc_id", "created_at", "composition"])
+    ids = [row["doc_id"] for row in rows]
+    assert len(ids) == len(set(ids)) == 24
+    assert sorted(row["composition"] for row in rows) == ["Ag1O1"] * 12 + ["Ag2O1"] * 12
+    # every sample written before the kill is still there, untouched (not generated again)
+    assert {row["doc_id"]: row["created_at"] for row in rows if row["doc_id"] in before} == before
