@@ -31,7 +31,7 @@ from surfdiff_core.retry import PriorFailure, attempt_meta, plan_work
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
 from surfdiff_core.store.claims import WorkQueue, claim_board
 from surfdiff_core.store.documents import atoms_to_structure_dict, frames_from_arrays
-from surfdiff_core.system import SurfaceSystem
+from surfdiff_core.system import RELAXED_BOX_TOLERANCE, SurfaceSystem
 from surfdiff_core.system_build import resolve_lattice, systems_for
 
 
@@ -141,7 +141,7 @@ def relax_task(
         return StructureDoc(structure=base["initial_structure"], valid=False, error=error, **base)
     base["meta"].update(attempt_meta(prior, None))
     final = res.atoms
-    in_box = bool(np.all(system.inside_box(final, tol=0.05)))
+    in_box = bool(np.all(system.inside_box(final, tol=RELAXED_BOX_TOLERANCE)))
     traj = res.trajectory
     return StructureDoc(
         structure=atoms_to_structure_dict(final), energy=float(res.energy),

@@ -62,6 +62,17 @@ def min_distance_matrix(symbols: list[str] | np.ndarray, scale: float) -> np.nda
     return scale * (r[:, None] + r[None, :])
 
 
+# Å: a relaxed overlayer atom this far outside the box still counts as inside (relaxations by any route)
+RELAXED_BOX_TOLERANCE = 0.05
+
+
+def in_confinement_box(positions: np.ndarray, n_substrate: int, z_box: tuple[float, float] | list[float],
+                       tol: float) -> np.ndarray:
+    """Per overlayer atom (the atoms after the substrate's): does its z lie inside the confinement box?"""
+    z = np.asarray(positions)[n_substrate:, 2]
+    return (z >= z_box[0] - tol) & (z <= z_box[1] + tol)
+
+
 @dataclass(frozen=True)
 class SurfaceSystem:
     """Template slab (masked substrate) + atoms to place + confinement box (absolute z range, Å)."""
@@ -133,8 +144,7 @@ class SurfaceSystem:
 
     def inside_box(self, atoms: Atoms, tol: float = 1e-6) -> np.ndarray:
         """Per overlayer atom: does it lie inside the confinement box?"""
-        z = atoms.positions[self.n_substrate :, 2]
-        return (z >= self.z_box[0] - tol) & (z <= self.z_box[1] + tol)
+        return in_confinement_box(atoms.positions, self.n_substrate, self.z_box, tol)
 
     def random_overlayer(self, rng: np.random.Generator, max_attempts: int = 2000) -> np.ndarray:
         """Random sequential placement in the box with element-pair minimum distances under in-plane PBC."""

@@ -12,7 +12,7 @@ from surfdiff_core.progress import progress_bar
 from surfdiff_core.retry import attempt_meta, plan_work
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
 from surfdiff_core.store.documents import atoms_to_structure_dict, frames_from_arrays
-from surfdiff_core.system import SurfaceSystem
+from surfdiff_core.system import RELAXED_BOX_TOLERANCE, SurfaceSystem
 
 
 def relax_samples(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem, candidates: list[StructureDoc],
@@ -69,7 +69,8 @@ def _label(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem, cand
             initial_structure=cand.structure if relax else None, energy=float(res.energy),
             forces=np.round(res.forces, 6).tolist(), fmax=float(res.fmax), steps=int(res.steps),
             converged=bool(res.converged), wall_time=float(res.wall_time),
-            in_box=bool(np.all(system.inside_box(res.atoms, tol=0.05))), oracle_settings=cfg.oracle.settings,
+            in_box=bool(np.all(system.inside_box(res.atoms, tol=RELAXED_BOX_TOLERANCE))),
+            oracle_settings=cfg.oracle.settings,
             meta=info, trajectory=frames_from_arrays([f["positions"] for f in traj], [f["energy"] for f in traj],
                                                      [f["forces"] for f in traj]),
             **common,

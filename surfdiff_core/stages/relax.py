@@ -24,6 +24,7 @@ from surfdiff_core.stages.common import jobs_store_for, new_run_id, sample_targe
 from surfdiff_core.stages.results import RelaxResult, SampleResult
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
 from surfdiff_core.store.documents import now
+from surfdiff_core.system import RELAXED_BOX_TOLERANCE, in_confinement_box
 
 
 def top_candidates(docs: list[StructureDoc], top_k: int) -> list[StructureDoc]:
@@ -172,8 +173,8 @@ def _relaxed_doc(parent: StructureDoc, out, rcfg: RelaxConfig, doc_id: str, run_
     if out.success and out.structure is not None:
         atoms = AseAtomsAdaptor.get_atoms(out.structure)
         atoms.pbc = [True, True, False]
-        z = atoms.positions[parent.n_substrate :, 2]
-        in_box = bool(np.all((z >= parent.z_box[0] - 0.05) & (z <= parent.z_box[1] + 0.05)))
+        in_box = bool(np.all(in_confinement_box(atoms.positions, parent.n_substrate, parent.z_box,
+                                                RELAXED_BOX_TOLERANCE)))
         forces = np.asarray(out.forces) if out.forces is not None else None
         movable_fmax = None
         if forces is not None:
