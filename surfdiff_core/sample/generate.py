@@ -62,6 +62,45 @@ class GenerationResult:
     def rejection_rate(self) -> float:
         return 1.0 - sum(self.valid) / self.n if self.n else 0.0
 
+    def add_from_batch(self, b: int, outputs: BatchOutputs, positions: np.ndarray | None = None) -> None:
+        """Append structure b of a finished batch (`positions`: its positions as restored, if not the batch's)."""
+        sel = outputs.index == b
+        f = outputs.forces[sel]
+        mov = outputs.movable[sel]
+        self.positions.append(outputs.positions[sel] if positions is None else positions)
+        self.energies.append(float(outputs.energies[b]))
+        self.energy_std.append(float(outputs.spread[b]) if outputs.several else None)
+        self.forces.append(f)
+        self.fmax.append(float(np.linalg.norm(f[mov], axis=1).max()) if mov.any() else 0.0)
+        self.relax_steps.append(int(outputs.steps[b]))
+        self.valid.append(bool(outputs.valid[b]))
+        self.reasons.append(outputs.reasons[b])
+
+
+@dataclass
+class BatchOutputs:
+    """A finished batch on the host: the MLFF's energies, spread and forces, validity and relaxation steps."""
+
+    positions: np.ndarray
+    index: np.ndarray  # structure of each atom
+    movable: np.ndarray
+    forces: np.ndarray
+    energies: np.ndarray
+    spread: np.ndarray
+    valid: list
+    reasons: list
+    steps: list[int]
+    several: bool  # a committee: the spread is meaningful
+
+    @classmethod
+    def of(cls, x: SlabBatch, mlff: Committee, steps: list[int]) -> BatchOutputs:
+        out = mlff.predict(x)
+        valid, reasons = check_validity(x, min_distance=1.0)
+        return cls(positions=x.positions.detach().cpu().numpy(), index=x.batch.cpu().numpy(),
+                   movable=x.movable.cpu().numpy(), forces=out.forces.detach().cpu().numpy(),
+                   energies=out.energy.detach().cpu().numpy(), spread=out.energy_std.detach().cpu().numpy(),
+                   valid=valid, reasons=reasons, steps=steps, several=len(mlff) > 1)
+
 
 def _unknown_elements(loaded: LoadedModel, system: SurfaceSystem) -> set[str]:
     from ase.data import atomic_numbers
@@ -79,8 +118,13 @@ def check_model_elements(loaded: LoadedModel, system: SurfaceSystem) -> None:
 
 
 def prior_batch(system: SurfaceSystem, n: int, device, dtype=torch.float32) -> SlabBatch:
-    atoms = system.compose(np.tile(np.mean(system.z_box), (len(system.overlayer), 3)))
-    return collate([atoms] * n, [system.movable] * n, [system.z_box] * n, device=device, dtype=dtype)
+    return mixed_prior_batch([system] * n, device, dtype)
+
+
+def mixed_prior_batch(systems: Sequence[SurfaceSystem], device, dtype=torch.float32) -> SlabBatch:
+    """One template structure per entry (systems may differ: cells, sizes), overlayer at the box's middle."""
+    atoms = [s.compose(np.tile(np.mean(s.z_box), (len(s.overlayer), 3))) for s in systems]
+    return collate(atoms, [s.movable for s in systems], [s.z_box for s in systems], device=device, dtype=dtype)
 
 
 def batch_generator(seed: int, k: int, device) -> torch.Generator:
@@ -148,25 +192,9 @@ def generate(
             steps = info.steps.tolist()
         else:
             steps = [0] * size
-        out = mlff.predict(x)
-        valid, reasons = check_validity(x, min_distance=1.0)
-        forces = out.forces.detach().cpu().numpy()
-        energies = out.energy.detach().cpu().numpy()
-        spread = out.energy_std.detach().cpu().numpy()
-        mov = x.movable.cpu().numpy()
-        idx = x.batch.cpu().numpy()
-        pos = x.positions.detach().cpu().numpy()
+        outputs = BatchOutputs.of(x, mlff, steps)
         for b in range(size):
-            sel = idx == b
-            f = forces[sel]
-            part.positions.append(cond.restore(pos[sel], system))
-            part.energies.append(float(energies[b]))
-            part.energy_std.append(float(spread[b]) if len(mlff) > 1 else None)
-            part.forces.append(f)
-            part.fmax.append(float(np.linalg.norm(f[mov[sel]], axis=1).max()) if mov[sel].any() else 0.0)
-            part.relax_steps.append(int(steps[b]))
-            part.valid.append(bool(valid[b]))
-            part.reasons.append(reasons[b])
+            part.add_from_batch(b, outputs, cond.restore(outputs.positions[outputs.index == b], system))
         part.wall_time = time.perf_counter() - tb
         if on_batch:
             on_batch(k, part)

@@ -20,19 +20,19 @@ import torch
 
 from surfdiff_core.diffusion.guidance import ForceFieldGuidance
 from surfdiff_core.diffusion.repulsion import OverlapRepulsion
-from surfdiff_core.diffusion.validity import check_validity
 from surfdiff_core.errors import ConfigError
-from surfdiff_core.geometry.batch import collate
 from surfdiff_core.ml.committee import Committee
 from surfdiff_core.progress import progress_bar
 from surfdiff_core.relax.mlff import mlff_relax
 from surfdiff_core.sample.conditioning import make_sampler
 from surfdiff_core.sample.generate import (
+    BatchOutputs,
     GenerationResult,
     check_model_elements,
     conditioned_denoiser,
     generated_doc_id,
     generated_docs,
+    mixed_prior_batch,
 )
 from surfdiff_core.store import ResultsStore, StructureDoc
 from surfdiff_core.system import SurfaceSystem
@@ -60,16 +60,6 @@ def layout(n_targets: int, n: int, batch_size: int) -> list[list[Slot]]:
 
 def unconditioned(scfg) -> bool:
     return scfg.inpaint is None and scfg.seed_structure is None and scfg.novelty <= 0
-
-
-def _mixed_prior(systems: Sequence[SurfaceSystem], batch: list[Slot], device) -> torch.Tensor:
-    atoms, movable, boxes = [], [], []
-    for slot in batch:
-        system = systems[slot.target]
-        atoms.append(system.compose(np.tile(np.mean(system.z_box), (len(system.overlayer), 3))))
-        movable.append(system.movable)
-        boxes.append(system.z_box)
-    return collate(atoms, movable, boxes, device=device)
 
 
 def sample_shared(store: ResultsStore, loaded: LoadedModel, systems: Sequence[SurfaceSystem], scfg, *,
@@ -107,7 +97,8 @@ def sample_shared(store: ResultsStore, loaded: LoadedModel, systems: Sequence[Su
     for k in todo:
         batch = batches[k]
         gen = shared_generator(scfg.seed, k, device)
-        x = process.sample_prior(_mixed_prior(systems, batch, device), generator=gen)
+        x = process.sample_prior(mixed_prior_batch([systems[slot.target] for slot in batch], device),
+                                 generator=gen)
         tb = time.perf_counter()
         x = sampler(denoise, x, process, steps=scfg.steps, guidance=guidance, generator=gen)
         structure_steps += len(batch) * scfg.steps
@@ -116,11 +107,9 @@ def sample_shared(store: ResultsStore, loaded: LoadedModel, systems: Sequence[Su
             relaxed, info = mlff_relax(relax_forces, x, steps=scfg.relax_steps)
             x = x.with_positions(relaxed.positions)
             steps = info.steps.tolist()
-        out = mlff.predict(x)
-        valid, reasons = check_validity(x, min_distance=1.0)
-        _write_batch(store, loaded, scfg, systems, batch, x, out, valid, reasons, steps,
+        _write_batch(store, loaded, scfg, systems, batch, BatchOutputs.of(x, mlff, steps),
                      wall_time=time.perf_counter() - tb, run_id=run_id, checkpoint=checkpoint, study=study,
-                     committee=member_ids, several=len(mlff) > 1)
+                     committee=member_ids)
         bar.update(len(batch))
         for slot in batch:
             left[slot.target] -= 1
@@ -133,27 +122,13 @@ def sample_shared(store: ResultsStore, loaded: LoadedModel, systems: Sequence[Su
                   "wall_time": time.perf_counter() - t0, "structure_steps": structure_steps}
 
 
-def _write_batch(store, loaded, scfg, systems, batch: list[Slot], x, out, valid, reasons, steps, *, wall_time,
-                 run_id, checkpoint, study, committee, several: bool) -> None:
+def _write_batch(store, loaded, scfg, systems, batch: list[Slot], outputs: BatchOutputs, *, wall_time,
+                 run_id, checkpoint, study, committee) -> None:
     """The batch's documents, target by target (a batch's slots of one target are consecutive samples)."""
-    forces = out.forces.detach().cpu().numpy()
-    energies = out.energy.detach().cpu().numpy()
-    spread = out.energy_std.detach().cpu().numpy()
-    mov, idx = x.movable.cpu().numpy(), x.batch.cpu().numpy()
-    pos = x.positions.detach().cpu().numpy()
     parts: dict[int, tuple[int, GenerationResult]] = {}
     for b, slot in enumerate(batch):
-        first, part = parts.setdefault(slot.target, (slot.index, GenerationResult(system=systems[slot.target])))
-        sel = idx == b
-        f = forces[sel]
-        part.positions.append(pos[sel])
-        part.energies.append(float(energies[b]))
-        part.energy_std.append(float(spread[b]) if several else None)
-        part.forces.append(f)
-        part.fmax.append(float(np.linalg.norm(f[mov[sel]], axis=1).max()) if mov[sel].any() else 0.0)
-        part.relax_steps.append(int(steps[b]))
-        part.valid.append(bool(valid[b]))
-        part.reasons.append(reasons[b])
+        _, part = parts.setdefault(slot.target, (slot.index, GenerationResult(system=systems[slot.target])))
+        part.add_from_batch(b, outputs)
     docs = []
     for first, part in parts.values():
         part.wall_time = wall_time
