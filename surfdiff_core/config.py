@@ -249,6 +249,9 @@ class ActiveLearningConfig(_Strict):
     # lies on or near the lower envelope of γ(Δμ) (the ones that decide the phase diagram), at least one each
     allocation: Literal["uniform", "envelope"] = "uniform"
     samples: int | None = Field(None, ge=1)  # samples per target and round (None: sample.n)
+    # seeded exploration: from round 2 on, this many more samples per target start from the target's best oracle
+    # label so far, noised to sample.t0 and denoised (local search around it); they compete for the labels
+    explore: int = Field(0, ge=0, le=MAX_SAMPLES)
     epochs: int = Field(20, ge=1)  # fine-tuning epochs per round
 
     @model_validator(mode="after")

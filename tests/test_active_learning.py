@@ -117,3 +117,20 @@ def test_the_loop_stops_at_its_budget(study):
         update={"rounds": 5, "max_relaxations": 3})})
     res = active.run(cfg, store, first, progress=False)
     assert res.relaxations == 3 and [r["labels"] for r in res.rounds] == [2, 1]
+
+
+def test_rounds_explore_around_their_best_label(study):
+    """active_learning.explore: from round 2 on, samples seeded at the target's best oracle label compete for the
+    round's labels; round 1 has no label to start from."""
+    cfg, store, first = study
+    cfg = cfg.model_copy(update={"active_learning": cfg.active_learning.model_copy(update={"explore": 3})})
+    res = active.run(cfg, store, first, progress=False)
+    assert [r["explored"] for r in res.rounds] == [0, 3]
+    round1 = [d for d in store.find({"doc_id": {"$in": list(res.rounds and res.model.learned_labels)}})
+              if d.meta.get("round") == 1 and d.source == "relaxed" and d.energy is not None]
+    best = min(round1, key=lambda d: d.energy)
+    seeded = [d for d in store.find({"source": "generated", "study": cfg.name})
+              if (d.meta.get("seed_structure") or {}).get("source") == best.doc_id]
+    assert len(seeded) == 3
+    assert all(d.meta["seed_structure"]["t0"] == cfg.sample.t0 for d in seeded)
+    assert len({d.doc_id for d in seeded}) == 3

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from surfdiff_core.config import SurfdiffConfig
+from surfdiff_core.config import SampleTarget, SurfdiffConfig
 from surfdiff_core.stages import sample, train
 from surfdiff_core.stages.common import new_run_id, sample_targets, target_system
 from surfdiff_core.stages.oracle_relax import relax_samples, single_points
@@ -50,8 +50,10 @@ def run_round(cfg: SurfdiffConfig, store: ResultsStore, model: TrainResult, k: i
     drawn = sample.run(cfg, store, model, targets=targets, scfg=scfg, run_id=f"{run_id}-al{k}", progress=progress)
     labels, points, best, label_ids = 0, 0, {}, []
     meta = {"active_learning": True, "round": k, "model_id": model.model_id}
-    candidates = [[d for d in store.find({"doc_id": {"$in": t.doc_ids}}) if d.valid and d.in_box and d.energy]
-                  for t in drawn.targets]
+    explored = explore_around_best(cfg, store, model, drawn.targets, scfg, run_id=f"{run_id}-al{k}-explore",
+                                   progress=progress)
+    candidates = [[d for d in store.find({"doc_id": {"$in": [*t.doc_ids, *extra]}})
+                   if d.valid and d.in_box and d.energy] for t, extra in zip(drawn.targets, explored, strict=True)]
     total = al.relax_per_round * len(drawn.targets)
     total = total if left is None else max(0, min(total, left))
     chosen = [systems[(t.composition, t.cell)] for t in drawn.targets]
@@ -77,10 +79,34 @@ def run_round(cfg: SurfdiffConfig, store: ResultsStore, model: TrainResult, k: i
                                                        init_from=model.checkpoint,
                                                        init_committee=tuple(model.committee)))
     keys = [f"{t.composition} {t.cell}" for t in drawn.targets]
-    return new, {"round": k, "model_id": new.model_id, "samples": len(drawn.doc_ids), "labels": labels,
+    return new, {"round": k, "model_id": new.model_id, "samples": len(drawn.doc_ids),
+                 "explored": sum(len(e) for e in explored), "labels": labels,
                  "single_points": points, "n_train": new.n_train, "best_labelled": best, "best_val": new.best_val,
                  "allocation": al.allocation, "quotas": dict(zip(keys, quotas, strict=True)),
                  "excess_eV": None if excess is None else dict(zip(keys, excess, strict=True))}
+
+
+def explore_around_best(cfg: SurfdiffConfig, store: ResultsStore, model: TrainResult, targets: list, scfg, *,
+                        run_id: str, progress: bool) -> list[list[str]]:
+    """`active_learning.explore` samples per target seeded at its best oracle label of the chain so far (seeded
+    exploration, sample.t0); the doc ids per target, empty where it has no label yet or exploring is off."""
+    n = cfg.active_learning.explore
+    out: list[list[str]] = [[] for _ in targets]
+    if n <= 0 or not model.learned_labels:
+        return out
+    labels = [d for d in store.find({"doc_id": {"$in": list(model.learned_labels)}, "source": "relaxed"})
+              if d.energy is not None and not d.error and d.in_box]
+    for j, t in enumerate(targets):
+        own = [d for d in labels if (d.composition, d.cell) == (t.composition, t.cell)]
+        if not own:
+            continue
+        best = min(own, key=lambda d: d.energy)
+        seeded = scfg.model_copy(update={"n": n, "seed_structure": best.doc_id, "share_batches": False,
+                                         "novelty": 0.0, "inpaint": None})
+        target = SampleTarget(cell=t.cell, composition=t.composition)
+        drawn = sample.run(cfg, store, model, targets=[target], scfg=seeded, run_id=run_id, progress=progress)
+        out[j] = list(drawn.doc_ids)
+    return out
 
 
 def round_quotas(cfg: SurfdiffConfig, store: ResultsStore, model: TrainResult, systems: list[SurfaceSystem],
