@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import functools
 import hashlib
 import json
 import sys
@@ -36,7 +37,7 @@ sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 from structure_aware_report import write_report  # noqa: E402
-from sweep import append_record, git_commit, host  # noqa: E402
+from sweep import git_commit, host, recorded_run  # noqa: E402
 
 from surfdiff_core.config import SampleConfig, SampleTarget, SurfdiffConfig, config_from_dict, load_config  # noqa: E402
 from surfdiff_core.errors import SurfdiffError  # noqa: E402
@@ -327,21 +328,8 @@ def run_locked(args: argparse.Namespace, argv: list[str], base: dict, out: Path)
         record = {"run_id": uuid.uuid4().hex[:12], "started": dt.datetime.now().astimezone().isoformat(),
                   "seed": seed, "seed_role": args.seed_role, **common,
                   "study_config": study_config(args, base, seed, "em", out / "stores" / "all")}
-        t0 = time.perf_counter()
-        try:
-            record.update(run_seed(args, base, seed, out, process), status="finished")
-        except BaseException as exc:  # kept too: a failed or interrupted run is history
-            record.update(status="interrupted" if isinstance(exc, KeyboardInterrupt | SystemExit) else "failed",
-                          error=f"{type(exc).__name__}: {exc}"[:500])
-            raise
-        finally:
-            record.update(ended=dt.datetime.now().astimezone().isoformat(),
-                          wall_total_s=round(time.perf_counter() - t0, 2))
-            append_record(out / "runs.jsonl", record)
-            try:  # never hiding the run's own error
-                write_report(out)
-            except Exception as err:  # noqa: BLE001
-                print(f"warning: report not written: {type(err).__name__}: {err}", file=sys.stderr)
+        recorded_run(out / "runs.jsonl", record, functools.partial(run_seed, args, base, seed, out, process),
+                     functools.partial(write_report, out))
     report = write_report(out)
     print(f"report: {report}")
     return report

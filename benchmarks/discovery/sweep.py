@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import copy
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -153,6 +155,26 @@ def host() -> dict:
     return {"node": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "python": platform.python_version(),
             "torch": torch.__version__}
+
+
+def recorded_run(runs: Path, record: dict, run: Callable[[], dict], report: Callable[[], object]) -> None:
+    """One seed-run: `run()`'s results into `record`, which is appended to `runs` however the run ends (a failed
+    or interrupted run is history too), then a partial report that never hides the run's own error."""
+    t0 = time.perf_counter()
+    try:
+        record.update(run(), status="finished")
+    except BaseException as exc:
+        record.update(status="interrupted" if isinstance(exc, KeyboardInterrupt | SystemExit) else "failed",
+                      error=f"{type(exc).__name__}: {exc}"[:500])
+        raise
+    finally:
+        record.update(ended=dt.datetime.now().astimezone().isoformat(),
+                      wall_total_s=round(time.perf_counter() - t0, 2))
+        append_record(runs, record)
+        try:
+            report()
+        except Exception as err:  # noqa: BLE001
+            print(f"warning: report not written: {type(err).__name__}: {err}", file=sys.stderr)
 
 
 def append_record(path: Path, record: dict) -> None:
@@ -336,21 +358,8 @@ def run_locked(args: argparse.Namespace, base: tuple[str, str, dict], argv: list
         record = {"run_id": uuid.uuid4().hex[:12], "started": dt.datetime.now().astimezone().isoformat(),
                   "seed": seed, "seed_role": args.seed_role, "rerun": args.rerun, **common,
                   "study_config": cfg_data}
-        t0 = time.perf_counter()
-        try:
-            record.update(run_seed(args, cfg_data, seed), status="finished")
-        except BaseException as exc:  # kept too: a failed or interrupted run is history
-            record.update(status="interrupted" if isinstance(exc, KeyboardInterrupt | SystemExit) else "failed",
-                          error=f"{type(exc).__name__}: {exc}"[:500])
-            raise
-        finally:
-            record.update(ended=dt.datetime.now().astimezone().isoformat(),
-                          wall_total_s=round(time.perf_counter() - t0, 2))
-            append_record(runs, record)
-            try:  # a partial report after every seed; never hiding the run's own error
-                write_report(out)
-            except Exception as err:  # noqa: BLE001
-                print(f"warning: report not written: {type(err).__name__}: {err}", file=sys.stderr)
+        recorded_run(runs, record, functools.partial(run_seed, args, cfg_data, seed),
+                     functools.partial(write_report, out))
     report = write_report(out)
     print(f"report: {report}")
     return report
