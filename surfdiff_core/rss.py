@@ -30,8 +30,8 @@ from surfdiff_core.progress import progress_bar
 from surfdiff_core.retry import PriorFailure, attempt_meta, plan_work
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
 from surfdiff_core.store.claims import WorkQueue, claim_board
-from surfdiff_core.store.documents import atoms_to_structure_dict, frames_from_arrays
-from surfdiff_core.system import RELAXED_BOX_TOLERANCE, SurfaceSystem
+from surfdiff_core.store.documents import atoms_to_structure_dict
+from surfdiff_core.system import SurfaceSystem
 from surfdiff_core.system_build import resolve_lattice, systems_for
 
 
@@ -115,6 +115,7 @@ def relax_task(
     """Place and relax one structure; returns its document (an error is recorded, never raised). `prior`: the
     stored failures of this structure, when this is a retry (counted in meta.attempts, kept in meta.errors)."""
     from surfdiff_core.relax.ase_relax import relax_atoms
+    from surfdiff_core.relax.records import Relaxed, error_text, relaxation_record
 
     calc = calculator if calculator is not None else _worker_calculator(cfg.oracle.name, cfg.oracle.settings)
     rng = np.random.default_rng(task.seed)
@@ -131,27 +132,15 @@ def relax_task(
     )
     base["formula"] = initial.get_chemical_formula()
     try:
-        res = relax_atoms(
+        outcome: Relaxed | str = Relaxed.from_ase(relax_atoms(
             initial, calc, fmax=cfg.rss.fmax, steps=cfg.rss.steps, optimizer=cfg.rss.optimizer,
             trajectory_every=cfg.rss.trajectory_every, fixed=system.fixed_indices.tolist(),
-        )
+        ))
     except Exception as exc:  # noqa: BLE001 - one bad structure must not stop the search
-        error = f"{type(exc).__name__}: {exc}"[:500]
-        base["meta"].update(attempt_meta(prior, error))
-        return StructureDoc(structure=base["initial_structure"], valid=False, error=error, **base)
-    base["meta"].update(attempt_meta(prior, None))
-    final = res.atoms
-    in_box = bool(np.all(system.inside_box(final, tol=RELAXED_BOX_TOLERANCE)))
-    traj = res.trajectory
-    return StructureDoc(
-        structure=atoms_to_structure_dict(final), energy=float(res.energy),
-        forces=np.round(res.forces, 6).tolist(), fmax=float(res.fmax), steps=int(res.steps),
-        converged=bool(res.converged), wall_time=float(res.wall_time), in_box=in_box,
-        trajectory=frames_from_arrays(
-            [f["positions"] for f in traj], [f["energy"] for f in traj], [f["forces"] for f in traj]
-        ),
-        **base,
-    )
+        outcome = error_text(exc)
+    base["meta"].update(attempt_meta(prior, outcome if isinstance(outcome, str) else None))
+    # the random placement is this structure's start, kept whether or not its relaxation finished
+    return relaxation_record(outcome, base["initial_structure"], box=(system.n_substrate, system.z_box), **base)
 
 
 def relax_remote(system: SurfaceSystem, task: RSSTask, cfg: SurfdiffConfig, run_id: str | None,

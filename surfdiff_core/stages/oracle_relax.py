@@ -5,14 +5,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
-
 from surfdiff_core.config import SurfdiffConfig
 from surfdiff_core.progress import progress_bar
 from surfdiff_core.retry import attempt_meta, plan_work
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
-from surfdiff_core.store.documents import atoms_to_structure_dict, frames_from_arrays
-from surfdiff_core.system import RELAXED_BOX_TOLERANCE, SurfaceSystem
+from surfdiff_core.system import SurfaceSystem
 
 
 def relax_samples(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem, candidates: list[StructureDoc],
@@ -35,6 +32,7 @@ def _label(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem, cand
            calculator, source: Literal["relaxed", "single_point"], *, tag: str, meta: dict | None,
            progress: bool) -> list[StructureDoc]:
     from surfdiff_core.relax.ase_relax import relax_atoms
+    from surfdiff_core.relax.records import Relaxed, error_text, parent_fields, relaxation_record
 
     r = cfg.rss
     relax = source == "relaxed"
@@ -48,32 +46,21 @@ def _label(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem, cand
             continue
         prior = work.retry.get(doc_id)
         common = dict(doc_id=doc_id, source=source, study=cfg.name, energy_model=cfg.oracle.energy_model,
-                      oracle=cfg.oracle.name, parent_id=cand.doc_id, **cand.model_dump(include={
-                          "composition", "formula", "system_id", "element", "facet", "cell", "n_substrate",
-                          "movable", "fixed", "z_box", "model_id", "seed"}))
+                      oracle=cfg.oracle.name, **parent_fields(cand))
         info = {**(meta or {}), "purpose": tag, "mlff_energy": cand.energy}
         if relax:
             info["relaxer"] = r.optimizer
         try:  # a single point is zero optimiser steps: one frame, with a relaxation's checks and errors
-            res = relax_atoms(cand.to_atoms(), calculator, fmax=r.fmax, steps=r.steps if relax else 0,
-                              optimizer=r.optimizer, trajectory_every=r.trajectory_every, fixed=cand.fixed)
+            outcome: Relaxed | str = Relaxed.from_ase(relax_atoms(
+                cand.to_atoms(), calculator, fmax=r.fmax, steps=r.steps if relax else 0, optimizer=r.optimizer,
+                trajectory_every=r.trajectory_every, fixed=cand.fixed))
         except Exception as exc:  # noqa: BLE001 - a failed label still cost oracle time, and is recorded
-            error = f"{type(exc).__name__}: {exc}"[:500]
-            store.put(StructureDoc(structure=cand.structure, valid=False, error=error,
-                                   meta={**info, **attempt_meta(prior, error)}, **common))
-            continue
-        info.update(attempt_meta(prior, None))
-        traj = res.trajectory
-        store.put(StructureDoc(
-            structure=atoms_to_structure_dict(res.atoms) if relax else cand.structure,
-            initial_structure=cand.structure if relax else None, energy=float(res.energy),
-            forces=np.round(res.forces, 6).tolist(), fmax=float(res.fmax), steps=int(res.steps),
-            converged=bool(res.converged), wall_time=float(res.wall_time),
-            in_box=bool(np.all(system.inside_box(res.atoms, tol=RELAXED_BOX_TOLERANCE))),
-            oracle_settings=cfg.oracle.settings,
-            meta=info, trajectory=frames_from_arrays([f["positions"] for f in traj], [f["energy"] for f in traj],
-                                                     [f["forces"] for f in traj]),
-            **common,
-        ))
+            outcome = error_text(exc)
+        failed = isinstance(outcome, str)
+        info.update(attempt_meta(prior, outcome if failed else None))
+        if not failed:  # failed labels have always been stored without the oracle's settings
+            common["oracle_settings"] = cfg.oracle.settings
+        store.put(relaxation_record(outcome, cand.structure, box=(system.n_substrate, system.z_box),
+                                    in_place=not relax, keep_start=relax, meta=info, **common))
     by_id = {d.doc_id: d for d in store.find({"doc_id": {"$in": ids}})}
     return [by_id[i] for i in ids if i in by_id]

@@ -24,7 +24,6 @@ from surfdiff_core.stages.common import jobs_store_for, new_run_id, sample_targe
 from surfdiff_core.stages.results import RelaxResult, SampleResult
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
 from surfdiff_core.store.documents import now
-from surfdiff_core.system import RELAXED_BOX_TOLERANCE, in_confinement_box
 
 
 def top_candidates(docs: list[StructureDoc], top_k: int) -> list[StructureDoc]:
@@ -160,39 +159,15 @@ def _relax_on(executor: Executor, inputs: list, method: str, settings: dict, los
 
 def _relaxed_doc(parent: StructureDoc, out, rcfg: RelaxConfig, doc_id: str, run_id: str | None,
                  study: str) -> StructureDoc:
-    from pymatgen.io.ase import AseAtomsAdaptor
+    from surfdiff_core.relax.records import Relaxed, parent_fields, relaxation_record
 
-    from surfdiff_core.store.documents import atoms_to_structure_dict
-
-    source = relaxation_source(rcfg.method)
-    base = parent.model_dump(exclude={"doc_id", "source", "study", "energy_model", "structure", "energy",
-                                      "forces", "fmax", "steps",
-                                      "converged", "wall_time", "oracle", "oracle_settings", "initial_structure",
-                                      "trajectory", "parent_id", "run_id", "error", "meta", "created_at",
-                                      "updated_at", "valid", "in_box"})
+    fields = dict(doc_id=doc_id, source=relaxation_source(rcfg.method), oracle=rcfg.method,
+                  oracle_settings=rcfg.settings, study=study, energy_model=rcfg.energy_model, run_id=run_id,
+                  **parent_fields(parent, "config_hash"))
+    box = (parent.n_substrate, parent.z_box)
     if out.success and out.structure is not None:
-        atoms = AseAtomsAdaptor.get_atoms(out.structure)
-        atoms.pbc = [True, True, False]
-        in_box = bool(np.all(in_confinement_box(atoms.positions, parent.n_substrate, parent.z_box,
-                                                RELAXED_BOX_TOLERANCE)))
-        forces = np.asarray(out.forces) if out.forces is not None else None
-        movable_fmax = None
-        if forces is not None:
-            free = np.ones(len(forces), bool)
-            free[parent.fixed] = False
-            movable_fmax = float(np.linalg.norm(forces[free], axis=1).max())
-        return StructureDoc(
-            doc_id=doc_id, source=source, structure=atoms_to_structure_dict(atoms), energy=out.energy,
-            forces=np.round(forces, 6).tolist() if forces is not None else None, fmax=movable_fmax,
-            steps=out.steps, converged=out.converged, oracle=rcfg.method, oracle_settings=rcfg.settings,
-            study=study, energy_model=rcfg.energy_model,
-            initial_structure=parent.structure, parent_id=parent.doc_id, run_id=run_id, in_box=in_box,
-            meta={"jobflow_uuid": out.uuid, "parent_energy": parent.energy, "relaxed_at": now().isoformat()},
-            **base,
-        )
-    return StructureDoc(
-        doc_id=doc_id, source=source, structure=parent.structure, energy=None, valid=False,
-        error=(out.error or "relaxation failed")[:500], oracle=rcfg.method, oracle_settings=rcfg.settings,
-        study=study, energy_model=rcfg.energy_model,
-        parent_id=parent.doc_id, run_id=run_id, meta={"jobflow_uuid": out.uuid}, **base,
-    )
+        meta = {"jobflow_uuid": out.uuid, "parent_energy": parent.energy, "relaxed_at": now().isoformat()}
+        return relaxation_record(Relaxed.from_outcome(out, parent.fixed), parent.structure, box=box,
+                                 keep_start=True, meta=meta, **fields)
+    return relaxation_record(out.error or "relaxation failed", parent.structure, box=box,
+                             meta={"jobflow_uuid": out.uuid}, **fields)
