@@ -16,7 +16,7 @@ import multiprocessing as mp
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from surfdiff_core.config import SurfdiffConfig, with_overrides
 from surfdiff_core.errors import ConfigError, SurfdiffError
 from surfdiff_core.lifetime import die_with_parent
 from surfdiff_core.progress import progress_bar
+from surfdiff_core.remote import run_on
 from surfdiff_core.retry import PriorFailure, attempt_meta, plan_work
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
 from surfdiff_core.store.claims import WorkQueue, claim_board
@@ -206,9 +207,9 @@ def run_rss(
         bar.set_postfix(failed=report.failed, out_of_box=report.out_of_box, refresh=False)  # shown by update
         bar.update(1)
 
-    def lost(task: RSSTask, exc: BaseException) -> None:
+    def lost(doc_id: str, why: str) -> None:
         report.failed += 1
-        report.lost[task.doc_id] = f"{type(exc).__name__}: {exc}"[:300]
+        report.lost[doc_id] = why
         bar.update(1)
 
     def needed(doc_id: str) -> bool:
@@ -220,10 +221,18 @@ def run_rss(
     # Claimed one by one as a worker frees up, so that processes sharing the store split the work.
     queue = WorkQueue(claim_board(store), [t.doc_id for t in todo], needed)
     tasks_by_id = {t.doc_id: t for t in todo}
+
+    def job(doc_id: str) -> tuple[Callable[..., dict], tuple]:
+        t = tasks_by_id[doc_id]
+        return relax_remote, (systems[t.composition], t, cfg, run_id, work.retry.get(doc_id))
+
+    def finished(doc_id: str, data: dict) -> None:
+        record(StructureDoc.model_validate(data))
+
     try:
         with queue:
             if executor is not None:  # Slurm: every job submitted at once, as before
-                _run_on(executor, cfg, systems, tasks_by_id, queue, len(todo), run_id, record, lost, work.retry)
+                run_on(executor, queue, len(todo), job, finished, lost)
             elif workers == 1 or len(todo) <= 1:
                 calc = get_calculator(cfg.oracle.name, **cfg.oracle.settings) if todo else None
                 with threadpool_limits(1, user_api="blas"):
@@ -238,7 +247,7 @@ def run_rss(
                 pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                                            initargs=(threads, os.getpid()))
                 try:
-                    _run_on(pool, cfg, systems, tasks_by_id, queue, workers, run_id, record, lost, work.retry)
+                    run_on(pool, queue, workers, job, finished, lost)
                 except BaseException:
                     _stop_pool(pool)  # interrupted (Ctrl-C, SIGTERM): running relaxations are redone by a rerun
                     raise
@@ -270,36 +279,3 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
         if proc.is_alive():
             proc.terminate()
     pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _run_on(executor: Executor, cfg, systems, tasks: dict[str, RSSTask], queue: WorkQueue, window: int, run_id,
-            record, lost, retry: dict[str, PriorFailure]) -> None:
-    """Keep up to `window` claimed tasks running; record documents as they finish. A task whose worker or job
-    died (a Slurm job cancelled or out of time) is reported to `lost` and the others go on; a rerun redoes only
-    those."""
-    futures: dict[Any, RSSTask] = {}
-    try:
-        while True:
-            while len(futures) < window and (doc_id := queue.take()) is not None:
-                t = tasks[doc_id]
-                futures[executor.submit(relax_remote, systems[t.composition], t, cfg, run_id, retry.get(doc_id))] = t
-            if not futures:
-                if not queue.waiting():
-                    return
-                queue.pause()  # the rest is claimed by other processes: wait for it to be stored or to lapse
-                continue
-            finished, _ = wait(futures, timeout=queue.poll_s if queue.waiting() else None,
-                               return_when=FIRST_COMPLETED)
-            for fut in finished:
-                t = futures.pop(fut)
-                try:
-                    data = fut.result()
-                except Exception as exc:  # noqa: BLE001 - one lost job must not stop the search
-                    lost(t, exc)
-                else:
-                    record(StructureDoc.model_validate(data))
-                queue.done(t.doc_id)
-    except BaseException:
-        for fut in futures:
-            fut.cancel()
-        raise

@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
-from concurrent.futures import Executor, as_completed
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from surfdiff_core.config import RelaxConfig, SurfdiffConfig
 from surfdiff_core.evaluate.matching import deduplicate
+from surfdiff_core.remote import run_on, unclaimed
 from surfdiff_core.retry import attempt_meta, plan_work
 from surfdiff_core.stages.common import jobs_store_for, new_run_id, sample_targets, target_system
 from surfdiff_core.stages.results import RelaxResult, SampleResult
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
 from surfdiff_core.store.documents import now
+
+if TYPE_CHECKING:
+    from surfdiff_core.relax.jobflow_relax import RelaxOutcome
 
 
 def top_candidates(docs: list[StructureDoc], top_k: int) -> list[StructureDoc]:
@@ -101,18 +105,9 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
     if todo:
         settings = {"fmax": rcfg.fmax, "steps": rcfg.steps, **rcfg.settings}
         inputs = [(candidate_structure(d), {"parent_id": d.doc_id, "doc_id": ids[d.doc_id]}) for d in todo]
-        if executor is not None:
-            outcomes = _relax_on(executor, inputs, rcfg.method, settings, summary.lost)
-        else:
-            flow = make_relax_flow(inputs, rcfg.method, settings)
-            if jobs_store is None:
-                jobs_store = jobs_store_for(cfg)
-            with warnings.catch_warnings():  # jobflow's notes on independent jobs and its own deprecations
-                warnings.filterwarnings("ignore", message="Some jobs are not connected")
-                warnings.filterwarnings("ignore", category=FutureWarning, module="jobflow")
-                outcomes = run_relax_flow(flow, jobs_store)
         by_parent = {d.doc_id: d for d in todo}
-        for out in outcomes:
+
+        def record(out: RelaxOutcome) -> None:
             parent = by_parent[out.metadata["parent_id"]]
             doc = _relaxed_doc(parent, out, rcfg, ids[parent.doc_id], run_id, cfg.name)
             doc.meta.update(attempt_meta(work.retry.get(doc.doc_id), doc.error))
@@ -121,6 +116,22 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
                 summary.failed += 1
             else:
                 summary.relaxed += 1
+
+        if executor is not None:  # one job per candidate, every one submitted at once
+            by_id = {meta["doc_id"]: (structure, meta) for structure, meta in inputs}
+            run_on(executor, unclaimed([meta["doc_id"] for _, meta in inputs]), len(inputs),
+                   lambda doc_id: (relax_remote, (*by_id[doc_id], rcfg.method, settings)),
+                   lambda _, out: record(out), summary.lost.__setitem__)
+        else:
+            flow = make_relax_flow(inputs, rcfg.method, settings)
+            if jobs_store is None:
+                jobs_store = jobs_store_for(cfg)
+            with warnings.catch_warnings():  # jobflow's notes on independent jobs and its own deprecations
+                warnings.filterwarnings("ignore", message="Some jobs are not connected")
+                warnings.filterwarnings("ignore", category=FutureWarning, module="jobflow")
+                outcomes = run_relax_flow(flow, jobs_store)
+            for out in outcomes:
+                record(out)
         summary.failed += len(summary.lost)
     for d in store.find({"doc_id": {"$in": list(ids.values())}}):
         if d.energy is not None and not d.error:
@@ -141,20 +152,6 @@ def relax_remote(structure, meta: dict, method: str, settings: dict):
         flow = make_relax_flow([(structure, meta)], method, settings)
         (outcome,) = run_relax_flow(flow, MemoryStore(collection_name="surfdiff_relax"))
     return outcome
-
-
-def _relax_on(executor: Executor, inputs: list, method: str, settings: dict, lost: dict[str, str]) -> Iterator:
-    """Outcomes as their jobs finish; a lost job (cancelled, out of time) goes to `lost` {doc_id: why}."""
-    futures = {executor.submit(relax_remote, structure, meta, method, settings): meta for structure, meta in inputs}
-    try:
-        for fut in as_completed(futures):
-            try:
-                yield fut.result()
-            except Exception as exc:  # noqa: BLE001 - one lost job must not stop the others
-                lost[futures[fut]["doc_id"]] = f"{type(exc).__name__}: {exc}"[:300]
-    finally:
-        for fut in futures:
-            fut.cancel()
 
 
 def _relaxed_doc(parent: StructureDoc, out, rcfg: RelaxConfig, doc_id: str, run_id: str | None,
