@@ -2,8 +2,9 @@
 
 Every model forbids unknown keys, so a typo fails before any work starts with one line naming it.
 Distances are in Å, energies in eV. The confinement box is given *relative to the top substrate layer*.
-The base model, size bounds and error messages every section shares live in config_base.py, the sample section
-in config_sample.py; both are re-exported here, so `from surfdiff_core.config import ...` reaches every section.
+The base model, size bounds and error messages every section shares live in config_base.py, the sections naming an
+energy model (oracle, relax) in config_oracle.py, the sample section in config_sample.py; all are re-exported here,
+so `from surfdiff_core.config import ...` reaches every section.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from surfdiff_core.config_base import Seed as Seed
 from surfdiff_core.config_base import _Strict
 from surfdiff_core.config_base import format_validation_error as format_validation_error
 from surfdiff_core.config_base import with_overrides as with_overrides
+from surfdiff_core.config_oracle import OracleConfig as OracleConfig
+from surfdiff_core.config_oracle import RelaxConfig as RelaxConfig
+from surfdiff_core.config_oracle import energy_model_key as energy_model_key
 from surfdiff_core.config_sample import InpaintConfig as InpaintConfig
 from surfdiff_core.config_sample import SampleConfig as SampleConfig
 from surfdiff_core.config_sample import SampleTarget as SampleTarget
@@ -85,51 +89,6 @@ class ConfinementConfig(_Strict):
         if self.z_max <= self.z_min:
             raise ValueError(f"confinement z_max={self.z_max} must be larger than z_min={self.z_min}")
         return self
-
-
-def energy_model_key(name: str, settings: dict[str, Any] | None = None) -> str:
-    """Which energy model produced an energy: the oracle name, plus a hash of its settings when it has any.
-    Energies of different keys are never compared or mixed unless the config says how."""
-    if not settings:
-        return name
-    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f"{name}:{digest}"
-
-
-def _registered_oracles() -> list[str]:
-    """The names of the oracle registry, the one list of energy models (imported when first needed: the registry
-    package pulls in ASE's builders, which a config that is only read does not need)."""
-    from surfdiff_core.oracles.registry import available_oracles
-
-    return available_oracles()
-
-
-def _oracle_choices(schema: dict[str, Any]) -> None:
-    """JSON-schema choices (a dropdown in typed forms such as the Prefect UI): the registry's names when the
-    schema is made, oracles registered by plugins included."""
-    schema["enum"] = _registered_oracles()
-
-
-def _check_oracle_name(value: str, what: str) -> str:
-    valid = _registered_oracles()
-    if value not in valid:
-        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
-    return value
-
-
-class OracleConfig(_Strict):
-    # Any name of the oracle registry (surfdiff_core/oracles/registry.py, or registered by a plugin).
-    name: str = Field("emt", json_schema_extra=_oracle_choices)
-    settings: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _registered(cls, v: str) -> str:
-        return _check_oracle_name(v, "oracle")
-
-    @property
-    def energy_model(self) -> str:
-        return energy_model_key(self.name, self.settings)
 
 
 class RSSConfig(_Strict):
@@ -213,25 +172,6 @@ class TrainConfig(_Strict):
             raise ValueError("train.energy_models names several energy models: set train.combine: "
                              "reference_shift to say how their energies are combined")
         return self
-
-
-class RelaxConfig(_Strict):
-    method: str = Field("emt", json_schema_extra=_oracle_choices)  # an oracle of the registry, as oracle.name
-    settings: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("method")
-    @classmethod
-    def _registered(cls, v: str) -> str:
-        return _check_oracle_name(v, "relaxation method")
-
-    @property
-    def energy_model(self) -> str:
-        return energy_model_key(self.method, self.settings)
-    top_k: int = Field(3, ge=1, le=MAX_STRUCTURES)  # best candidates per composition and cell
-    fmax: float = Field(0.05, gt=0)
-    steps: int = Field(200, ge=1, le=MAX_STEPS)
-    # A failed relaxation is stored as an error document; later runs retry it until it has failed this often.
-    max_attempts: int = Field(3, ge=1, le=100)
 
 
 class ActiveLearningConfig(_Strict):
