@@ -218,8 +218,6 @@ class EvaluateConfig(_Strict):
     adsorbate: str = "O"  # gas-phase element of the γ(Δμ) phase diagram (skipped when no target holds it)
     molecule: str = "O2"  # its reference molecule (ASE g2 name)
     dmu_range: tuple[float, float] = (-2.0, 0.5)  # eV, Δμ of the adsorbate
-    guidance_samples: int = Field(0, ge=0)  # > 0: guided against unguided unrelaxed samples of the first target
-    steps_sweep: list[int] = Field(default_factory=list)  # e.g. [25, 100, 500]: quality against diffusion steps
 
     @model_validator(mode="after")
     def _range(self) -> EvaluateConfig:

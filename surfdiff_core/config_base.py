@@ -69,6 +69,11 @@ def with_overrides(section: _Strict, updates: dict[str, Any]) -> Any:
         raise ConfigError(f"--{option.replace('_', '-')}: {msg}") from None
 
 
+# Keys that left the study config, and where they went: a config still naming one is told so (not "unknown key").
+_ABLATIONS = ("moved out of the study config into the discovery benchmark (benchmarks/discovery/ablations.py, "
+              "run.py --extras): remove the key")
+MOVED_KEYS = {"evaluate.guidance_samples": _ABLATIONS, "evaluate.steps_sweep": _ABLATIONS}
+
 # Parts pydantic adds to an error location for the branch of a union or a validator: not keys of the config.
 _BRANCH_TAG = re.compile(r"^(function-.*|float|int|str|bool|none|literal\[.*\]|list\[.*\]|tuple\[.*\]|"
                          r"dict\[.*\]|is-instance\[.*\]|constrained-.*)$")
@@ -81,10 +86,11 @@ def _first_problem(exc: ValidationError) -> tuple[str, str, int]:
         loc = ".".join(str(p) for p in err["loc"] if not _BRANCH_TAG.match(str(p)))
         msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (typo?)"
+            msg = MOVED_KEYS.get(loc, "unknown key (typo?)")
         problems.setdefault(loc, msg)
-    loc, msg = next(iter(problems.items()))
-    return loc, msg, len(problems)
+    # a moved key first: an old config's likeliest problem, and its line says what to do
+    loc = next((k for k in problems if k in MOVED_KEYS), next(iter(problems)))
+    return loc, problems[loc], len(problems)
 
 
 def format_validation_error(exc: ValidationError, source: str = "") -> str:

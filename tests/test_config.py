@@ -77,6 +77,16 @@ def test_broken_configs_fail_with_one_clear_line(tmp_path, text, fragment):
     assert "\n" not in msg
 
 
+@pytest.mark.parametrize("key", ["guidance_samples", "steps_sweep"])
+def test_a_key_moved_out_of_the_config_says_where_it_went(tmp_path, key):
+    value = "4" if key == "guidance_samples" else "[25, 100]"
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, f"evaluate: {{budget: 4, {key}: {value}}}\n"))
+    msg = str(exc.value)
+    assert f"evaluate.{key}: " in msg and "benchmarks/discovery/ablations.py" in msg and "unknown key" not in msg
+    assert "\n" not in msg
+
+
 def test_box_outside_the_cell_is_rejected():
     cfg = config_from_dict({"substrate": {"lattice_constant": A_AG, "vacuum": 3.0},
                             "confinement": {"z_min": 0.5, "z_max": 8.0}})

@@ -6,9 +6,9 @@ One command regenerates the report (markdown + PNGs) for one energy model:
 
 Per seed: RSS training data on c(2x8) Ag4O2..Ag6O5, models trained on D (2 eV window) and D_lowE (0.5 eV),
 guided samples of every target, then the evaluation stage: the best distinct samples in MLFF rank order and
-`--rss-budget` RSS structures in the same cell, both relaxed with the same oracle and relaxer. Also: guided
-against unguided unrelaxed energies, and quality against the number of diffusion steps. Evaluation seeds
-are not the seeds used to develop (0); nothing here is tuned on them.
+`--rss-budget` RSS structures in the same cell, both relaxed with the same oracle and relaxer. Also (--extras,
+the last arm, ablations.py): guided against unguided unrelaxed energies, and quality against the number of
+diffusion steps. Evaluation seeds are not the seeds used to develop (0); nothing here is tuned on them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(HERE))
 
+import ablations  # noqa: E402
 import torch  # noqa: E402
 
 from surfdiff_core.config import config_from_dict, load_config  # noqa: E402
@@ -103,9 +105,7 @@ def study_config(args, seed: int, window: str, store: Path) -> dict:
                    "sampler": sampler, "steps": steps,
                    "relax_steps": args.relax_steps, "batch_size": 32, "seed": seed,
                    **({"energy_target": 0.0, "cfg_scale": args.cfg_scale} if "+CFG" in window else {})},
-        "evaluate": {"budget": args.budget, "rss_budget": args.rss_budget, "seed": seed + 7919,
-                     "guidance_samples": args.extras_n if args.extras and window == args.windows[-1] else 0,
-                     "steps_sweep": [25, 100, args.steps] if args.extras and window == args.windows[-1] else []},
+        "evaluate": {"budget": args.budget, "rss_budget": args.rss_budget, "seed": seed + 7919},
         "store": {"backend": "sqlite", "path": str(store)},
         "active_learning": {"rounds": args.al_rounds if "+AL" in window or "+SP" in window else 0,
                             "relax_per_round": args.al_labels if "+AL" in window else 0,
@@ -145,6 +145,18 @@ def stop_rss_arm_ahead(proc) -> None:
     proc.join()
 
 
+def run_ablations(args, cfg, store, model, samples, seed: int, window: str) -> dict:
+    """The ablations' row of one seed and arm (ablations.py), on the evaluation's first target."""
+    from surfdiff_core.config import SampleTarget
+
+    first = samples.targets[0]
+    t0 = time.perf_counter()
+    out = ablations.run(cfg, store, model, SampleTarget(cell=first.cell, composition=first.composition),
+                        guidance_n=args.extras_n, steps=[25, 100, args.steps])
+    return {"seed": seed, "window": window, "guidance": out.get("guidance", {}),
+            "steps_quality": out.get("steps_quality", {}), "wall_s": {"ablations": time.perf_counter() - t0}}
+
+
 def run_seed(args, seed: int, out: Path) -> list[dict]:
     rows = []
     store_path = out / "stores" / f"s{seed}"
@@ -172,9 +184,8 @@ def run_seed(args, seed: int, out: Path) -> list[dict]:
             t0 = time.perf_counter()
             ev = evaluate.run(cfg, store, samples, progress=True)
             t_eval = time.perf_counter() - t0
-            if ev.guidance or ev.steps_quality:
-                rows.append({"seed": seed, "window": window, "guidance": ev.guidance,
-                             "steps_quality": ev.steps_quality})
+            if args.extras and window == args.windows[-1]:
+                rows.append(run_ablations(args, cfg, store, model, samples, seed, window))
             for t, row in zip(ev.targets, ev.rows(), strict=True):
                 rows.append({**row, "seed": seed, "window": window, "model_id": model.model_id,
                              "n_train": model.n_train, "training_cost": ev.training_cost,
@@ -185,7 +196,7 @@ def run_seed(args, seed: int, out: Path) -> list[dict]:
 
 
 def summarise(rows: list[dict], args, out: Path, wall: float) -> Path:
-    from surfdiff_core.evaluate.plots import best_energy_curves, energy_distributions, energy_vs_diffusion_steps
+    from surfdiff_core.evaluate.plots import best_energy_curves, energy_distributions
 
     evals = [r for r in rows if "target" in r]
     system = system_of(args)
@@ -261,19 +272,7 @@ def summarise(rows: list[dict], args, out: Path, wall: float) -> Path:
         pictures.append(f"\n### {key[0]}, {key[1]}\n\n![{slug} budget](figures/{slug}-budget.png) "
                         f"![{slug} energies](figures/{slug}-energies.png)\n")
     lines.extend(pictures)
-    extras = [r for r in rows if "guidance" in r]
-    if extras:
-        lines.append("\n## Guidance and diffusion steps\n")
-        for r in extras:
-            g = {k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r["guidance"].items()}
-            lines.append(f"- seed {r['seed']} ({r['window']}): median oracle energy of unrelaxed samples "
-                         f"(no MLFF relaxation), guided {g.get('guided')} eV against unguided {g.get('unguided')} eV: "
-                         f"guidance lowers it by {g.get('lowered_by_eV')} eV")
-            sq = r["steps_quality"]
-            p = energy_vs_diffusion_steps({int(k): v for k, v in sq["before"].items()},
-                                          {int(k): v for k, v in sq["after"].items()},
-                                          figs / f"steps-s{r['seed']}.png", title="energy against diffusion steps")
-            lines.append(f"\n![steps]({p.relative_to(out)})\n")
+    lines.extend(ablations.report_lines(rows, out, figs))
     report = out / "REPORT.md"
     report.write_text("\n".join(lines) + "\n")
     tmp = out / "results.json.tmp"
@@ -311,7 +310,8 @@ def main() -> None:
     p.add_argument("--rss-arm-ahead", action="store_true",
                    help="run the evaluation's RSS arm in one background process during training and sampling")
     p.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
-                   help="guidance effect and energy against diffusion steps (first target)")
+                   help="ablations after the last arm's evaluation (ablations.py): guidance effect and energy "
+                   "against diffusion steps (first target)")
     p.add_argument("--extras-n", type=int, default=16)
     p.add_argument("--out", default=None, help="default benchmarks/discovery/<energy model>")
     p.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from results.json, run nothing")

@@ -217,22 +217,6 @@ def all_in_cost(training_docs: list[StructureDoc], targets: list[TargetEvaluatio
     return summary.as_dict()
 
 
-def extras(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None, model_id: str,
-           target: SampleTarget, calculator, result: EvaluationResult) -> None:
-    from surfdiff_core.stages.evaluate_extras import guidance_effect, steps_quality
-    from surfdiff_core.stages.sample import registered_model
-
-    ev = cfg.evaluate
-    if not (ev.guidance_samples or ev.steps_sweep):
-        return
-    model = registered_model(cfg, result.run_id, model_id)
-    if ev.guidance_samples:
-        result.guidance = guidance_effect(cfg, store, model, target, calculator, ev.guidance_samples)
-    if ev.steps_sweep:
-        result.steps_quality = steps_quality(cfg, store, model, target, calculator, sorted(ev.steps_sweep),
-                                             max(ev.guidance_samples, 8))
-
-
 def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None = None, *,
         model_id: str | None = None, targets: list[SampleTarget] | None = None, run_id: str | None = None,
         sample_run: str | None = None, progress: bool = True) -> EvaluationResult:
@@ -272,7 +256,6 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
         result.targets.append(evaluate_target(cfg, store, t, upstream, model, calculator, training_docs, progress,
                                               sample_run, tuple(record.committee)))
     result.all_in = all_in_cost(training_docs, result.targets, shipped_cost)
-    extras(cfg, store, upstream, model, targets[0], calculator, result)
     lines = phase_lines_for(cfg, store, result, calculator)
     result.phase_diagram = phase_rows(lines, cfg.evaluate.dmu_range)
     # each arm's own envelope, RSS at the generative arm's total all-in budget, against the reference

@@ -65,8 +65,6 @@ class EvaluationResult(StageResult):
     training_cost: dict[str, Any]
     targets: list[TargetEvaluation] = field(default_factory=list)
     phase_diagram: list[dict[str, Any]] = field(default_factory=list)
-    guidance: dict[str, float | None] = field(default_factory=dict)  # median unrelaxed energies, eV
-    steps_quality: dict[str, dict[int, list[float]]] = field(default_factory=dict)
     figures: dict[str, str] = field(default_factory=dict)
     # the sweep's all-in comparison (surfdiff_core.evaluate.cost.AllIn.as_dict); empty in older results
     all_in: dict[str, Any] = field(default_factory=dict)
@@ -184,7 +182,6 @@ def write_figures(cfg: SurfdiffConfig, result: EvaluationResult, lines: list) ->
     from surfdiff_core.evaluate.plots import (
         best_energy_curves,
         energy_distributions,
-        energy_vs_diffusion_steps,
         phase_diagram_plot,
         phase_envelopes_plot,
     )
@@ -202,10 +199,6 @@ def write_figures(cfg: SurfdiffConfig, result: EvaluationResult, lines: list) ->
             out[f"{t.key} budget"] = str(best_energy_curves(
                 t.rss_energies, {"surfdiff": t.generative_energies}, d / f"{slug}-best-vs-budget.png",
                 title=f"{cfg.name}: {t.key}", tol=cfg.evaluate.tol))
-    if result.steps_quality:
-        out["energy against diffusion steps"] = str(energy_vs_diffusion_steps(
-            result.steps_quality["before"], result.steps_quality["after"], d / "energy-vs-steps.png",
-            title=f"{cfg.name}: {result.targets[0].key}"))
     if result.phase_diagram and lines:
         segments = [PhaseSegment(s["phase"], s["dmu_min"], s["dmu_max"],
                                  next(ln for ln in lines if ln.label == s["phase"])) for s in result.phase_diagram]
@@ -297,10 +290,6 @@ def markdown_report(result: EvaluationResult) -> str:
              *([pretrained_sentence(cost["pretrained"])] if cost.get("pretrained") else []),
              markdown_table(rows, list(rows[0])) if rows else "no targets", *cost_section(result)]
     parts += [f"\n**Warning**, {w}\n" for w in result.warnings()]
-    g = result.guidance
-    if g:
-        parts.append(f"\nForce-field guidance: median oracle energy of unrelaxed samples {g.get('guided')} eV "
-                     f"guided against {g.get('unguided')} eV unguided (lowered by {g.get('lowered_by_eV')} eV).\n")
     if result.phase_diagram:
         parts.append("\n## Phase diagram γ(Δμ)\n")
         parts.append(markdown_table(result.phase_diagram, list(result.phase_diagram[0])))
