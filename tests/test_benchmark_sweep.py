@@ -1,5 +1,6 @@
 """benchmarks/discovery/sweep.py: an append-only run history, the report's aggregation (seeds by role, reruns),
-one RSS arm per target shared by every seed (evaluate.rss_study), and the script end to end on a tiny sweep."""
+one RSS arm per target shared by every seed (evaluate.rss_study; the sharing itself is tested in
+tests/test_baseline_stage.py), and the script end to end on a tiny sweep."""
 
 from __future__ import annotations
 
@@ -9,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from surfdiff_core.config import StoreConfig, load_config
-from surfdiff_core.stages.common import open_study_store
-from surfdiff_core.stages.evaluate import rss_arm
+from surfdiff_core.config import StoreConfig
 from surfdiff_core.store import open_store
 from tests.conftest import TINY_CONFIG
 
@@ -138,26 +137,6 @@ def test_report_aggregates_report_seeds_apart_from_dev_seeds_and_reruns(sweep, r
     assert "## Earlier settings" in dev and "`older`: 1 runs, seeds [6]" in dev and "{'epochs': 9}" in dev
     assert "42.0x" not in head and "seed 7 (report), run 7-2025-01-01T07, failed" in dev
     assert (out / "figures" / "ratios.png").stat().st_size > 5_000 and "![ratios](figures/ratios.png)" in head
-
-
-def test_rss_study_shares_one_rss_arm(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY_CONFIG.replace("STORE", str(tmp_path / "store")))
-    cfg = load_config(path)
-    target = cfg.sample.targets[0]
-
-    def study(name: str, rss_study: str | None):
-        return cfg.model_copy(update={"name": name,
-                                      "evaluate": cfg.evaluate.model_copy(update={"rss_study": rss_study})})
-
-    with open_study_store(cfg) as store:
-        a = rss_arm(study("a", "baseline"), store, target, progress=False)
-        n = store.count({})
-        b = rss_arm(study("b", "baseline"), store, target, progress=False)
-        assert store.count({}) == n == 3  # the second study computed nothing new
-        assert sorted(d.doc_id for d in b) == sorted(d.doc_id for d in a) and {d.study for d in b} == {"baseline"}
-        c = rss_arm(study("c", None), store, target, progress=False)  # without it: the study's own arm
-        assert store.count({}) == n + 3 and {d.study for d in c} == {"c"}
 
 
 def test_sweep_end_to_end_and_a_rerun_adds_a_record(sweep, tiny_sweep, tmp_path, capsys):

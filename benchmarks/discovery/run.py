@@ -115,15 +115,15 @@ def study_config(args, seed: int, window: str, store: Path) -> dict:
 
 
 def _rss_arm_worker(cfg_data: dict) -> None:
-    """The evaluation's RSS arm, one relaxation at a time, into the seed's store (see --rss-arm-ahead)."""
-    from surfdiff_core.stages.evaluate import rss_arm
+    """The evaluation's RSS arm (the baseline stage), one relaxation at a time, into the seed's store (see
+    --rss-arm-ahead)."""
+    from surfdiff_core.stages import baseline
 
     torch.set_num_threads(1)
     cfg = config_from_dict(cfg_data)
     cfg = cfg.model_copy(update={"rss": cfg.rss.model_copy(update={"workers": 1})})
     with open_study_store(cfg) as store:
-        for target in cfg.sample.targets:
-            rss_arm(cfg, store, target, progress=False)
+        baseline.run(cfg, store, cfg.sample.targets, progress=False)
 
 
 def start_rss_arm_ahead(cfg_data: dict):

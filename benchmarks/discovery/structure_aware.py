@@ -41,7 +41,7 @@ from sweep import git_commit, host, recorded_run  # noqa: E402
 
 from surfdiff_core.config import SampleConfig, SampleTarget, SurfdiffConfig, config_from_dict, load_config  # noqa: E402
 from surfdiff_core.errors import SurfdiffError  # noqa: E402
-from surfdiff_core.stages import evaluate, sample  # noqa: E402
+from surfdiff_core.stages import baseline, evaluate, sample  # noqa: E402
 from surfdiff_core.stages.common import open_study_store  # noqa: E402
 from surfdiff_core.store import ResultsStore, StructureDoc  # noqa: E402
 
@@ -152,7 +152,8 @@ def minima_metrics(store: ResultsStore, ids: list[str], tol: float) -> dict:
 def rss_best(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, progress: bool) -> StructureDoc:
     from surfdiff_core.evaluate.cost import can_hit
 
-    docs = [d for d in evaluate.rss_arm(cfg, store, target, progress) if can_hit(d)]
+    arm = baseline.run(cfg, store, [target], progress=progress)
+    docs = [d for d in baseline.arm_documents(store, arm.doc_ids) if can_hit(d)]
     if not docs:
         raise SurfdiffError(f"{target.composition} {target.cell}: the RSS arm has no finished minimum")
     return min(docs, key=lambda d: (d.energy, d.doc_id))

@@ -122,7 +122,7 @@ def study_config(args: argparse.Namespace, base: tuple[str, str, dict], seed: in
     put("sample", n=args.samples, steps=args.steps, seed=seed)
     put("active_learning", rounds=args.al_rounds, relax_per_round=args.al_labels,
         max_relaxations=args.al_budget, allocation=args.allocation, samples=args.al_samples)
-    # One RSS arm per target for every seed: same seed, same baseline study (surfdiff_core.stages.evaluate.rss_arm)
+    # One RSS arm per target for every seed: same seed, same baseline study (surfdiff_core.stages.baseline)
     put("evaluate", budget=args.budget, rss_budget=args.rss_budget, seed=args.rss_arm_seed,
         rss_study=f"sweep-{name}-{em}-rss")
     d["store"] = {**d["store"], "backend": "sqlite", "path": str(store)}
@@ -191,10 +191,10 @@ def append_record(path: Path, record: dict) -> None:
 
 
 def _rss_arm_worker(cfg_data: dict, parent: int) -> None:
-    """Every target's shared RSS arm, one relaxation at a time, into the benchmark's store."""
+    """Every target's shared RSS arm (the baseline stage), one relaxation at a time, into the benchmark's store."""
     import ctypes
 
-    from surfdiff_core.stages.evaluate import rss_arm
+    from surfdiff_core.stages import baseline
 
     with contextlib.suppress(OSError, AttributeError):  # Linux: end with the benchmark, even a killed one
         ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
@@ -204,8 +204,7 @@ def _rss_arm_worker(cfg_data: dict, parent: int) -> None:
     cfg = config_from_dict(cfg_data)
     cfg = cfg.model_copy(update={"rss": cfg.rss.model_copy(update={"workers": 1})})
     with open_study_store(cfg) as store:
-        for target in sample_targets(cfg):
-            rss_arm(cfg, store, target, progress=False)
+        baseline.run(cfg, store, sample_targets(cfg), progress=False)
 
 
 def start_rss_arm_ahead(cfg_data: dict):

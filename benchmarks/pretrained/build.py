@@ -146,12 +146,12 @@ def measure_config(cfg, target: str, n: int, budget: int, rss_budget: int):
 
 def rss_arm_ahead(cfg, target: str, rss_budget: int) -> None:
     """The measurement's RSS arm alone (it needs no model): run it while the model trains."""
+    from surfdiff_core.stages import baseline
     from surfdiff_core.stages.common import open_study_store
-    from surfdiff_core.stages.evaluate import rss_arm
 
     cfg, targets = measure_config(cfg, target, 1, 1, rss_budget)
     with open_study_store(cfg) as store:
-        docs = rss_arm(cfg, store, targets[0], True)
+        docs = baseline.arm_documents(store, baseline.run(cfg, store, targets[:1], progress=True).doc_ids)
     print(f"RSS arm of {target}: {len(docs)} relaxations, best {min(d.energy for d in docs):.4f} eV")
 
 

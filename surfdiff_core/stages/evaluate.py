@@ -4,7 +4,9 @@ Per target (cell, composition), both arms are relaxed with the study's oracle an
 (`rss.fmax`, `rss.steps`, `rss.optimizer`), so only the starting structures differ:
 - generative arm: the best `evaluate.budget` distinct samples in MLFF rank order, after the active-learning
   labels of that cell when the model learned from some (they were oracle relaxations in the cell too);
-- RSS arm: `evaluate.rss_budget` random structures relaxed directly in the target cell.
+- RSS arm: `evaluate.rss_budget` random structures relaxed directly in the target cell: the baseline stage's
+  documents (surfdiff_core.stages.baseline), read by the ids of its result when one is passed, else the stage
+  is run here, target by target.
 The per-target budget counts oracle relaxations in the target cell; beside it, the same in force calls
 (atom-weighted: calls × atoms), and the all-in ratios that charge the training data and every active-learning
 call (surfdiff_core.evaluate.cost). In both arms a relaxation that failed or left the box cannot be a hit but
@@ -19,6 +21,7 @@ import numpy as np
 
 from surfdiff_core.config import SampleTarget, SurfdiffConfig
 from surfdiff_core.errors import ConfigError, SurfdiffError
+from surfdiff_core.stages import baseline as baseline_stage
 from surfdiff_core.stages.common import (
     new_run_id,
     sample_targets,
@@ -34,7 +37,7 @@ from surfdiff_core.stages.evaluate_report import (
     write_figures,
 )
 from surfdiff_core.stages.oracle_relax import relax_samples
-from surfdiff_core.stages.results import SampleResult
+from surfdiff_core.stages.results import BaselineResult, SampleResult
 from surfdiff_core.store import ResultsStore, StructureDoc
 from surfdiff_core.system import SurfaceSystem
 
@@ -72,20 +75,14 @@ def generated_docs(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSyst
     return list(store.find({**crit, "run_id": max(latest, key=lambda r: latest[r])}))
 
 
-def rss_arm(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, progress: bool) -> list[StructureDoc]:
-    """RSS run directly in the target cell with the study's oracle (resumable; its own seed). Under
-    `evaluate.rss_study` when set: RSS ids are scoped by study, so studies naming one baseline study share
-    one arm per target instead of each relaxing its own."""
-    from surfdiff_core.rss import run_rss
-
-    ev = cfg.evaluate
-    if ev.rss_budget == 0:
-        return []
-    rss = cfg.rss.model_copy(update={"cell": target.cell, "compositions": [target.composition],
-                                     "n": ev.rss_budget, "seed": ev.seed})
-    update: dict = {"rss": rss, **({"name": ev.rss_study} if ev.rss_study else {})}
-    report = run_rss(cfg.model_copy(update=update), store, progress=progress)
-    return list(store.find({"doc_id": {"$in": report.doc_ids}}))
+def _rss_arm(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, system: SurfaceSystem,
+            baseline: BaselineResult | None, progress: bool) -> list[StructureDoc]:
+    """The RSS arm of one target: by the ids of the baseline stage's result, or (none passed) the baseline stage
+    run for this target now."""
+    if baseline is None:
+        baseline = baseline_stage.run(cfg, store, [target], progress=progress)
+    return baseline_stage.arm_documents(store, baseline_stage.arm_ids(baseline, system.system_id,
+                                                                      system.composition))
 
 
 def _reference_rank(cfg: SurfdiffConfig, key: str, relaxed: list[StructureDoc]) -> int | None:
@@ -114,7 +111,8 @@ def _active_learning_in(training_docs: list[StructureDoc], system: SurfaceSystem
 
 def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, upstream: SampleResult | None,
                     model_id: str, calculator, training_docs: list[StructureDoc], progress: bool,
-                    sample_run: str | None = None, committee: tuple[str, ...] = ()) -> TargetEvaluation:
+                    sample_run: str | None = None, committee: tuple[str, ...] = (),
+                    baseline: BaselineResult | None = None) -> TargetEvaluation:
     from surfdiff_core.evaluate.budget import (
         committee_calibration,
         hit_energy,
@@ -154,7 +152,7 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
     relaxed = relax_samples(cfg, store, system, fresh[: cfg.evaluate.budget], calculator,
                             tag="evaluate", progress=progress)
     ranked = ranked_relaxations(fresh, relaxed)
-    rss_all = rss_arm(cfg, store, target, progress)
+    rss_all = _rss_arm(cfg, store, target, system, baseline, progress)
     # Both arms alike: a relaxation that failed or left the box is no minimum, but it was spent (NaN entries).
     rss_docs = [d for d in rss_all if can_hit(d)]
     rss_lost = [d for d in rss_all if not can_hit(d)]
@@ -218,8 +216,11 @@ def all_in_cost(training_docs: list[StructureDoc], targets: list[TargetEvaluatio
 
 
 def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None = None, *,
-        model_id: str | None = None, targets: list[SampleTarget] | None = None, run_id: str | None = None,
-        sample_run: str | None = None, progress: bool = True) -> EvaluationResult:
+        baseline: BaselineResult | None = None, model_id: str | None = None,
+        targets: list[SampleTarget] | None = None, run_id: str | None = None, sample_run: str | None = None,
+        progress: bool = True) -> EvaluationResult:
+    """The samples of `upstream` (or of the model's sample run, see generated_docs) against the RSS arm of
+    `baseline` (the baseline stage's result; without it the stage runs here) in every target."""
     from surfdiff_core.evaluate.budget import training_cost
     from surfdiff_core.oracles import get_calculator, get_oracle_spec
     from surfdiff_core.stages.evaluate_report import phase_comparison_for
@@ -233,6 +234,8 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
     if targets is None and upstream is not None:
         targets = [SampleTarget(cell=t.cell, composition=t.composition) for t in upstream.targets]
     targets = targets or sample_targets(cfg)
+    if baseline is not None:  # before any work: a baseline of other settings or targets is refused
+        baseline_stage.check_baseline(cfg, baseline, targets)
     # what the model learned from: RSS data of the training cell, and the active-learning labels (in target
     # cells) of its own chain of rounds, by id
     learned: list[dict] = [{"system_id": training_system(cfg).system_id, "source": {"$in": ["rss", "relaxed", "dft"]}}]
@@ -254,7 +257,7 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
                                              "pretrained": shipped})
     for t in targets:
         result.targets.append(evaluate_target(cfg, store, t, upstream, model, calculator, training_docs, progress,
-                                              sample_run, tuple(record.committee)))
+                                              sample_run, tuple(record.committee), baseline))
     result.all_in = all_in_cost(training_docs, result.targets, shipped_cost)
     lines = phase_lines_for(cfg, store, result, calculator)
     result.phase_diagram = phase_rows(lines, cfg.evaluate.dmu_range)

@@ -105,3 +105,36 @@ class RelaxResult(StageResult):
     lost: dict[str, str] = field(default_factory=dict)  # doc_id -> why its job died (not stored; rerun redoes it)
     candidate_ids: list[str] = field(default_factory=list)
     doc_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BaselineTarget:
+    cell: str
+    composition: str
+    system_id: str
+    # every planned relaxation of the arm, in plan order: finished, failed or out of the box; a job lost on an
+    # executor has an id here but no document (a rerun of the stage redoes it)
+    doc_ids: list[str] = field(default_factory=list)
+    done: int = 0  # relaxed in this run
+    skipped: int = 0  # already in the store (an earlier run, another study sharing the arm, a worker ahead)
+    failed: int = 0
+    lost: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.composition} {self.cell}"
+
+
+@dataclass
+class BaselineResult(StageResult):
+    """The RSS arm of each target (surfdiff_core.stages.baseline); config_hash is the arm's own (arm_hash)."""
+
+    energy_model: str
+    rss_study: str  # the study the arm's documents belong to: evaluate.rss_study, or the study itself
+    rss_budget: int
+    seed: int
+    targets: list[BaselineTarget] = field(default_factory=list)
+
+    @property
+    def doc_ids(self) -> list[str]:
+        return [i for t in self.targets for i in t.doc_ids]
