@@ -139,6 +139,13 @@ def test_report_aggregates_report_seeds_apart_from_dev_seeds_and_reruns(sweep, r
     assert (out / "figures" / "ratios.png").stat().st_size > 5_000 and "![ratios](figures/ratios.png)" in head
 
 
+def test_keys_removed_from_the_config_leave_the_settings_id_alone(sweep, tiny_sweep):
+    args = sweep.parse_args(["--config", str(tiny_sweep), "--seeds", "1", "--seed-role", "dev"])
+    name, em, cfg = sweep.base_config(args)
+    recorded = {**cfg, "evaluate": {**cfg["evaluate"], "guidance_samples": 0, "steps_sweep": []}}  # as runs had
+    assert sweep.settings_id(args, (name, em, recorded)) == sweep.settings_id(args, (name, em, cfg))
+
+
 def test_sweep_end_to_end_and_a_rerun_adds_a_record(sweep, tiny_sweep, tmp_path, capsys):
     out = tmp_path / "bench"
     argv = ["--config", str(tiny_sweep), "--seeds", "3", "--seed-role", "report", "--rss-budget", "3",

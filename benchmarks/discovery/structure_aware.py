@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 from structure_aware_report import write_report  # noqa: E402
-from sweep import git_commit, host, recorded_run  # noqa: E402
+from sweep import git_commit, host, recorded_run, with_removed_keys  # noqa: E402
 
 from surfdiff_core.config import SampleConfig, SampleTarget, SurfdiffConfig, config_from_dict, load_config  # noqa: E402
 from surfdiff_core.errors import SurfdiffError  # noqa: E402
@@ -109,7 +109,8 @@ def study_config(args: argparse.Namespace, base: dict, seed: int, arm: str, stor
 
 def settings_id(args: argparse.Namespace, base: dict) -> str:
     what = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
-    return hashlib.sha1(json.dumps([what, base], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hashlib.sha1(json.dumps([what, with_removed_keys(base)], sort_keys=True,
+                                   default=str).encode()).hexdigest()[:12]
 
 
 def model_evaluations(scfg: SampleConfig, process) -> int:

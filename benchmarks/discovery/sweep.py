@@ -129,9 +129,21 @@ def study_config(args: argparse.Namespace, base: tuple[str, str, dict], seed: in
     return d
 
 
+# Study-config keys removed since runs were recorded (#26: the ablations moved to ablations.py), at the values
+# every recorded run had: put back before hashing, so that removing them does not change a settings id.
+REMOVED_CONFIG_KEYS = {"evaluate": {"guidance_samples": 0, "steps_sweep": []}}
+
+
+def with_removed_keys(config: dict) -> dict:
+    out = copy.deepcopy(config)
+    for section, keys in REMOVED_CONFIG_KEYS.items():
+        out[section] = {**keys, **out.get(section, {})}
+    return out
+
+
 def settings_id(args: argparse.Namespace, base: tuple[str, str, dict]) -> str:
     """What is measured, apart from the seed: equal ids are reruns of one protocol."""
-    d = study_config(argparse.Namespace(**{**vars(args), "rerun": ""}), base, 0, "")
+    d = with_removed_keys(study_config(argparse.Namespace(**{**vars(args), "rerun": ""}), base, 0, ""))
     d.pop("store")
     d["rss"].pop("workers")
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
