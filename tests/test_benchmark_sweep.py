@@ -172,3 +172,29 @@ def test_sweep_end_to_end_and_a_rerun_adds_a_record(sweep, tiny_sweep, tmp_path,
         assert store.count({}) == n
     assert "- seed 3 (report): " in (out / "REPORT.md").read_text()  # listed under the spread between reruns
     assert len((out / "commands.txt").read_text().splitlines()) == 2
+
+
+def test_ranking_diagnosis_relaxes_every_sample_on_a_copy(sweep, tiny_sweep, tmp_path):
+    """benchmarks/discovery/ranking_diagnosis.py on a finished seed-run: every distinct sample relaxed with the
+    oracle per MLFF-relaxation variant, in a copy of the store (the benchmark's own store unchanged)."""
+    out = tmp_path / "bench"
+    sweep.main(["--config", str(tiny_sweep), "--seeds", "5", "--seed-role", "dev", "--rss-budget", "3",
+                "--budget", "1", "--out", str(out)])
+    diagnosis = _load("bench_ranking_diagnosis", "ranking_diagnosis.py")
+    with open_store(StoreConfig(backend="sqlite", path=str(out / "stores" / "all"))) as store:
+        before = store.count({})
+    with pytest.raises(SystemExit, match="no finished run of seed 6"):
+        diagnosis.main(["--out", str(out), "--seed", "6", "--work", str(tmp_path / "work")])
+    path = diagnosis.main(["--out", str(out), "--seed", "5", "--relax-steps", "0", "3", "--work",
+                           str(tmp_path / "work")])
+    rows = json.loads(path.with_suffix(".json").read_text())["rows"]
+    assert [(r["target"], r["relax_steps"]) for r in rows] == [
+        ("Ag2O1 p(3x3)", 0), ("Ag1O1 p(3x3)", 0), ("Ag2O1 p(3x3)", 3), ("Ag1O1 p(3x3)", 3)]
+    for r in rows:
+        assert 0 < r["relaxed"] <= r["distinct"] <= r["samples"]
+        assert r["relaxed"] > 1  # every distinct sample, not the evaluation's budget of 1
+        assert (r["first_hit"] is None) == (r["hits"] == 0) and (r["first_hit"] or 0) <= r["relaxed"]
+        assert r["random_expected"] == round((r["relaxed"] + 1) / (r["hits"] + 1), 1)
+    assert "development seed" in path.read_text()
+    with open_store(StoreConfig(backend="sqlite", path=str(out / "stores" / "all"))) as store:
+        assert store.count({}) == before

@@ -1,0 +1,163 @@
+"""Why did a sweep target miss RSS's best: generation or ranking? A diagnosis of one finished seed-run.
+
+For a seed-run recorded by sweep.py (its study config, its store), the final model (after active learning) samples
+each target again with the run's own sample settings, once per `--relax-steps` value (only the MLFF relaxation
+after sampling differs; per target, with the run's sample seed, so every variant starts from the same
+diffusion trajectories), and *every* distinct sample is relaxed
+with the oracle, not only the evaluation's budget. Per target and variant it prints:
+
+- hits: how many of the samples relax to RSS's best (within evaluate.tol): zero means the samples never reach
+  its basin (a generation limit), whatever the ranking;
+- first hit: the rank of the first hit in MLFF order (what the evaluation would spend), against the expected
+  rank of a random order, (n + 1) / (hits + 1);
+- Spearman of MLFF energy against oracle-relaxed energy, and the median oracle BFGS steps from the samples.
+
+It works on a copy of the benchmark's store (`--work`), so the benchmark's own studies never see these documents.
+
+    .venv/bin/python benchmarks/discovery/ranking_diagnosis.py --out benchmarks/discovery/sweep-ag111-o-emt \\
+        --seed 401 --relax-steps 30 300 --work /tmp/diagnosis
+
+The seed becomes a development seed by being diagnosed: say so where its numbers are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from surfdiff_core.config import SampleTarget, config_from_dict  # noqa: E402
+from surfdiff_core.errors import SurfdiffError  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="the sweep benchmark's folder (runs.jsonl, stores/all)")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--rerun", default="", help="the seed-run's rerun tag (default: the untagged run)")
+    p.add_argument("--relax-steps", type=int, nargs="+", default=[30, 300],
+                   help="MLFF relaxation step caps to compare (sample.relax_steps)")
+    p.add_argument("--targets", nargs="*", help="'COMPOSITION CELL' pairs, e.g. 'Ag6O4 p(4x4)' (default: all)")
+    p.add_argument("--work", required=True, help="a folder for the store copy (created; reused when it exists)")
+    return p.parse_args(argv)
+
+
+def finished_record(out: Path, seed: int, rerun: str) -> dict:
+    runs = out / "runs.jsonl"
+    if not runs.is_file():
+        raise SurfdiffError(f"no runs.jsonl in {out}")
+    found = [r for r in map(json.loads, runs.read_text().splitlines()) if r.get("seed") == seed
+             and (r.get("rerun") or "") == rerun and r.get("status") == "finished"]
+    if not found:
+        raise SurfdiffError(f"no finished run of seed {seed}{f' rerun {rerun}' if rerun else ''} in {runs}")
+    return found[-1]
+
+
+def working_store(out: Path, work: Path) -> Path:
+    """A copy of the benchmark's store and its checkpoints (the stages find finished models there)."""
+    for name in ("checkpoints", "all"):  # the store last: a copy interrupted before it is redone whole
+        if not (work / name).exists():
+            shutil.copytree(out / "stores" / name, work / f"{name}.partial")
+            (work / f"{name}.partial").rename(work / name)
+    return work / "all"
+
+
+def diagnose_target(cfg, store, model, target: SampleTarget, steps: int) -> dict:
+    from scipy.stats import spearmanr
+
+    from surfdiff_core.evaluate.cost import can_hit
+    from surfdiff_core.evaluate.matching import deduplicate
+    from surfdiff_core.oracles import get_calculator
+    from surfdiff_core.stages import baseline, sample
+    from surfdiff_core.stages.common import target_system
+    from surfdiff_core.stages.oracle_relax import relax_samples
+
+    scfg = cfg.sample.model_copy(update={"relax_steps": steps, "share_batches": False})
+    drawn = sample.run(cfg, store, model, targets=[target], scfg=scfg, progress=False)
+    system = target_system(cfg, target)
+    docs = [d for d in store.find({"doc_id": {"$in": drawn.doc_ids}}) if d.valid and d.in_box and d.energy is not None]
+    distinct = deduplicate(sorted(docs, key=lambda d: (d.energy, d.doc_id)))
+    calculator = get_calculator(cfg.oracle.name, **cfg.oracle.settings)
+    relaxed = {d.parent_id: d for d in relax_samples(cfg, store, system, distinct, calculator, tag="evaluate",
+                                                     progress=False)}
+    arm = baseline.run(cfg, store, targets=[target], progress=False).targets[0]
+    rss = [d.energy for d in store.find({"doc_id": {"$in": arm.doc_ids}}) if can_hit(d)]
+    best = min(rss)
+    pairs = [(d.energy, relaxed[d.doc_id]) for d in distinct if d.doc_id in relaxed and can_hit(relaxed[d.doc_id])]
+    mlff = np.array([e for e, _ in pairs])
+    oracle = np.array([r.energy for _, r in pairs])
+    hit = oracle <= best + cfg.evaluate.tol
+    first = int(np.nonzero(hit)[0][0]) + 1 if hit.any() else None  # pairs are in MLFF order already
+    return {"target": f"{target.composition} {target.cell}", "relax_steps": steps, "samples": len(docs),
+            "distinct": len(distinct), "relaxed": len(pairs), "hits": int(hit.sum()), "first_hit": first,
+            "random_expected": round((len(pairs) + 1) / (int(hit.sum()) + 1), 1),
+            "spearman": round(float(spearmanr(mlff, oracle).statistic), 3) if len(pairs) > 2 else None,
+            "oracle_steps_median": float(np.median([r.steps or 0 for _, r in pairs])) if pairs else None,
+            "best_eV": round(float(oracle.min()), 4) if len(oracle) else None, "rss_best_eV": round(best, 4)}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    out, work = Path(args.out), Path(args.work)
+    try:
+        record = finished_record(out, args.seed, args.rerun)
+    except SurfdiffError as err:
+        sys.exit(f"error: {err}")
+    from surfdiff_core.stages import active, rss, train
+    from surfdiff_core.stages.common import open_study_store, sample_targets
+
+    work.mkdir(parents=True, exist_ok=True)
+    data = record["study_config"]
+    data["store"] = {**data["store"], "path": str(working_store(out, work))}
+    for moved in ("guidance_samples", "steps_sweep"):  # recorded before they moved to ablations.py (always off)
+        data.get("evaluate", {}).pop(moved, None)
+    try:
+        cfg = config_from_dict(data)
+    except SurfdiffError as err:
+        sys.exit(f"error: seed {args.seed}'s recorded config: {err}")
+    targets = sample_targets(cfg)
+    if args.targets:
+        wanted = {tuple(t.split()) for t in args.targets}
+        targets = [t for t in targets if (t.composition, t.cell) in wanted]
+        if not targets:
+            sys.exit(f"error: none of {args.targets} is a target of seed {args.seed}'s study")
+    rows = []
+    with open_study_store(cfg) as store:
+        # every stage resumes from the copied store: this only finds the run's final model
+        model = active.run(cfg, store, train.run(cfg, store, rss.run(cfg, store, progress=False), progress=False),
+                           progress=False).model
+        for steps in args.relax_steps:
+            for target in targets:
+                row = diagnose_target(cfg, store, model, target, steps)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = out / "diagnosis" / f"seed{args.seed}{f'-{args.rerun}' if args.rerun else ''}-{stamp}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = "| target | MLFF relax steps | relaxed | hits | first hit (MLFF order) | random order | Spearman | " \
+           "oracle steps (median) | best / RSS best (eV) |"
+    lines = [f"# Ranking diagnosis of seed {args.seed} (run {record['run_id']})\n",
+             f"Command: `{' '.join(['benchmarks/discovery/ranking_diagnosis.py', *(argv or sys.argv[1:])])}`, "
+             f"{dt.datetime.now().isoformat(timespec='minutes')}. This seed is a development seed from now on.\n",
+             head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(f"| {r['target']} | {r['relax_steps']} | {r['relaxed']} | {r['hits']} | {r['first_hit'] or '-'} | "
+                     f"{r['random_expected']} | {r['spearman']} | {r['oracle_steps_median']} | "
+                     f"{r['best_eV']} / {r['rss_best_eV']} |")
+    path.write_text("\n".join(lines) + "\n")
+    (path.with_suffix(".json")).write_text(json.dumps({"record": record["run_id"], "rows": rows}, indent=1))
+    print(f"diagnosis: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
