@@ -1,11 +1,11 @@
 """A `concurrent.futures.Executor` whose calls run as Slurm jobs, through submitit.
 
 `batch_size` calls per job (the settings of deploy/hpc.py); submitit pickles the calls and their results
-through the shared job folder. The RSS and relaxation stages take it as `executor=`. A job that Slurm cancels
-or kills at its time limit fails its futures with `SlurmJobLost`, naming the job and its state; the stages
-record those and a rerun redoes only them. `submit_stage_job` runs training or sampling as one GPU job
-(`surfdiff train|sample CONFIG --executor slurm`, flows/cli_slurm.py).
-"""
+through the shared job folder. The RSS, relaxation and baseline stages take it as `executor=`, opened by
+`open_executor` from the `ExecutorSpec` a command or flow resolved. A job that Slurm cancels or kills at its
+time limit fails its futures with `SlurmJobLost`, naming the job and its state; the stages record those and a
+rerun redoes only them. `submit_stage_job` runs training or sampling as one GPU job
+(`surfdiff train|sample CONFIG --executor slurm`, flows/cli_slurm.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deploy.hpc import HPCConfigError, JobKind, SlurmSettings, job_parameters
+from deploy.hpc import JobKind, SlurmSettings, job_parameters
+from surfdiff_core.executors import ExecutorSpec
 
 
 # ---- submitit, with job states from scontrol where the site keeps no accounting ------------------------------
@@ -300,13 +301,12 @@ def stage_in_job(kind: JobKind, cfg_json: dict[str, Any], call: str, args: tuple
         return functions[call](cfg, store, *args, **kwargs)
 
 
-def run_stage_as_job(kind: JobKind, settings_path: str | Path | None, cfg: Any, call: str, *args: Any,
-                     **kwargs: Any) -> Any:
+def run_stage_as_job(kind: JobKind, spec: ExecutorSpec, cfg: Any, call: str, *args: Any, **kwargs: Any) -> Any:
     """Training or sampling of one target as one Slurm job with the settings' GRES (`--device cuda` there,
     CPUs only where gres is None); waits for it and returns the stage's result."""
     from deploy.hpc import load_settings
 
-    settings = load_settings(settings_path)
+    settings = load_settings(spec.hpc_settings)
     kwargs["device"] = "cuda" if settings.gres else "cpu"
     job = _submitit_executor(settings, kind).submit(stage_in_job, kind, cfg.model_dump(mode="json"), call, args,
                                                     {**kwargs, "progress": False})
@@ -314,13 +314,12 @@ def run_stage_as_job(kind: JobKind, settings_path: str | Path | None, cfg: Any, 
 
 
 @contextlib.contextmanager
-def executor_for(name: str, kind: JobKind, settings_path: str | Path | None = None) -> Iterator[Executor | None]:
-    """The executor a flow or command names: None for "local" (the stage's own default), a SlurmExecutor
-    for "slurm" (settings from `settings_path`, then SURFDIFF_HPC_*), shut down on leaving."""
-    if name == "local":
+def open_executor(spec: ExecutorSpec, kind: JobKind) -> Iterator[Executor | None]:
+    """The one factory of the executor a command or flow chose (`spec`, resolved at its edge) for `kind` jobs:
+    None for local (the stage's own local way), a SlurmExecutor for slurm (settings from `spec.hpc_settings`,
+    then SURFDIFF_HPC_*), shut down on leaving."""
+    if not spec.on_slurm:
         yield None
         return
-    if name != "slurm":
-        raise HPCConfigError(f"unknown executor {name!r}: 'local' or 'slurm'")
-    with make_executor(settings_path, kind) as executor:
+    with make_executor(spec.hpc_settings, kind) as executor:
         yield executor

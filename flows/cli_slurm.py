@@ -2,7 +2,8 @@
 
 The job runs the same `surfdiff` command line (its own options, less --executor, --hpc-settings and --no-wait,
 so it runs locally in the job) through `deploy.slurm.submit_stage_job`, on the settings' GPU (`gres`).
-The rss, relax and run commands take the same two options; theirs fan out through `deploy.slurm.executor_for`.
+The rss, relax and run commands take the same two options, as one `ExecutorSpec` that `deploy.slurm.open_executor`
+opens into the executor their stages fan out on.
 """
 
 from __future__ import annotations

@@ -20,13 +20,14 @@ from surfdiff_core.errors import ConfigError, SurfdiffError
 
 # ---- stages -----------------------------------------------------------------------------------------------
 def cmd_rss(args: argparse.Namespace) -> int:
-    from deploy.slurm import executor_for
+    from deploy.slurm import open_executor
     from surfdiff_core.config import with_overrides
+    from surfdiff_core.executors import ExecutorSpec
     from surfdiff_core.stages import rss
     from surfdiff_core.stages.common import check_store_writable, open_study_store
     from surfdiff_core.system_build import resolve_lattice, systems_for
 
-    cfg = load_study(args.config, args.store)
+    cfg, spec = load_study(args.config, args.store), ExecutorSpec(args.executor, args.hpc_settings)
     # Every option through the config model (ranges, seeds >= 0, the size bound): one line naming it.
     rcfg = with_overrides(cfg.rss, {"n": args.n, "seed": args.seed, "workers": args.workers})
     if rcfg.n == 0:
@@ -35,7 +36,7 @@ def cmd_rss(args: argparse.Namespace) -> int:
     # Validate the whole search (systems, box, lattice, oracle) before the store is opened: nothing half-written.
     systems_for(cfg, cfg.rss.cell, cfg.rss.compositions, resolve_lattice(cfg))
     check_store_writable(cfg)  # a read-only or full disk: one line now, not after the relaxations ran
-    with executor_for(args.executor, "rss", args.hpc_settings) as ex, open_study_store(cfg) as store:
+    with open_executor(spec, "rss") as ex, open_study_store(cfg) as store:
         r = rss.run(cfg, store, run_id=args.run_id, executor=ex)
         label = store.label
     gave_up = f", {r.given_up} failed for good (rss.max_attempts)" if r.given_up else ""
@@ -78,21 +79,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_relax(args: argparse.Namespace) -> int:
-    from deploy.slurm import executor_for
+    from deploy.slurm import open_executor
     from surfdiff_core.config import with_overrides
+    from surfdiff_core.executors import ExecutorSpec
     from surfdiff_core.query import require_existing_store
     from surfdiff_core.stages import relax
     from surfdiff_core.stages.common import check_store_writable, open_study_store
     from surfdiff_core.sweep import sweep_compositions
     from surfdiff_core.system_build import check_oracle_support
 
-    cfg = load_study(args.config, args.store)
+    cfg, spec = load_study(args.config, args.store), ExecutorSpec(args.executor, args.hpc_settings)
     rcfg = with_overrides(cfg.relax, {"top_k": args.top_k, "method": args.method})
     compositions = [t.composition for t in cfg.sample.targets] + sweep_compositions(cfg.sample.sweep)
     check_oracle_support(cfg, compositions, method=rcfg.method, settings=rcfg.settings)
     require_existing_store(cfg.store)  # the candidates come from the store: a missing one is not created empty
     check_store_writable(cfg)
-    with executor_for(args.executor, "relax", args.hpc_settings) as ex, open_study_store(cfg) as store:
+    with open_executor(spec, "relax") as ex, open_study_store(cfg) as store:
         s = relax.run(cfg, store, rcfg=rcfg, model_id=args.model_id, run_id=args.run_id, executor=ex)
     if not s.candidates:
         raise SurfdiffError(f"nothing to relax: study {cfg.name!r} has no valid generated structures of that model "
@@ -176,6 +178,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from surfdiff_core.config import with_overrides
+    from surfdiff_core.executors import ExecutorSpec
     from surfdiff_core.stages.common import check_store_writable, data_root, sample_targets, target_system
 
     cfg = load_study(args.config, args.store, one_process=True)  # one clear line before Prefect starts
@@ -184,10 +187,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"rss": with_overrides(cfg.rss, {"n": args.rss_n})})
     for t in sample_targets(cfg):
         target_system(cfg, t)
-    if args.executor == "slurm":
+    spec = ExecutorSpec(args.executor, args.hpc_settings)
+    if spec.on_slurm:
         from deploy.hpc import load_settings
 
-        load_settings(args.hpc_settings)  # a bad settings file: one line before Prefect starts
+        load_settings(spec.hpc_settings)  # a bad settings file: one line before Prefect starts
     check_store_writable(cfg)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     # Bars on a terminal; in a log file (nohup, a batch job) the same bars, one refresh every 30 s, not silence.
@@ -206,7 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from surfdiff_core.evaluate.cost import cost_phrase
     from surfdiff_core.stages.evaluate_report import all_in_summary
 
-    result = discovery_flow(study=cfg, executor=args.executor, hpc_settings=args.hpc_settings)
+    result = discovery_flow(study=cfg, executor=spec.kind, hpc_settings=spec.hpc_settings)  # the flow's strings
     print("\n=== surfdiff discovery finished ===")
     rss, model = result["rss"], result["model"]
     print(f"study {cfg.name}: RSS: {rss['done']} new + {rss['skipped']} reused structures")

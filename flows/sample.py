@@ -8,6 +8,7 @@ from prefect import flow, task
 
 from flows.common import flow_run_id, publish_results, resolve_study, show_progress
 from surfdiff_core.config import SampleConfig, SampleTarget, SurfdiffConfig, with_overrides
+from surfdiff_core.executors import ExecutorSpec
 from surfdiff_core.stages import sample
 from surfdiff_core.stages.common import new_run_id, open_study_store, sample_targets, target_system
 from surfdiff_core.stages.results import SampleResult, TargetSamples, TrainResult
@@ -16,11 +17,11 @@ from surfdiff_core.store.models import ModelRecord
 
 @task(retries=1, retry_delay_seconds=5)
 def sample_task(cfg: SurfdiffConfig, target: SampleTarget, model: ModelRecord, scfg: SampleConfig,
-                run_id: str, executor: str = "local", hpc_settings: str | None = None) -> TargetSamples:
-    if executor == "slurm":  # one GPU job per target (the settings' GRES) on the cluster
+                run_id: str, spec: ExecutorSpec) -> TargetSamples:
+    if spec.on_slurm:  # one GPU job per target (the settings' GRES) on the cluster
         from deploy.slurm import run_stage_as_job
 
-        return run_stage_as_job("sample", hpc_settings, cfg, "sample", target, model, scfg=scfg, run_id=run_id)
+        return run_stage_as_job("sample", spec, cfg, "sample", target, model, scfg=scfg, run_id=run_id)
     with open_study_store(cfg) as store:
         return sample.sample_one(cfg, store, target, model, scfg=scfg, run_id=run_id, progress=show_progress())
 
@@ -42,6 +43,7 @@ def sample_flow(study: SurfdiffConfig | None = None, config_path: str | None = N
     """Generate structures for every (cell, composition) target with force-field guidance.
     executor="slurm": one Slurm GPU job per target (settings: the `hpc_settings` file, SURFDIFF_HPC_*)."""
     cfg = resolve_study(study, config_path, store_path)
+    spec = ExecutorSpec(executor, hpc_settings)
     targets = sample_targets(cfg, cells, compositions)
     for t in targets:  # fail fast on an impossible target, before any sampling
         target_system(cfg, t)
@@ -51,10 +53,10 @@ def sample_flow(study: SurfdiffConfig | None = None, config_path: str | None = N
             sample.check_conditioning(cfg, store, targets, scfg)
     model = sample.resolve_model(cfg, upstream, model_id)
     run_id = flow_run_id() or new_run_id()
-    if scfg.share_batches and executor == "local":  # one stream of batches over every target
+    if scfg.share_batches and not spec.on_slurm:  # one stream of batches over every target
         done = shared_task(cfg, targets, model, scfg, run_id)
     else:
-        futures = [sample_task.submit(cfg, t, model, scfg, run_id, executor, hpc_settings) for t in targets]
+        futures = [sample_task.submit(cfg, t, model, scfg, run_id, spec) for t in targets]
         done = [f.result() for f in futures]
     result = SampleResult(study=cfg.name, run_id=run_id, config_hash=cfg.section_hash("sample"),
                           model_id=model.model_id, checkpoint=model.checkpoint, targets=done)

@@ -12,11 +12,9 @@ failed ones are retried up to rss.max_attempts times (see surfdiff_core.retry).
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +23,7 @@ from threadpoolctl import threadpool_limits
 
 from surfdiff_core.config import SurfdiffConfig, with_overrides
 from surfdiff_core.errors import ConfigError, SurfdiffError
-from surfdiff_core.lifetime import die_with_parent
+from surfdiff_core.executors import local_processes
 from surfdiff_core.progress import progress_bar
 from surfdiff_core.remote import run_on
 from surfdiff_core.retry import PriorFailure, attempt_meta, plan_work
@@ -81,21 +79,8 @@ def plan_tasks(cfg: SurfdiffConfig, systems: dict[str, SurfaceSystem], n: int, s
     return tasks
 
 
-# ---- worker side ----------------------------------------------------------------------------------------
+# ---- worker side (the processes themselves: surfdiff_core.executors.local_processes) -----------------------
 _WORKER: dict[str, Any] = {}
-
-
-def _init_worker(threads: int, parent_pid: int | None = None) -> None:
-    # A worker dies with the command that started it, even when that one is killed (SIGKILL, no cleanup runs).
-    die_with_parent(parent_pid)
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-    except ImportError:
-        pass
-    # Relaxations of small slabs: multi-threaded BLAS (BFGS's eigh) only adds overhead, ~20x here.
-    _WORKER["blas"] = threadpool_limits(1, user_api="blas")
 
 
 def _worker_calculator(oracle: str, settings: dict):
@@ -241,17 +226,9 @@ def run_rss(
                         record(relax_task(systems[t.composition], t, cfg, run_id=run_id, calculator=calc,
                                           prior=work.retry.get(t.doc_id)))
                         queue.done(doc_id)
-            else:
-                ctx = mp.get_context("spawn")  # torch-based oracles are not fork-safe
-                threads = max(1, (mp.cpu_count() or 1) // workers)
-                pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                           initargs=(threads, os.getpid()))
-                try:
+            else:  # interrupted (Ctrl-C, SIGTERM), the pool stops at once: a rerun redoes the running ones
+                with local_processes(workers) as pool:
                     run_on(pool, queue, workers, job, finished, lost)
-                except BaseException:
-                    _stop_pool(pool)  # interrupted (Ctrl-C, SIGTERM): running relaxations are redone by a rerun
-                    raise
-                pool.shutdown(wait=True)
     finally:
         report.by_others = queue.elsewhere
         bar.update(queue.elsewhere)
@@ -270,12 +247,3 @@ def _next(queue: WorkQueue) -> str | None:
         queue.pause()
     return doc_id
 
-
-def _stop_pool(pool: ProcessPoolExecutor) -> None:
-    """Stop the workers now instead of waiting for their running relaxations (hours on DFT): the command is
-    being interrupted, and what they were computing is not in the store, so a rerun redoes exactly that."""
-    procs = list((getattr(pool, "_processes", None) or {}).values())  # Python < 3.14 has no terminate_workers
-    for proc in procs:
-        if proc.is_alive():
-            proc.terminate()
-    pool.shutdown(wait=True, cancel_futures=True)

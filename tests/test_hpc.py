@@ -72,12 +72,14 @@ def test_strict_settings(tmp_path, monkeypatch):
 
 
 def test_local_executor_is_the_stage_default_and_names_are_checked():
-    from deploy.slurm import executor_for
+    from deploy.slurm import open_executor
+    from surfdiff_core.errors import ConfigError
+    from surfdiff_core.executors import ExecutorSpec
 
-    with executor_for("local", "rss") as ex:
+    with open_executor(ExecutorSpec("local"), "rss") as ex:
         assert ex is None
-    with pytest.raises(HPCConfigError, match="unknown executor"), executor_for("dask", "rss"):
-        pass
+    with pytest.raises(ConfigError, match="unknown executor"):
+        ExecutorSpec("dask")
 
 
 def test_run_batch_keeps_each_calls_error_apart():

@@ -124,11 +124,12 @@ def rss_candidates(config: Path, k: int, skip: int = 0):
 
 
 def relax_on_slurm(cfg, candidates, settings: Path):
-    from deploy.slurm import executor_for
+    from deploy.slurm import open_executor
+    from surfdiff_core.executors import ExecutorSpec
     from surfdiff_core.stages import relax
     from surfdiff_core.stages.common import open_study_store
 
-    with executor_for("slurm", "relax", settings) as ex, open_study_store(cfg) as store:
+    with open_executor(ExecutorSpec("slurm", settings), "relax") as ex, open_study_store(cfg) as store:
         return relax.run(cfg, store, candidates=candidates, run_id="slurm-test", executor=ex)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import Executor
 
 from surfdiff_core.config import SampleTarget, SurfdiffConfig
 from surfdiff_core.errors import SurfdiffError
@@ -42,7 +43,8 @@ def arm_hash(cfg: SurfdiffConfig) -> str:
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def run_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, progress: bool) -> BaselineTarget:
+def run_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, progress: bool,
+               executor: Executor | None = None) -> BaselineTarget:
     from surfdiff_core.rss import run_rss
 
     system = target_system(cfg, target)
@@ -50,20 +52,21 @@ def run_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, p
     if cfg.evaluate.rss_budget == 0:
         return out
     # no run id on the documents: a shared arm belongs to no one run of the studies that read it
-    report = run_rss(arm_config(cfg, target), store, progress=progress)
+    report = run_rss(arm_config(cfg, target), store, progress=progress, executor=executor)
     out.doc_ids, out.lost = report.doc_ids, report.lost
     out.done, out.skipped, out.failed = report.done, report.skipped, report.failed
     return out
 
 
 def run(cfg: SurfdiffConfig, store: ResultsStore, targets: list[SampleTarget] | None = None, *,
-        run_id: str | None = None, progress: bool = True) -> BaselineResult:
-    """The arm of every target (the config's, or `targets`), relaxed or found in the store."""
+        run_id: str | None = None, progress: bool = True, executor: Executor | None = None) -> BaselineResult:
+    """The arm of every target (the config's, or `targets`), relaxed or found in the store: on `executor` (a
+    concurrent.futures.Executor, e.g. the Slurm one of deploy/) when given, else in rss.workers local processes."""
     result = BaselineResult(study=cfg.name, run_id=run_id or new_run_id(), config_hash=arm_hash(cfg),
                             energy_model=cfg.oracle.energy_model, rss_study=arm_study(cfg),
                             rss_budget=cfg.evaluate.rss_budget, seed=cfg.evaluate.seed)
     for target in targets or sample_targets(cfg):
-        result.targets.append(run_target(cfg, store, target, progress))
+        result.targets.append(run_target(cfg, store, target, progress, executor))
     return result
 
 
