@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from surfdiff_core.store.models import ModelRecord
 
 
 @dataclass
@@ -61,6 +63,31 @@ class TrainResult(StageResult):
     committee: list[str] = field(default_factory=list)  # MLFF-only models whose mean relaxes and ranks samples
     training_doc_ids: list[str] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def from_record(cls, rec: ModelRecord, *, run_id: str, config_hash: str, study: str | None = None,
+                    **run: Any) -> TrainResult:
+        """The model of a registry record as a training result: the fields both carry from the record (a value it
+        lacks, None in an old record, leaves the result's default), the run's own (RUN_ONLY) from `run`."""
+        shared = {}
+        for name in MODEL_FIELDS:
+            value = getattr(rec, name)
+            if value is not None:
+                shared[name] = list(value) if isinstance(value, list) else value  # the result's lists are its own
+        return cls(study=study or rec.study, run_id=run_id, config_hash=config_hash, **shared, **run)
+
+    def to_record(self, **registry: Any) -> ModelRecord:
+        """The registry record of this result's model; the registry's own fields (REGISTRY_ONLY) from `registry`."""
+        return ModelRecord(study=self.study, **{name: getattr(self, name) for name in MODEL_FIELDS}, **registry)
+
+
+# TrainResult and ModelRecord describe one trained model. What both carry is handed across by name (MODEL_FIELDS);
+# the rest is one side's own, named here, so a field added to either is shared or named (tests/test_model_record.py).
+REGISTRY_ONLY = frozenset({"model", "train", "round", "member_of", "pretrained", "created_at"})  # registry's own
+RUN_ONLY = frozenset({"samples_per_second", "resumed_from", "sample_validity", "warning", "training_doc_ids",
+                      "history"})  # this training run's
+MODEL_FIELDS: tuple[str, ...] = tuple(  # study aside: a result's study is the run's, a record's may be None
+    name for name in ModelRecord.model_fields if name in {f.name for f in fields(TrainResult)} and name != "study")
 
 
 @dataclass

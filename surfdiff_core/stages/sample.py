@@ -28,10 +28,7 @@ def resolve_model(cfg: SurfdiffConfig, upstream: TrainResult | None = None,
         if upstream is not None:
             rec = registry.get(upstream.model_id)
             if rec is None:  # a result handed over without a registry entry: trust its own hash
-                rec = ModelRecord(model_id=upstream.model_id, checkpoint=upstream.checkpoint, sha256=upstream.sha256,
-                                  study=upstream.study, system_id=upstream.system_id,
-                                  energy_models=upstream.energy_models, learned_labels=upstream.learned_labels,
-                                  committee=upstream.committee)
+                rec = upstream.to_record()
             verify_checkpoint(rec)
             return rec
         return registry.resolve(study=cfg.name, system_id=training_system(cfg).system_id,
@@ -52,10 +49,8 @@ def shipped_model_id(cfg: SurfdiffConfig, name_or_id: str) -> str:
 def registered_model(cfg: SurfdiffConfig, run_id: str, model_id: str | None = None) -> TrainResult:
     """A registered model (named, or the study's newest) as the training stage's result, for stages that take
     one as upstream when no training ran in this run."""
-    rec = resolve_model(cfg, model_id=model_id)
-    return TrainResult(study=cfg.name, run_id=run_id, config_hash="", model_id=rec.model_id,
-                       checkpoint=rec.checkpoint, sha256=rec.sha256, system_id=rec.system_id,
-                       energy_models=rec.energy_models, learned_labels=rec.learned_labels, committee=rec.committee)
+    return TrainResult.from_record(resolve_model(cfg, model_id=model_id), study=cfg.name, run_id=run_id,
+                                   config_hash="")
 
 
 def committee_records(cfg: SurfdiffConfig, model: ModelRecord) -> list[ModelRecord]:

@@ -109,19 +109,17 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = N
             model=cfg.model.model_dump(mode="json"), train=member_tcfg.model_dump(mode="json"), round=round_index,
             learned_labels=list(learned_labels), pretrained=pretrained, **extra)
 
+    main = record(res, cfg.train, committee=[m.model_id for m, _ in members])
     with model_registry(cfg) as registry:  # members first: a recorded model's committee is always there
         for member, member_tcfg in members:
             registry.record(record(member, member_tcfg, member_of=res.model_id))
-        registry.record(record(res, cfg.train, committee=[m.model_id for m, _ in members]))
+        registry.record(main)
     validity, warning = sample_validity_check(cfg, str(res.checkpoint), n_train=res.n_train, device=tcfg.device)
-    return TrainResult(
-        study=cfg.name, run_id=run_id or new_run_id(), config_hash=cfg.section_hash("model", "train"),
-        sample_validity=validity, warning=warning,
-        model_id=res.model_id, checkpoint=str(res.checkpoint), sha256=sha, system_id=system_id,
-        energy_models=list(models), epochs=res.epochs, best_val=res.best_val, n_train=res.n_train,
-        n_val=res.n_val, samples_per_second=res.samples_per_second, resumed_from=res.resumed_from,
-        learned_labels=list(learned_labels), committee=[m.model_id for m, _ in members],
-        training_doc_ids=res.doc_ids, history=res.history,
+    # the result is the registered model plus what only this run knows
+    return TrainResult.from_record(
+        main, run_id=run_id or new_run_id(), config_hash=cfg.section_hash("model", "train"),
+        sample_validity=validity, warning=warning, samples_per_second=res.samples_per_second,
+        resumed_from=res.resumed_from, training_doc_ids=res.doc_ids, history=res.history,
     )
 
 
