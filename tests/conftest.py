@@ -18,6 +18,17 @@ def fresh_memory_stores():
     results._MEMORY_STORES.clear()
 
 
+@pytest.fixture(autouse=True)
+def fresh_systems():
+    """Systems are built once per process (surfdiff_core.system_build); each test builds its own, so a lattice
+    cache or an oracle registered by one test is not carried into the next."""
+    from surfdiff_core.system_build import clear_systems
+
+    clear_systems()
+    yield
+    clear_systems()
+
+
 @pytest.fixture
 def lattice_cache(tmp_path_factory, monkeypatch):
     """Keep the relaxed-lattice cache out of the user's home directory."""

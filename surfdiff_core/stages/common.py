@@ -99,9 +99,10 @@ def new_run_id() -> str:
 
 
 def target_system(cfg: SurfdiffConfig, target: SampleTarget) -> SurfaceSystem:
-    from surfdiff_core.system_build import resolve_lattice, systems_for
+    """The target's system: built once per process, a fresh copy for each caller (system_build.study_system)."""
+    from surfdiff_core.system_build import study_system
 
-    return systems_for(cfg, target.cell, [target.composition], resolve_lattice(cfg))[target.composition]
+    return study_system(cfg, target.cell, target.composition)
 
 
 def training_system(cfg: SurfdiffConfig) -> SurfaceSystem:
