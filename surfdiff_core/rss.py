@@ -83,7 +83,7 @@ def plan_tasks(cfg: SurfdiffConfig, systems: dict[str, SurfaceSystem], n: int, s
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_calculator(oracle: str, settings: dict):
+def worker_calculator(oracle: str, settings: dict):
     """One calculator per worker process and energy model (loading CHGNet once, not per structure)."""
     from surfdiff_core.config import energy_model_key
     from surfdiff_core.oracles import get_calculator
@@ -103,7 +103,7 @@ def relax_task(
     from surfdiff_core.relax.ase_relax import relax_atoms
     from surfdiff_core.relax.records import Relaxed, error_text, relaxation_record
 
-    calc = calculator if calculator is not None else _worker_calculator(cfg.oracle.name, cfg.oracle.settings)
+    calc = calculator if calculator is not None else worker_calculator(cfg.oracle.name, cfg.oracle.settings)
     rng = np.random.default_rng(task.seed)
     initial = system.random_structure(rng)
     base = dict(

@@ -7,6 +7,9 @@ Per target (cell, composition), both arms are relaxed with the study's oracle an
 - RSS arm: `evaluate.rss_budget` random structures relaxed directly in the target cell: the baseline stage's
   documents (surfdiff_core.stages.baseline), read by the ids of its result when one is passed, else the stage
   is run here, target by target.
+On an executor (`run(..., executor=)`: local processes, the Slurm one of deploy/) both arms' oracle relaxations
+run there, one job per structure; a lost job is reported by its id (`TargetEvaluation.lost`), never stored, and
+a rerun redoes it. Without one, they run here (the RSS arm in rss.workers processes).
 The per-target budget counts oracle relaxations in the target cell; beside it, the same in force calls
 (atom-weighted: calls × atoms), and the all-in ratios that charge the training data and every active-learning
 call (surfdiff_core.evaluate.cost). In both arms a relaxation that failed or left the box cannot be a hit but
@@ -16,6 +19,8 @@ Also: validity, uniqueness and novelty of the samples, relaxation steps, a known
 """
 
 from __future__ import annotations
+
+from concurrent.futures import Executor
 
 import numpy as np
 
@@ -76,11 +81,15 @@ def generated_docs(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSyst
 
 
 def _rss_arm(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, system: SurfaceSystem,
-            baseline: BaselineResult | None, progress: bool) -> list[StructureDoc]:
+            baseline: BaselineResult | None, progress: bool, executor: Executor | None = None,
+            lost: dict[str, str] | None = None) -> list[StructureDoc]:
     """The RSS arm of one target: by the ids of the baseline stage's result, or (none passed) the baseline stage
-    run for this target now."""
+    run for this target now (on `executor` when given); the arm's lost jobs go to `lost`."""
     if baseline is None:
-        baseline = baseline_stage.run(cfg, store, [target], progress=progress)
+        baseline = baseline_stage.run(cfg, store, [target], progress=progress, executor=executor)
+    for t in baseline.targets:
+        if lost is not None and (t.system_id, t.composition) == (system.system_id, system.composition):
+            lost.update(t.lost)
     return baseline_stage.arm_documents(store, baseline_stage.arm_ids(baseline, system.system_id,
                                                                       system.composition))
 
@@ -112,7 +121,7 @@ def _active_learning_in(training_docs: list[StructureDoc], system: SurfaceSystem
 def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, upstream: SampleResult | None,
                     model_id: str, calculator, training_docs: list[StructureDoc], progress: bool,
                     sample_run: str | None = None, committee: tuple[str, ...] = (),
-                    baseline: BaselineResult | None = None) -> TargetEvaluation:
+                    baseline: BaselineResult | None = None, executor: Executor | None = None) -> TargetEvaluation:
     from surfdiff_core.evaluate.budget import (
         committee_calibration,
         hit_energy,
@@ -149,10 +158,11 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
     fresh = distinct
     if labels:
         fresh = [d for d, new in zip(distinct, novel_mask(distinct, labels), strict=True) if new]
+    lost: dict[str, str] = {}
     relaxed = relax_samples(cfg, store, system, fresh[: cfg.evaluate.budget], calculator,
-                            tag="evaluate", progress=progress)
+                            tag="evaluate", progress=progress, executor=executor, lost=lost)
     ranked = ranked_relaxations(fresh, relaxed)
-    rss_all = _rss_arm(cfg, store, target, system, baseline, progress)
+    rss_all = _rss_arm(cfg, store, target, system, baseline, progress, executor, lost)
     # Both arms alike: a relaxation that failed or left the box is no minimum, but it was spent (NaN entries).
     rss_docs = [d for d in rss_all if can_hit(d)]
     rss_lost = [d for d in rss_all if not can_hit(d)]
@@ -180,7 +190,7 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
         ranking_warning=mlff_ranking_warning(fresh, relaxed),
         relaxed_ids=[d.doc_id for d in relaxed], rss_ids=[d.doc_id for d in rss_docs],
         rss_lost_ids=[d.doc_id for d in rss_lost],
-        generative_lost=sum(not can_hit(d) for d in [*labels, *ranked]), cost=cost.as_dict(),
+        generative_lost=sum(not can_hit(d) for d in [*labels, *ranked]), cost=cost.as_dict(), lost=lost,
     )
 
 
@@ -218,9 +228,11 @@ def all_in_cost(training_docs: list[StructureDoc], targets: list[TargetEvaluatio
 def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None = None, *,
         baseline: BaselineResult | None = None, model_id: str | None = None,
         targets: list[SampleTarget] | None = None, run_id: str | None = None, sample_run: str | None = None,
-        progress: bool = True) -> EvaluationResult:
+        progress: bool = True, executor: Executor | None = None) -> EvaluationResult:
     """The samples of `upstream` (or of the model's sample run, see generated_docs) against the RSS arm of
-    `baseline` (the baseline stage's result; without it the stage runs here) in every target."""
+    `baseline` (the baseline stage's result; without it the stage runs here) in every target. `executor` (any
+    concurrent.futures.Executor, e.g. the Slurm one of deploy/): the oracle relaxations of both arms as jobs
+    there; None: here, as always."""
     from surfdiff_core.evaluate.budget import training_cost
     from surfdiff_core.oracles import get_calculator, get_oracle_spec
     from surfdiff_core.stages.evaluate_report import phase_comparison_for
@@ -257,7 +269,7 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
                                              "pretrained": shipped})
     for t in targets:
         result.targets.append(evaluate_target(cfg, store, t, upstream, model, calculator, training_docs, progress,
-                                              sample_run, tuple(record.committee), baseline))
+                                              sample_run, tuple(record.committee), baseline, executor))
     result.all_in = all_in_cost(training_docs, result.targets, shipped_cost)
     lines = phase_lines_for(cfg, store, result, calculator)
     result.phase_diagram = phase_rows(lines, cfg.evaluate.dmu_range)

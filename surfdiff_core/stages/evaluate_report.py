@@ -45,6 +45,9 @@ class TargetEvaluation:
     # the per-target ratio per unit; empty in results made before it was counted
     cost: dict[str, Any] = field(default_factory=dict)
     one_target_all_in: dict[str, float | None] = field(default_factory=dict)  # per unit, as if the only target
+    # oracle relaxations of either arm whose job was lost on an executor (id -> why): not stored, not counted;
+    # a rerun redoes them
+    lost: dict[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -74,7 +77,9 @@ class EvaluationResult(StageResult):
 
     def warnings(self) -> list[str]:
         """What a user should act on, one line per target."""
-        return [f"{t.key}: {t.ranking_warning}" for t in self.targets if t.ranking_warning]
+        return ([f"{t.key}: {t.ranking_warning}" for t in self.targets if t.ranking_warning]
+                + [f"{t.key}: {len(t.lost)} oracle relaxation(s) lost on the executor, not counted (rerun to redo "
+                   f"them); the first: {next(iter(t.lost.values()))}" for t in self.targets if t.lost])
 
     def rows(self) -> list[dict[str, Any]]:
         """One table row per target: what a user reads first."""

@@ -1,23 +1,39 @@
 """Oracle labels of generated samples: relaxations as RSS relaxes (the evaluation's generative arm and the labels
-of active learning) and single points (the cheap labels of active learning)."""
+of active learning) and single points (the cheap labels of active learning).
+
+Here, one after the other with the caller's calculator; or, given an executor (local processes, the Slurm one of
+deploy/), one job per candidate through `remote.run_on`, each building the study's oracle itself and returning its
+document as plain JSON, which this process stores. A lost job is reported by its id, never stored: a rerun redoes
+it (the ids are the same either way).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
 from typing import Literal
+
+from threadpoolctl import threadpool_limits
 
 from surfdiff_core.config import SurfdiffConfig
 from surfdiff_core.progress import progress_bar
-from surfdiff_core.retry import attempt_meta, plan_work
+from surfdiff_core.remote import run_on, unclaimed
+from surfdiff_core.retry import PriorFailure, WorkPlan, attempt_meta, plan_work
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
 from surfdiff_core.system import SurfaceSystem
 
+Source = Literal["relaxed", "single_point"]
+
 
 def relax_samples(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem, candidates: list[StructureDoc],
-                  calculator, *, tag: str, meta: dict | None = None, progress: bool = True) -> list[StructureDoc]:
+                  calculator, *, tag: str, meta: dict | None = None, progress: bool = True,
+                  executor: Executor | None = None, lost: dict[str, str] | None = None) -> list[StructureDoc]:
     """Each candidate relaxed with the oracle exactly as RSS relaxes (rss.fmax, rss.steps, rss.optimizer),
     into `relaxed` documents with frames (resumable: ids from the candidate, `tag` and the settings; a stored
-    failure is retried up to rss.max_attempts times)."""
-    return _label(cfg, store, system, candidates, calculator, "relaxed", tag=tag, meta=meta, progress=progress)
+    failure is retried up to rss.max_attempts times). `executor`: one job per candidate there, with the study's
+    oracle (cfg.oracle; `calculator` unused); its lost jobs go to `lost` (id -> reason), not to the store."""
+    return _label(cfg, store, system, candidates, calculator, "relaxed", tag=tag, meta=meta, progress=progress,
+                  executor=executor, lost=lost)
 
 
 def single_points(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem, candidates: list[StructureDoc],
@@ -28,39 +44,86 @@ def single_points(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSyste
                   progress=progress)
 
 
-def _label(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem, candidates: list[StructureDoc],
-           calculator, source: Literal["relaxed", "single_point"], *, tag: str, meta: dict | None,
-           progress: bool) -> list[StructureDoc]:
+def label_one(cfg: SurfdiffConfig, system: SurfaceSystem, cand: StructureDoc, doc_id: str, source: Source,
+              calculator, *, tag: str, meta: dict | None, prior: PriorFailure | None) -> StructureDoc:
+    """The document of one candidate's label (an error is recorded in it, never raised)."""
     from surfdiff_core.relax.ase_relax import relax_atoms
     from surfdiff_core.relax.records import Relaxed, error_text, parent_fields, relaxation_record
 
+    r = cfg.rss
+    relax = source == "relaxed"
+    common = dict(doc_id=doc_id, source=source, study=cfg.name, energy_model=cfg.oracle.energy_model,
+                  oracle=cfg.oracle.name, **parent_fields(cand))
+    info = {**(meta or {}), "purpose": tag, "mlff_energy": cand.energy}
+    if relax:
+        info["relaxer"] = r.optimizer
+    try:  # a single point is zero optimiser steps: one frame, with a relaxation's checks and errors
+        outcome: Relaxed | str = Relaxed.from_ase(relax_atoms(
+            cand.to_atoms(), calculator, fmax=r.fmax, steps=r.steps if relax else 0, optimizer=r.optimizer,
+            trajectory_every=r.trajectory_every, fixed=cand.fixed))
+    except Exception as exc:  # noqa: BLE001 - a failed label still cost oracle time, and is recorded
+        outcome = error_text(exc)
+    failed = isinstance(outcome, str)
+    info.update(attempt_meta(prior, outcome if failed else None))
+    if not failed:  # failed labels have always been stored without the oracle's settings
+        common["oracle_settings"] = cfg.oracle.settings
+    return relaxation_record(outcome, cand.structure, box=(system.n_substrate, system.z_box),
+                             in_place=not relax, keep_start=relax, meta=info, **common)
+
+
+def label_remote(cfg: SurfdiffConfig, system: SurfaceSystem, cand: StructureDoc, doc_id: str, source: Source,
+                 tag: str, meta: dict | None, prior: PriorFailure | None) -> dict:
+    """What an executor runs (a worker process, a Slurm job): one label with the study's oracle, its document as
+    plain JSON (as rss.relax_remote)."""
+    from surfdiff_core.rss import worker_calculator
+
+    calc = worker_calculator(cfg.oracle.name, cfg.oracle.settings)
+    with threadpool_limits(1, user_api="blas"):
+        return label_one(cfg, system, cand, doc_id, source, calc, tag=tag, meta=meta,
+                         prior=prior).model_dump(mode="json")
+
+
+def _label(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem, candidates: list[StructureDoc],
+           calculator, source: Source, *, tag: str, meta: dict | None, progress: bool,
+           executor: Executor | None = None, lost: dict[str, str] | None = None) -> list[StructureDoc]:
     r = cfg.rss
     relax = source == "relaxed"
     settings = (r.fmax, r.steps, r.optimizer) if relax else ()
     ids = [make_doc_id(source, c.doc_id, tag, cfg.oracle.energy_model, *settings) for c in candidates]
     work = plan_work(store, ids, r.max_attempts)
     label = f"{tag}: {'relax' if relax else 'single points'} {system.composition} {system.cell}"
-    for cand, doc_id in progress_bar(list(zip(candidates, ids, strict=True)), desc=label,
-                                     disable=not progress, unit="struct", dynamic_ncols=True):
-        if doc_id in work.finished:
-            continue
-        prior = work.retry.get(doc_id)
-        common = dict(doc_id=doc_id, source=source, study=cfg.name, energy_model=cfg.oracle.energy_model,
-                      oracle=cfg.oracle.name, **parent_fields(cand))
-        info = {**(meta or {}), "purpose": tag, "mlff_energy": cand.energy}
-        if relax:
-            info["relaxer"] = r.optimizer
-        try:  # a single point is zero optimiser steps: one frame, with a relaxation's checks and errors
-            outcome: Relaxed | str = Relaxed.from_ase(relax_atoms(
-                cand.to_atoms(), calculator, fmax=r.fmax, steps=r.steps if relax else 0, optimizer=r.optimizer,
-                trajectory_every=r.trajectory_every, fixed=cand.fixed))
-        except Exception as exc:  # noqa: BLE001 - a failed label still cost oracle time, and is recorded
-            outcome = error_text(exc)
-        failed = isinstance(outcome, str)
-        info.update(attempt_meta(prior, outcome if failed else None))
-        if not failed:  # failed labels have always been stored without the oracle's settings
-            common["oracle_settings"] = cfg.oracle.settings
-        store.put(relaxation_record(outcome, cand.structure, box=(system.n_substrate, system.z_box),
-                                    in_place=not relax, keep_start=relax, meta=info, **common))
-    by_id = {d.doc_id: d for d in store.find({"doc_id": {"$in": ids}})}
-    return [by_id[i] for i in ids if i in by_id]
+    if executor is not None:
+        _label_on(executor, cfg, store, system, zip(candidates, ids, strict=True), work, source, label,
+                  tag=tag, meta=meta, progress=progress, lost=lost)
+    else:
+        for cand, doc_id in progress_bar(list(zip(candidates, ids, strict=True)), desc=label,
+                                         disable=not progress, unit="struct", dynamic_ncols=True):
+            if doc_id not in work.finished:
+                store.put(label_one(cfg, system, cand, doc_id, source, calculator, tag=tag, meta=meta,
+                                    prior=work.retry.get(doc_id)))
+    by_id_doc = {d.doc_id: d for d in store.find({"doc_id": {"$in": ids}})}
+    return [by_id_doc[i] for i in ids if i in by_id_doc]
+
+
+def _label_on(executor: Executor, cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem,
+              pairs: Iterable[tuple[StructureDoc, str]], work: WorkPlan, source: Source, label: str, *, tag: str,
+              meta: dict | None, progress: bool, lost: dict[str, str] | None) -> None:
+    """The candidates not stored yet, one job each on `executor`, all submitted at once (as the RSS and relax
+    stages do); each document stored here as its job returns."""
+    todo = {doc_id: cand for cand, doc_id in pairs if doc_id not in work.finished}
+    if not todo:
+        return
+    with progress_bar(total=len(todo), desc=label, disable=not progress, unit="struct", dynamic_ncols=True) as bar:
+        def job(doc_id: str) -> tuple[Callable[..., dict], tuple]:
+            return label_remote, (cfg, system, todo[doc_id], doc_id, source, tag, meta, work.retry.get(doc_id))
+
+        def finished(_: str, data: dict) -> None:
+            store.put(StructureDoc.model_validate(data))
+            bar.update(1)
+
+        def gone(doc_id: str, why: str) -> None:
+            if lost is not None:
+                lost[doc_id] = why
+            bar.update(1)
+
+        run_on(executor, unclaimed(todo), len(todo), job, finished, gone)
