@@ -108,9 +108,11 @@ def cmd_relax(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from deploy.slurm import open_executor
     from surfdiff_core.config import with_overrides
     from surfdiff_core.evaluate.budget import speedup_phrase
     from surfdiff_core.evaluate.cost import cost_phrase
+    from surfdiff_core.executors import ExecutorSpec
     from surfdiff_core.query import require_existing_store
     from surfdiff_core.stages import evaluate
     from surfdiff_core.stages.common import (
@@ -122,7 +124,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     from surfdiff_core.stages.evaluate_report import all_in_summary, markdown_report
 
-    cfg = load_study(args.config, args.store)
+    cfg, spec = load_study(args.config, args.store), ExecutorSpec(args.executor, args.hpc_settings)
     ecfg = with_overrides(cfg.evaluate, {"budget": args.budget, "rss_budget": args.rss_budget})
     if args.reference:
         key, _, path = args.reference.partition("=")
@@ -135,8 +137,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         target_system(cfg, t)
     require_existing_store(cfg.store)  # it evaluates a trained model's samples: a missing store is not made
     check_store_writable(cfg)
-    with open_study_store(cfg) as store:
-        result = evaluate.run(cfg, store, model_id=args.model_id, targets=targets, sample_run=args.sample_run)
+    # the evaluation's relaxations are RSS-like (in-process oracle, rss settings): "rss" jobs on Slurm
+    with open_executor(spec, "rss") as ex, open_study_store(cfg) as store:
+        result = evaluate.run(cfg, store, model_id=args.model_id, targets=targets, sample_run=args.sample_run,
+                              executor=ex)
     report = figure_dir(cfg) / "evaluation" / "report.md"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(markdown_report(result))
@@ -294,7 +298,7 @@ def add_stage_parsers(sub) -> None:
     u.set_defaults(func=cmd_run)
     for p in (r, t, s, x, e, u):
         p.add_argument("--store", default=None, metavar="PATH", help=STORE_HELP)
-    for p in (r, x, u):  # the stages that fan out: RSS and relaxations
+    for p in (r, x, e, u):  # the stages that fan out: RSS and relaxations (the evaluation's: both arms)
         add_executor_options(p, "one Slurm job per structure or batch")
     for p in (t, s):  # one job each, on the settings' GPU
         add_executor_options(p, "the command as one Slurm job on a GPU (gres)", wait=True)
