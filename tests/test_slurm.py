@@ -1,6 +1,6 @@
 """The HPC route against a real single-node Slurm (tests/conftest_slurm.py): `surfdiff run --executor slurm`,
-a relaxation job cancelled with scancel, a job past its time limit, and `surfdiff sample --executor slurm` as a
-(CPU-only) GPU-kind job, done and failed."""
+a relaxation job cancelled with scancel, a job past its time limit, `surfdiff sample --executor slurm` as a
+(CPU-only) GPU-kind job, done and failed, and `surfdiff evaluate --executor slurm` against the local numbers."""
 
 from __future__ import annotations
 
@@ -91,15 +91,20 @@ def test_surfdiff_run_fans_out_over_slurm(slurm_run, slurm_cluster):  # noqa: F8
 
     cfg = study(slurm_run["config"])
     with open_study_store(cfg) as store:
-        # the training data (the evaluation stage adds its own local RSS baseline on the target cells)
+        # the training data (the evaluation stage adds its own RSS baseline on the target cells)
         rss_docs = list(store.find({"source": "rss", "study": cfg.name, "cell": cfg.rss.cell}))
+        arm = store.count({"source": "rss", "study": cfg.name, "cell": {"$ne": cfg.rss.cell}})
         relaxed = [d for d in store.find({"source": "relaxed", "study": cfg.name})
                    if "jobflow_uuid" in d.meta]  # the relax stage's (the evaluation relaxes its own)
+        judged = store.count({"source": "relaxed", "study": cfg.name, "meta.purpose": "evaluate"})
+    assert arm == cfg.evaluate.rss_budget * len(cfg.sample.targets) and judged
     assert len(rss_docs) == cfg.rss.n and all(d.energy is not None for d in rss_docs)
     assert relaxed and all(d.parent_id for d in relaxed)
-    # Slurm's own record: one RSS job per batch of 2 structures, one relaxation job per batch of candidates.
+    # Slurm's own record: one RSS job per batch of 2 structures, one relaxation job per batch of candidates; the
+    # evaluation's relaxations are "rss" jobs too (one target: its samples' batch, then its RSS arm's batches).
     rss_jobs, relax_jobs = by_name(slurm_cluster, "surfdiff-rss"), by_name(slurm_cluster, "surfdiff-relax")
-    assert len(rss_jobs) == cfg.rss.n // 2 and {j["JobState"] for j in rss_jobs} == {"COMPLETED"}
+    evaluation_jobs = -(-judged // 2) + -(-cfg.evaluate.rss_budget // 2)
+    assert len(rss_jobs) == cfg.rss.n // 2 + evaluation_jobs and {j["JobState"] for j in rss_jobs} == {"COMPLETED"}
     assert len(relax_jobs) == -(-len(relaxed) // 2) and {j["JobState"] for j in relax_jobs} == {"COMPLETED"}
     # training and sampling each ran as one job of the GPU kind (CPUs here: the settings name no GRES)
     train_jobs, sample_jobs = by_name(slurm_cluster, "surfdiff-train", 1), by_name(slurm_cluster, "surfdiff-sample", 1)
@@ -223,3 +228,40 @@ def test_failed_sampling_job_is_one_line(slurm_run, slurm_cluster):  # noqa: F81
     assert "surfdiff sample: error: device 'cuda' requested but no CUDA GPU is available" in lines[0], lines
     job_id = lines[0].split()[2]
     assert job_states(slurm_cluster, job_id) == {"FAILED"}  # Slurm's own record agrees
+
+
+def test_evaluation_fans_out_over_slurm_with_the_local_numbers(slurm_cluster, tmp_path):  # noqa: F811
+    """`surfdiff evaluate --executor slurm`: both arms' oracle relaxations as Slurm jobs ("rss" kind), the same
+    documents and numbers as the local command on a copy of the same trained and sampled study."""
+    import json
+    import shutil
+
+    from surfdiff_core.stages import rss, sample, train
+    from surfdiff_core.stages.common import open_study_store
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_CONFIG.replace("STORE", str(tmp_path / "sampled")))
+    cfg = study(config)
+    with open_study_store(cfg) as store:  # trained and sampled here: only the evaluation goes to Slurm
+        sample.run(cfg, store, train.run(cfg, store, rss.run(cfg, store, progress=False), progress=False),
+                   progress=False)
+    settings = write_settings(tmp_path / "slurm.yaml")
+    results = {}
+    for name, extra in (("local", []), ("slurm", ["--executor", "slurm", "--hpc-settings", str(settings)])):
+        shutil.copytree(tmp_path / "sampled", tmp_path / name)
+        before = len(by_name(slurm_cluster, "surfdiff-rss"))
+        proc = surfdiff("evaluate", str(config), "--store", str(tmp_path / name), "--json", *extra)
+        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{slurm_cluster.logs()}"
+        out = proc.stdout
+        results[name] = json.loads(out[out.index("\n{\n") + 1:out.rindex("\nreport: ")])
+        jobs = by_name(slurm_cluster, "surfdiff-rss", at_least=before + (name == "slurm"))
+        assert (len(jobs) > before) == (name == "slurm") and {j["JobState"] for j in jobs} <= {"COMPLETED"}
+
+    def numbers(r: dict) -> str:  # as JSON text: NaN entries (spent, no hit) compare equal
+        keys = ("relaxed_ids", "rss_ids", "rss_lost_ids", "generative_energies", "rss_energies", "speedup", "cost",
+                "steps_generative", "steps_rss", "lost")
+        return json.dumps([[t[k] for k in keys] for t in r["targets"]] + [r["all_in"]], sort_keys=True)
+
+    (t,) = results["slurm"]["targets"]
+    assert t["relaxed_ids"] and t["rss_ids"] and not t["lost"]
+    assert numbers(results["slurm"]) == numbers(results["local"])
