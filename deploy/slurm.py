@@ -291,11 +291,11 @@ def submit_stage_job(kind: JobKind, config: str, settings: SlurmSettings, args: 
 
 def stage_in_job(kind: JobKind, cfg_json: dict[str, Any], call: str, args: tuple, kwargs: dict) -> Any:
     """Inside a train/sample job: open the study's store (shared filesystem or MongoDB) and run the stage."""
-    from surfdiff_core.config import SurfdiffConfig
+    from surfdiff_core.config import config_from_dict
     from surfdiff_core.stages import sample, train
     from surfdiff_core.stages.common import open_study_store
 
-    cfg = SurfdiffConfig.model_validate(cfg_json)
+    cfg = config_from_dict(cfg_json, "the job's study config")  # a bad one: the one-line ConfigError
     functions = {"train": train.run, "sample": sample.sample_one}
     with open_study_store(cfg) as store:
         return functions[call](cfg, store, *args, **kwargs)

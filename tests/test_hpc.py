@@ -215,3 +215,18 @@ def test_the_job_runs_surfdiff_where_it_was_submitted(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative config means the submitting directory's file, not the checkout's
     with pytest.raises(RuntimeError, match="exited with 2: surfdiff train: error: config file not found: mine.yaml"):
         run_surfdiff(["train", "mine.yaml"])
+
+
+def test_a_job_config_with_a_moved_key_is_one_clear_line():
+    """Inside a Slurm job the study config is checked like a file's: a key that moved out (an older job file)
+    names itself and where it went, not a pydantic dump."""
+    from deploy.slurm import stage_in_job
+    from surfdiff_core.errors import ConfigError
+    from tests.conftest import TINY_CONFIG
+
+    data = yaml.safe_load(TINY_CONFIG.replace("STORE", "/nonexistent/store"))
+    data.setdefault("evaluate", {})["steps_sweep"] = [4, 8]
+    with pytest.raises(ConfigError) as err:
+        stage_in_job("train", data, "train", (), {})
+    text = str(err.value)
+    assert text.startswith("the job's study config: evaluate.steps_sweep: moved out") and "\n" not in text
