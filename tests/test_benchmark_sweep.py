@@ -174,11 +174,12 @@ def test_sweep_end_to_end_and_a_rerun_adds_a_record(sweep, tiny_sweep, tmp_path,
     assert len((out / "commands.txt").read_text().splitlines()) == 2
 
 
-def test_ranking_diagnosis_relaxes_every_sample_on_a_copy(sweep, tiny_sweep, tmp_path):
+def test_ranking_diagnosis_relaxes_every_sample_on_a_copy(sweep, report, tiny_sweep, tmp_path):
     """benchmarks/discovery/ranking_diagnosis.py on a finished seed-run: every distinct sample relaxed with the
-    oracle per MLFF-relaxation variant, in a copy of the store (the benchmark's own store unchanged)."""
+    oracle per MLFF-relaxation variant, in a copy of the store (the benchmark's own store unchanged); the seed is
+    a development seed from then on (a `diagnosed` record; the report leaves it out of the headline)."""
     out = tmp_path / "bench"
-    sweep.main(["--config", str(tiny_sweep), "--seeds", "5", "--seed-role", "dev", "--rss-budget", "3",
+    sweep.main(["--config", str(tiny_sweep), "--seeds", "5", "--seed-role", "report", "--rss-budget", "3",
                 "--budget", "1", "--out", str(out)])
     diagnosis = _load("bench_ranking_diagnosis", "ranking_diagnosis.py")
     with open_store(StoreConfig(backend="sqlite", path=str(out / "stores" / "all"))) as store:
@@ -198,3 +199,8 @@ def test_ranking_diagnosis_relaxes_every_sample_on_a_copy(sweep, tiny_sweep, tmp
     assert "development seed" in path.read_text()
     with open_store(StoreConfig(backend="sqlite", path=str(out / "stores" / "all"))) as store:
         assert store.count({}) == before
+    last = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])
+    assert (last["seed"], last["seed_role"], last["status"]) == (5, "dev", "diagnosed")
+    text = report.write_report(out).read_text()
+    assert "Left out of the headline: seeds 5" in text and "## Diagnosed seed-runs" in text
+    assert "No report seed has run with these settings yet." in text and "Runs that did not finish" not in text

@@ -233,7 +233,7 @@ def write_report(out: Path) -> Path:
         lines.append(f"No report seed has run with these settings yet.\n\n![ratios]({figure.relative_to(out)})\n")
     if excluded:
         lines.append(f"\nLeft out of the headline: seeds {', '.join(map(str, excluded))} ran as report seeds but "
-                     "were also run as dev seeds.\n")
+                     "were also used for development (run as dev seeds, or diagnosed).\n")
     lines += ["\n### Every run with these settings\n", *seed_table(current)]
     lines.append("\n## Spread between reruns\n")
     again = reruns(current)
@@ -262,7 +262,11 @@ def write_report(out: Path) -> Path:
                 "no report seeds"
             lines.append(f"- `{sid}`: {len(rs)} runs, seeds {sorted({r['seed'] for r in rs})}, last "
                          f"{rs[0]['ended'][:16]}; {summary}; options that differ from the latest: {diff or 'none'}")
-    unfinished = [r for r in records if r.get("status") != "finished"]
+    diagnosed = [r for r in records if r.get("status") == "diagnosed"]
+    if diagnosed:
+        lines.append("\n## Diagnosed seed-runs (development seeds from then on)\n")
+        lines += [f"- seed {r['seed']}, {r['ended'][:16]}: {r.get('diagnosis', '')}" for r in diagnosed]
+    unfinished = [r for r in records if r.get("status") not in ("finished", "diagnosed")]
     if unfinished:
         lines.append("\n## Runs that did not finish\n")
         lines += [f"- seed {r['seed']} ({r['seed_role']}), run {r['run_id']}, {r.get('status')} at "
