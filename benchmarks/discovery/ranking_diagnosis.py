@@ -73,8 +73,7 @@ def working_store(out: Path, work: Path) -> Path:
 
 
 def diagnose_target(cfg, store, model, target: SampleTarget, steps: int) -> dict:
-    from scipy.stats import spearmanr
-
+    from surfdiff_core.evaluate.budget import mlff_rank_correlation, ranked_relaxations
     from surfdiff_core.evaluate.cost import can_hit
     from surfdiff_core.evaluate.matching import deduplicate
     from surfdiff_core.oracles import get_calculator
@@ -88,21 +87,21 @@ def diagnose_target(cfg, store, model, target: SampleTarget, steps: int) -> dict
     docs = [d for d in store.find({"doc_id": {"$in": drawn.doc_ids}}) if d.valid and d.in_box and d.energy is not None]
     distinct = deduplicate(sorted(docs, key=lambda d: (d.energy, d.doc_id)))
     calculator = get_calculator(cfg.oracle.name, **cfg.oracle.settings)
-    relaxed = {d.parent_id: d for d in relax_samples(cfg, store, system, distinct, calculator, tag="evaluate",
-                                                     progress=False)}
+    # the evaluation's own ranking (parents' MLFF energy) and rank correlation, over the relaxations that count
+    relaxed = [d for d in relax_samples(cfg, store, system, distinct, calculator, tag="evaluate", progress=False)
+               if can_hit(d)]
+    ranked = ranked_relaxations(distinct, relaxed)
     arm = baseline.run(cfg, store, targets=[target], progress=False).targets[0]
-    rss = [d.energy for d in store.find({"doc_id": {"$in": arm.doc_ids}}) if can_hit(d)]
-    best = min(rss)
-    pairs = [(d.energy, relaxed[d.doc_id]) for d in distinct if d.doc_id in relaxed and can_hit(relaxed[d.doc_id])]
-    mlff = np.array([e for e, _ in pairs])
-    oracle = np.array([r.energy for _, r in pairs])
+    best = min(d.energy for d in store.find({"doc_id": {"$in": arm.doc_ids}}) if can_hit(d))
+    oracle = np.array([d.energy for d in ranked])
     hit = oracle <= best + cfg.evaluate.tol
-    first = int(np.nonzero(hit)[0][0]) + 1 if hit.any() else None  # pairs are in MLFF order already
+    first = int(np.nonzero(hit)[0][0]) + 1 if hit.any() else None
+    rho = mlff_rank_correlation(distinct, relaxed)
     return {"target": f"{target.composition} {target.cell}", "relax_steps": steps, "samples": len(docs),
-            "distinct": len(distinct), "relaxed": len(pairs), "hits": int(hit.sum()), "first_hit": first,
-            "random_expected": round((len(pairs) + 1) / (int(hit.sum()) + 1), 1),
-            "spearman": round(float(spearmanr(mlff, oracle).statistic), 3) if len(pairs) > 2 else None,
-            "oracle_steps_median": float(np.median([r.steps or 0 for _, r in pairs])) if pairs else None,
+            "distinct": len(distinct), "relaxed": len(ranked), "hits": int(hit.sum()), "first_hit": first,
+            "random_expected": round((len(ranked) + 1) / (int(hit.sum()) + 1), 1),
+            "spearman": None if rho is None else round(rho, 3),
+            "oracle_steps_median": float(np.median([r.steps or 0 for r in ranked])) if ranked else None,
             "best_eV": round(float(oracle.min()), 4) if len(oracle) else None, "rss_best_eV": round(best, 4)}
 
 
