@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rerun", default="", help="the seed-run's rerun tag (default: the untagged run)")
     p.add_argument("--relax-steps", type=int, nargs="+", default=[30, 300],
                    help="MLFF relaxation step caps to compare (sample.relax_steps)")
+    p.add_argument("--samples", type=int, help="guided samples per target (default: the run's sample.n): does "
+                   "drawing more reach the basin RSS found?")
     p.add_argument("--targets", nargs="*", help="'COMPOSITION CELL' pairs, e.g. 'Ag6O4 p(4x4)' (default: all)")
     p.add_argument("--work", required=True, help="a folder for the store copy (created; reused when it exists)")
     return p.parse_args(argv)
@@ -72,7 +74,7 @@ def working_store(out: Path, work: Path) -> Path:
     return work / "all"
 
 
-def diagnose_target(cfg, store, model, target: SampleTarget, steps: int) -> dict:
+def diagnose_target(cfg, store, model, target: SampleTarget, steps: int, samples: int | None = None) -> dict:
     from surfdiff_core.evaluate.budget import mlff_rank_correlation, ranked_relaxations
     from surfdiff_core.evaluate.cost import can_hit
     from surfdiff_core.evaluate.matching import deduplicate
@@ -81,7 +83,8 @@ def diagnose_target(cfg, store, model, target: SampleTarget, steps: int) -> dict
     from surfdiff_core.stages.common import target_system
     from surfdiff_core.stages.oracle_relax import relax_samples
 
-    scfg = cfg.sample.model_copy(update={"relax_steps": steps, "share_batches": False})
+    update = {"relax_steps": steps, "share_batches": False} | ({"n": samples} if samples else {})
+    scfg = cfg.sample.model_copy(update=update)
     drawn = sample.run(cfg, store, model, targets=[target], scfg=scfg, progress=False)
     system = target_system(cfg, target)
     docs = [d for d in store.find({"doc_id": {"$in": drawn.doc_ids}}) if d.valid and d.in_box and d.energy is not None]
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> Path:
                            progress=False).model
         for steps in args.relax_steps:
             for target in targets:
-                row = diagnose_target(cfg, store, model, target, steps)
+                row = diagnose_target(cfg, store, model, target, steps, args.samples)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
