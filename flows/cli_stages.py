@@ -1,6 +1,6 @@
-"""`surfdiff rss | train | sample | relax | evaluate | run`: the pipeline's stages on the command line, and their
-parsers (`sample`, with its many options, in cli_sample.py). Library imports stay inside the commands, so that the
-command line starts fast."""
+"""`surfdiff rss | train | sample | relax | evaluate | baseline | run`: the pipeline's stages on the command line,
+and their parsers (`sample`, with its many options, in cli_sample.py). Library imports stay inside the commands,
+so that the command line starts fast."""
 
 from __future__ import annotations
 
@@ -180,6 +180,40 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from deploy.slurm import open_executor
+    from surfdiff_core.config import with_overrides
+    from surfdiff_core.executors import ExecutorSpec
+    from surfdiff_core.stages import baseline
+    from surfdiff_core.stages.common import check_store_writable, open_study_store, sample_targets, target_system
+
+    cfg, spec = load_study(args.config, args.store), ExecutorSpec(args.executor, args.hpc_settings)
+    ecfg = with_overrides(cfg.evaluate, {"rss_budget": args.rss_budget})
+    if ecfg.rss_budget == 0:
+        raise ConfigError("nothing to do: 0 relaxations asked (--rss-budget or evaluate.rss_budget); the store is "
+                          "left as it is")
+    cfg = cfg.model_copy(update={"evaluate": ecfg})
+    targets = sample_targets(cfg, [args.cell] if args.cell else None, [args.composition] if args.composition else None)
+    for t in targets:  # every target cell and composition checked before the store is opened
+        target_system(cfg, t)
+    check_store_writable(cfg)  # the arm needs no model: a new store is created, as by `surfdiff rss`
+    with open_executor(spec, "rss") as ex, open_study_store(cfg) as store:
+        result = baseline.run(cfg, store, targets, run_id=args.run_id, executor=ex)
+        rows = baseline.arm_summary(store, result)
+        label = store.label
+    print(f"RSS baseline of study {result.rss_study} ({result.energy_model}, {result.rss_budget} relaxations per "
+          f"target, seed {result.seed}, arm {result.config_hash}):")
+    for r in rows:
+        best = "-" if r["best_energy_eV"] is None else f"{r['best_energy_eV']:.4f} eV"
+        print(f"  {r['target']}: {r['relaxations']} relaxations ({r['done']} new, {r['skipped']} already in the "
+              f"store, {r['failed']} failed), {r['lost']} lost, best {best}")
+    for t in result.targets:
+        for doc_id, why in sorted(t.lost.items()):
+            print(f"warning: {t.key}: job {doc_id} lost on the executor ({why}); rerun to redo it", file=sys.stderr)
+    print(f"store: {label}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from surfdiff_core.config import with_overrides
     from surfdiff_core.executors import ExecutorSpec
@@ -292,13 +326,22 @@ def add_stage_parsers(sub) -> None:
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
+    b = sub.add_parser("baseline", help="the evaluation's RSS arm in each target cell (no model needed); resumable")
+    b.add_argument("config")
+    b.add_argument("--cell", default=None, help="e.g. 'p(4x4)' (default: sample.targets of the config)")
+    b.add_argument("--composition", default=None, help="e.g. Ag12O6")
+    b.add_argument("--rss-budget", type=int, default=None, help="RSS relaxations in each target cell "
+                   "(default: evaluate.rss_budget)")
+    b.add_argument("--run-id", default=None, help="the result's run id (the documents carry none: a shared arm)")
+    b.set_defaults(func=cmd_baseline)
+
     u = sub.add_parser("run", help="the whole discovery pipeline (Prefect flow, embedded store, no server)")
     u.add_argument("config")
     u.add_argument("--rss-n", type=int, default=None, help="override rss.n")
     u.set_defaults(func=cmd_run)
-    for p in (r, t, s, x, e, u):
+    for p in (r, t, s, x, e, b, u):
         p.add_argument("--store", default=None, metavar="PATH", help=STORE_HELP)
-    for p in (r, x, e, u):  # the stages that fan out: RSS and relaxations (the evaluation's: both arms)
+    for p in (r, x, e, b, u):  # the stages that fan out: RSS and relaxations (the evaluation's: both arms)
         add_executor_options(p, "one Slurm job per structure or batch")
     for p in (t, s):  # one job each, on the settings' GPU
         add_executor_options(p, "the command as one Slurm job on a GPU (gres)", wait=True)

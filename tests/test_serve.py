@@ -34,8 +34,8 @@ oracle: {name: emt}
 rss: {cell: "p(2x2)", compositions: [Ag1O1], n: 2, seed: 0, fmax: 0.2, steps: 30, workers: 1}
 store: {backend: monty, path: STORE}
 """
-FLOWS = ("active-learning/demo", "discovery/demo", "evaluate/demo", "relax/demo", "rss/demo", "sample/demo",
-         "train/demo")
+FLOWS = ("active-learning/demo", "baseline/demo", "discovery/demo", "evaluate/demo", "relax/demo", "rss/demo",
+         "sample/demo", "train/demo")
 
 
 @pytest.fixture(scope="module")

@@ -95,3 +95,18 @@ def arm_documents(store: ResultsStore, ids: list[str]) -> list[StructureDoc]:
     """The arm's documents in the store's order (the order the evaluation has always read them in); an id
     without a document (a lost job) is not part of the arm."""
     return list(store.find({"doc_id": {"$in": ids}})) if ids else []
+
+
+def arm_summary(store: ResultsStore, baseline: BaselineResult) -> list[dict]:
+    """One row per target for a table or a log: the arm's relaxations in the store, its lost jobs and its best
+    energy (over the relaxations that can count as a minimum, as the evaluation reads them)."""
+    from surfdiff_core.evaluate.cost import can_hit
+
+    rows = []
+    for t in baseline.targets:
+        docs = arm_documents(store, t.doc_ids)
+        energies = [d.energy for d in docs if can_hit(d)]
+        rows.append({"target": t.key, "system_id": t.system_id, "relaxations": len(docs), "done": t.done,
+                     "skipped": t.skipped, "failed": t.failed, "lost": len(t.lost),
+                     "best_energy_eV": min(energies) if energies else None})
+    return rows
