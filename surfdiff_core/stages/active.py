@@ -7,10 +7,16 @@ energy+force call each (MLFF data only: the MLFF's own minima, corrected where i
 fine-tuned from its own weights on RSS data plus every label so far. Rounds are recorded in the model
 registry; every id is deterministic, so a killed loop resumes where it stopped, and the loop stops at its
 relaxation budget.
+
+The labels run here one after the other, or on an executor (local processes, the Slurm one of deploy/): one job
+per label through `remote.run_on`, as the evaluation's relaxations. A lost job is in the round's `lost` (id ->
+reason), never stored, and the round fine-tunes on the labels that came back; a rerun redoes only the lost ones
+(same ids), and so trains the round's model on the full set.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,12 +38,14 @@ class ActiveLearningResult(StageResult):
     rounds: list[dict] = field(default_factory=list)  # per round: model, samples, labels, best labelled energy
     relaxations: int = 0  # oracle relaxations spent on labels (training-data cost, in the target cells)
     single_points: int = 0  # oracle single points spent on labels (one force call each)
+    lost: dict[str, str] = field(default_factory=dict)  # label jobs lost on the executor (id -> reason), every round
 
 
 def run_round(cfg: SurfdiffConfig, store: ResultsStore, model: TrainResult, k: int, *, spent: int = 0,
-              run_id: str, progress: bool = True) -> tuple[TrainResult, dict]:
+              run_id: str, progress: bool = True, executor: Executor | None = None) -> tuple[TrainResult, dict]:
     """Round k from `model`: sample, label the best distinct samples (within the budget left after `spent`
-    relaxations), fine-tune. Returns the new model and the round's record."""
+    relaxations), fine-tune. Returns the new model and the round's record. `executor`: each label one job there
+    (with the study's oracle); its lost jobs are the record's `lost`, not in the store."""
     from surfdiff_core.evaluate.matching import deduplicate
     from surfdiff_core.oracles import get_calculator
 
@@ -49,6 +57,7 @@ def run_round(cfg: SurfdiffConfig, store: ResultsStore, model: TrainResult, k: i
     scfg = cfg.sample.model_copy(update={"n": al.samples or cfg.sample.n, "seed": cfg.sample.seed + 7919 * k})
     drawn = sample.run(cfg, store, model, targets=targets, scfg=scfg, run_id=f"{run_id}-al{k}", progress=progress)
     labels, points, best, label_ids = 0, 0, {}, []
+    lost: dict[str, str] = {}
     meta = {"active_learning": True, "round": k, "model_id": model.model_id}
     explored = explore_around_best(cfg, store, model, drawn.targets, scfg, run_id=f"{run_id}-al{k}-explore",
                                    progress=progress)
@@ -63,10 +72,12 @@ def run_round(cfg: SurfdiffConfig, store: ResultsStore, model: TrainResult, k: i
             continue
         ranked = deduplicate(docs, k=quota + al.single_points_per_round)
         relaxed = relax_samples(cfg, store, system, ranked[:quota], calculator,
-                                tag=f"active-learning-{k}", meta=meta, progress=progress)
+                                tag=f"active-learning-{k}", meta=meta, progress=progress, executor=executor,
+                                lost=lost)
         # the next best distinct samples: where the MLFF put minima that no relaxation checks this round
         pointed = single_points(cfg, store, system, ranked[quota:], calculator,
-                                tag=f"active-learning-{k}", meta=meta, progress=progress)
+                                tag=f"active-learning-{k}", meta=meta, progress=progress, executor=executor,
+                                lost=lost)
         labels += len(relaxed)
         points += len(pointed)
         label_ids += [d.doc_id for d in relaxed + pointed]
@@ -83,7 +94,7 @@ def run_round(cfg: SurfdiffConfig, store: ResultsStore, model: TrainResult, k: i
                  "explored": sum(len(e) for e in explored), "labels": labels,
                  "single_points": points, "n_train": new.n_train, "best_labelled": best, "best_val": new.best_val,
                  "allocation": al.allocation, "quotas": dict(zip(keys, quotas, strict=True)),
-                 "excess_eV": None if excess is None else dict(zip(keys, excess, strict=True))}
+                 "excess_eV": None if excess is None else dict(zip(keys, excess, strict=True)), "lost": lost}
 
 
 def explore_around_best(cfg: SurfdiffConfig, store: ResultsStore, model: TrainResult, targets: list, scfg, *,
@@ -153,8 +164,9 @@ def budget_left(cfg: SurfdiffConfig, spent: int) -> bool:
 
 
 def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: TrainResult, *, run_id: str | None = None,
-        progress: bool = True) -> ActiveLearningResult:
-    """Every round in turn, from the trained model `upstream`, until the rounds or the budget run out."""
+        progress: bool = True, executor: Executor | None = None) -> ActiveLearningResult:
+    """Every round in turn, from the trained model `upstream`, until the rounds or the budget run out; the labels
+    on `executor` when given (run_round)."""
     run_id = run_id or upstream.run_id or new_run_id()
     result = ActiveLearningResult(study=cfg.name, run_id=run_id, config_hash=cfg.section_hash("active_learning"),
                                   model=upstream)
@@ -162,8 +174,14 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: TrainResult, *, run_
         if not budget_left(cfg, result.relaxations):
             break
         result.model, record = run_round(cfg, store, result.model, k, spent=result.relaxations, run_id=run_id,
-                                         progress=progress)
-        result.rounds.append(record)
-        result.relaxations += record["labels"]
-        result.single_points += record["single_points"]
+                                         progress=progress, executor=executor)
+        add_round(result, record)
     return result
+
+
+def add_round(result: ActiveLearningResult, record: dict) -> None:
+    """A finished round into the loop's result (here and in the Prefect flow, which runs each round as a task)."""
+    result.rounds.append(record)
+    result.relaxations += record["labels"]
+    result.single_points += record["single_points"]
+    result.lost.update(record["lost"])

@@ -37,11 +37,12 @@ def relax_samples(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSyste
 
 
 def single_points(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem, candidates: list[StructureDoc],
-                  calculator, *, tag: str, meta: dict | None = None, progress: bool = True) -> list[StructureDoc]:
+                  calculator, *, tag: str, meta: dict | None = None, progress: bool = True,
+                  executor: Executor | None = None, lost: dict[str, str] | None = None) -> list[StructureDoc]:
     """One oracle energy+force evaluation of each candidate as it is: `single_point` documents with one frame
-    and the unconstrained forces (resumable and retried like relax_samples)."""
+    and the unconstrained forces (resumable and retried like relax_samples; on `executor` like it too)."""
     return _label(cfg, store, system, candidates, calculator, "single_point", tag=tag, meta=meta,
-                  progress=progress)
+                  progress=progress, executor=executor, lost=lost)
 
 
 def label_one(cfg: SurfdiffConfig, system: SurfaceSystem, cand: StructureDoc, doc_id: str, source: Source,
