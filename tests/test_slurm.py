@@ -1,6 +1,7 @@
 """The HPC route against a real single-node Slurm (tests/conftest_slurm.py): `surfdiff run --executor slurm`,
 a relaxation job cancelled with scancel, a job past its time limit, `surfdiff sample --executor slurm` as a
-(CPU-only) GPU-kind job, done and failed, and `surfdiff evaluate --executor slurm` against the local numbers."""
+(CPU-only) GPU-kind job, done and failed, and `surfdiff evaluate|baseline --executor slurm` and active learning's
+labels on the Slurm executor against the local numbers."""
 
 from __future__ import annotations
 
@@ -265,3 +266,61 @@ def test_evaluation_fans_out_over_slurm_with_the_local_numbers(slurm_cluster, tm
     (t,) = results["slurm"]["targets"]
     assert t["relaxed_ids"] and t["rss_ids"] and not t["lost"]
     assert numbers(results["slurm"]) == numbers(results["local"])
+
+
+def test_baseline_command_fans_out_over_slurm_with_the_local_arm(slurm_cluster, tmp_path):  # noqa: F811
+    """`surfdiff baseline --executor slurm`: the RSS arm as "rss" jobs, the same documents as the local command."""
+    from surfdiff_core.stages.common import open_study_store
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_CONFIG.replace("STORE", str(tmp_path / "unused")))
+    cfg = study(config)
+    settings = write_settings(tmp_path / "slurm.yaml")
+    arms = {}
+    for name, extra in (("local", []), ("slurm", ["--executor", "slurm", "--hpc-settings", str(settings)])):
+        before = len(by_name(slurm_cluster, "surfdiff-rss"))
+        proc = surfdiff("baseline", str(config), "--store", str(tmp_path / name), *extra)
+        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{slurm_cluster.logs()}"
+        assert "Ag2O1 p(3x3): 3 relaxations (3 new, 0 already in the store, 0 failed), 0 lost" in proc.stdout
+        jobs = by_name(slurm_cluster, "surfdiff-rss", at_least=before + (name == "slurm"))
+        assert (len(jobs) > before) == (name == "slurm") and {j["JobState"] for j in jobs} <= {"COMPLETED"}
+        store_cfg = cfg.model_copy(update={"store": cfg.store.model_copy(update={"path": str(tmp_path / name)})})
+        with open_study_store(store_cfg) as store:
+            arms[name] = {d.doc_id: (d.energy, d.steps) for d in store.find({"source": "rss"})}
+    assert len(arms["slurm"]) == 3 and arms["slurm"] == arms["local"]
+
+
+def test_active_learning_labels_as_slurm_jobs_equal_the_local_ones(slurm_cluster, tmp_path):  # noqa: F811
+    """active.run(executor=) with the Slurm executor of deploy/: each label an "rss" job, the same label documents
+    and the same fine-tuned model as the local round on a copy of the same trained study."""
+    import shutil
+
+    from deploy.slurm import open_executor
+    from surfdiff_core.executors import ExecutorSpec
+    from surfdiff_core.stages import active, rss, train
+    from surfdiff_core.stages.common import open_study_store
+
+    config = tmp_path / "al.yaml"
+    config.write_text(TINY_CONFIG.replace("STORE", str(tmp_path / "trained" / "store"))
+                      + "active_learning: {rounds: 1, relax_per_round: 1, single_points_per_round: 1, epochs: 2}\n")
+    cfg = study(config)
+    with open_study_store(cfg) as store:
+        first = train.run(cfg, store, rss.run(cfg, store, progress=False), progress=False)
+    settings = write_settings(tmp_path / "slurm.yaml")
+    results, labels = {}, {}
+    for name in ("local", "slurm"):
+        shutil.copytree(tmp_path / "trained" / "store", tmp_path / name / "store")
+        copy = cfg.model_copy(update={"store": cfg.store.model_copy(update={"path": str(tmp_path / name / "store")})})
+        before = len(by_name(slurm_cluster, "surfdiff-rss"))
+        spec = ExecutorSpec(name, str(settings))  # "local": open_executor gives None, the stage's own way
+        with open_executor(spec, "rss") as ex, open_study_store(copy) as store:
+            results[name] = active.run(copy, store, first, progress=False, executor=ex)
+            labels[name] = {d.doc_id: (d.source, d.energy, d.steps) for d in store.find({"meta.active_learning": True})}
+        jobs = by_name(slurm_cluster, "surfdiff-rss", at_least=before + (name == "slurm"))
+        assert (len(jobs) > before) == (name == "slurm") and {j["JobState"] for j in jobs} <= {"COMPLETED"}
+    assert sorted(s for s, _, _ in labels["slurm"].values()) == ["relaxed", "single_point"]
+    assert labels["slurm"].keys() == labels["local"].keys() and not results["slurm"].lost
+    for doc_id, (source, energy, steps) in labels["local"].items():
+        assert labels["slurm"][doc_id][::2] == (source, steps)
+        assert labels["slurm"][doc_id][1] == pytest.approx(energy, abs=1e-8)
+    assert results["slurm"].model.model_id == results["local"].model.model_id
