@@ -1,6 +1,7 @@
 """The `surfdiff` command line: thin argument parsing over the library's stages and the flows. This module builds
-the parser and runs a command; the commands live in cli_stages.py (rss, train, relax, evaluate, run), cli_sample.py
-(sample), cli_query.py (query, store migrate) and cli_models.py (models), on the helpers of cli_common.py.
+the parser and runs a command; the commands live in cli_stages.py (rss, train, relax, evaluate, baseline, run),
+cli_sample.py (sample), cli_query.py (query, store migrate) and cli_models.py (models), on the helpers of
+cli_common.py.
 
 User errors: one line on stderr, exit code 2. `--store PATH` means one thing in every command: the embedded
 store at PATH (the config's server or in-memory backend is swapped for the embedded default).

@@ -123,3 +123,45 @@ def test_the_flow_returns_the_arm_and_resumes(prefect_harness, tiny_config, caps
     again = baseline_flow(study=cfg)  # the typed study, as the UI's form hands it
     assert again.doc_ids == first.doc_ids and (again.targets[0].done, again.targets[0].skipped) == (0, 3)
     assert again.config_hash == first.config_hash and arm_rows(cfg) == rows
+
+
+def test_a_lost_job_is_one_warning_line_and_redone_by_a_rerun(tiny_config, capsys, monkeypatch):
+    """On an executor, a job that dies is reported by its id (not counted as a stored failure, not stored), and
+    the rerun relaxes only it."""
+    import contextlib
+    import operator
+    from concurrent.futures import Executor, Future, ThreadPoolExecutor
+
+    import deploy.slurm
+
+    cfg = load_config(tiny_config)
+    victim = planned_arm_ids(cfg, cfg.sample.targets[0])[1]
+
+    class LosesVictim(Executor):
+        def __init__(self, inner: Executor) -> None:
+            self.inner = inner
+
+        def submit(self, fn, /, *args, **kwargs) -> Future:
+            if any(getattr(a, "doc_id", None) == victim for a in args):  # the RSS job of the victim's task
+                return self.inner.submit(operator.truediv, 1, 0)
+            return self.inner.submit(fn, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def slurm_that_loses_a_job(spec, kind):
+        assert kind == "rss"
+        if not spec.on_slurm:
+            yield None
+            return
+        with ThreadPoolExecutor(1) as pool:
+            yield LosesVictim(pool)
+
+    monkeypatch.setattr(deploy.slurm, "open_executor", slurm_that_loses_a_job)
+    assert main(["baseline", str(tiny_config), "--executor", "slurm"]) == 0
+    out = capsys.readouterr()
+    assert "Ag2O1 p(3x3): 2 relaxations (2 new, 0 already in the store, 0 failed), 1 lost" in out.out
+    (warning,) = [line for line in out.err.splitlines() if line.startswith("warning:")]
+    assert f"job {victim} lost on the executor (ZeroDivisionError" in warning
+    assert victim not in arm_rows(cfg) and len(arm_rows(cfg)) == 2
+    assert main(["baseline", str(tiny_config)]) == 0
+    assert "3 relaxations (1 new, 2 already in the store, 0 failed), 0 lost" in capsys.readouterr().out
+    assert sorted(arm_rows(cfg)) == sorted(planned_arm_ids(cfg, cfg.sample.targets[0]))
