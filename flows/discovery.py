@@ -37,8 +37,8 @@ def discovery_flow(study: SurfdiffConfig | None = None, config_path: str | None 
         model = learning.model
     samples = sample_flow(study=cfg, upstream=model, executor=executor, hpc_settings=hpc_settings)
     relaxed = relax_flow(study=cfg, upstream=samples, executor=executor, hpc_settings=hpc_settings)
-    evaluation = (evaluate_flow(study=cfg, upstream=samples, executor=executor, hpc_settings=hpc_settings)
-                  if evaluate else None)
+    evaluation = (evaluate_flow(study=cfg, upstream=samples, executor=executor, hpc_settings=hpc_settings,
+                                relaxed=relaxed) if evaluate else None)
     outputs = outputs_task(cfg, evaluation)
     return {"study": cfg.name, "rss": rss.as_dict(ids=False), "model": model.as_dict(ids=False),
             "samples": samples.as_dict(ids=False), "relax": relaxed.as_dict(ids=False),

@@ -45,7 +45,10 @@ def test_rounds_label_samples_and_fine_tune_on_them(study):
         assert store.get(d.doc_id).trajectory  # frames (for the MLFF) live beside the document
     with model_registry(cfg) as registry:
         rounds = {r.model_id: r.round for r in registry.find(study=cfg.name)}
+        child = registry.get(res.model.model_id)
     assert rounds[first.model_id] is None and rounds[res.model.model_id] == 2
+    # fine-tuned on the same RSS data: each round carries the first model's training-data cost forward, by id
+    assert len(first.data_cost_ids) == 8 and child.data_cost_ids == res.model.data_cost_ids == first.data_cost_ids
     # a rerun (after a kill, say) repeats nothing and ends on the same model
     n = store.count({})
     again = active.run(cfg, store, first, progress=False)

@@ -21,11 +21,12 @@ STORED = {
     "epochs": 3, "best_val": 1.25, "n_train": 14, "n_val": 2,
     "model": {"n_features": 8, "n_rbf": 8}, "train": {"epochs": 3, "seed": 0}, "round": 2,
     "learned_labels": ["relaxed-aa", "single_point-bb"], "committee": ["model-member1"], "member_of": None,
-    "pretrained": "emt-ag111-o", "created_at": "2024-05-01T10:00:00+00:00", "updated_at": "2024-05-02T10:00:00+00:00",
+    "pretrained": "emt-ag111-o", "data_cost_ids": ["rss-aa", "rss-bb"],
+    "created_at": "2024-05-01T10:00:00+00:00", "updated_at": "2024-05-02T10:00:00+00:00",
 }
-# ... and one recorded before learned labels, committees, membership, pretrained models and rounds existed
+# ... and one recorded before learned labels, committees, membership, pretrained models, rounds and data cost ids
 OLD = {k: v for k, v in STORED.items()
-       if k not in ("learned_labels", "committee", "member_of", "pretrained", "round", "best_val")}
+       if k not in ("learned_labels", "committee", "member_of", "pretrained", "round", "best_val", "data_cost_ids")}
 
 
 def test_every_field_of_either_side_is_shared_or_named_as_its_own():
@@ -62,6 +63,7 @@ def test_old_and_current_registry_documents_load_and_write_back_unchanged(tmp_pa
         old = registry.get("model-old")
         res = TrainResult.from_record(old, run_id="r", config_hash="")
         assert res.best_val == 0.0 and res.committee == [] and res.learned_labels == []  # the result's defaults
+        assert old.data_cost_ids == [] and res.data_cost_ids == []  # the evaluation's legacy path: by scope
         assert old.best_val is None and old.pretrained is None and old.round is None
         rec = registry.get(STORED["model_id"])
         again = TrainResult.from_record(rec, run_id="r", config_hash="").to_record(

@@ -88,7 +88,8 @@ def run_round(cfg: SurfdiffConfig, store: ResultsStore, model: TrainResult, k: i
                     round_of=train.ActiveLearningRound(index=k, learned_systems=learned,
                                                        learned_labels=(*model.learned_labels, *label_ids),
                                                        init_from=model.checkpoint,
-                                                       init_committee=tuple(model.committee)))
+                                                       init_committee=tuple(model.committee),
+                                                       data_cost_ids=tuple(model.data_cost_ids)))
     keys = [f"{t.composition} {t.cell}" for t in drawn.targets]
     return new, {"round": k, "model_id": new.model_id, "samples": len(drawn.doc_ids),
                  "explored": sum(len(e) for e in explored), "labels": labels,

@@ -42,8 +42,10 @@ from surfdiff_core.stages.evaluate_report import (
     write_figures,
 )
 from surfdiff_core.stages.oracle_relax import relax_samples
-from surfdiff_core.stages.results import BaselineResult, SampleResult
+from surfdiff_core.stages.relax_reuse import check_relax_result, relaxer_mismatch, reusable_relaxations
+from surfdiff_core.stages.results import BaselineResult, RelaxResult, SampleResult
 from surfdiff_core.store import ResultsStore, StructureDoc
+from surfdiff_core.store.models import ModelRecord
 from surfdiff_core.system import SurfaceSystem
 
 
@@ -121,7 +123,10 @@ def _active_learning_in(training_docs: list[StructureDoc], system: SurfaceSystem
 def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarget, upstream: SampleResult | None,
                     model_id: str, calculator, training_docs: list[StructureDoc], progress: bool,
                     sample_run: str | None = None, committee: tuple[str, ...] = (),
-                    baseline: BaselineResult | None = None, executor: Executor | None = None) -> TargetEvaluation:
+                    baseline: BaselineResult | None = None, executor: Executor | None = None,
+                    relax_result: RelaxResult | None = None) -> TargetEvaluation:
+    """One target's evaluation. `relax_result`: the relax stage's result whose relaxations are the evaluation's
+    own (check_relax_result and relaxer_mismatch passed): the candidates it relaxed are not relaxed again."""
     from surfdiff_core.evaluate.budget import (
         committee_calibration,
         hit_energy,
@@ -159,8 +164,12 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
     if labels:
         fresh = [d for d, new in zip(distinct, novel_mask(distinct, labels), strict=True) if new]
     lost: dict[str, str] = {}
-    relaxed = relax_samples(cfg, store, system, fresh[: cfg.evaluate.budget], calculator,
-                            tag="evaluate", progress=progress, executor=executor, lost=lost)
+    chosen = fresh[: cfg.evaluate.budget]
+    reused = reusable_relaxations(store, relax_result, chosen) if relax_result is not None else {}
+    own = relax_samples(cfg, store, system, [c for c in chosen if c.doc_id not in reused], calculator,
+                        tag="evaluate", progress=progress, executor=executor, lost=lost)
+    child = {**{d.parent_id: d for d in own}, **reused}
+    relaxed = [child[c.doc_id] for c in chosen if c.doc_id in child]  # in MLFF rank order, as relax_samples gives
     ranked = ranked_relaxations(fresh, relaxed)
     rss_all = _rss_arm(cfg, store, target, system, baseline, progress, executor, lost)
     # Both arms alike: a relaxation that failed or left the box is no minimum, but it was spent (NaN entries).
@@ -191,7 +200,24 @@ def evaluate_target(cfg: SurfdiffConfig, store: ResultsStore, target: SampleTarg
         relaxed_ids=[d.doc_id for d in relaxed], rss_ids=[d.doc_id for d in rss_docs],
         rss_lost_ids=[d.doc_id for d in rss_lost],
         generative_lost=sum(not can_hit(d) for d in [*labels, *ranked]), cost=cost.as_dict(), lost=lost,
+        relax_reused=len(reused),
     )
+
+
+def model_training_docs(cfg: SurfdiffConfig, store: ResultsStore, record: ModelRecord) -> list[StructureDoc]:
+    """What the model learned from, as oracle documents to charge: the relaxations its training data was chosen
+    from, by the ids its record carries (ModelRecord.data_cost_ids), and the active-learning labels (in target
+    cells) of its own chain of rounds, by id."""
+    labels = {"meta.active_learning": True, "doc_id": {"$in": record.learned_labels}}
+    if record.data_cost_ids:
+        return list(store.find({"$or": [{"doc_id": {"$in": record.data_cost_ids}}, labels]}))
+    # Legacy path, for a record made before it kept data_cost_ids: the study's RSS data of the training cell by
+    # scope (which also finds whatever that cell gained after training)
+    learned: list[dict] = [{"system_id": training_system(cfg).system_id, "source": {"$in": ["rss", "relaxed", "dft"]}}]
+    if record.learned_labels:
+        learned.append(labels)
+    return list(store.find({"study": cfg.name, "energy_model": {"$in": list(training_energy_models(cfg))},
+                            "$or": learned}))
 
 
 def pretrained_training(name: str | None) -> tuple[dict[str, float] | None, dict | None]:
@@ -228,11 +254,14 @@ def all_in_cost(training_docs: list[StructureDoc], targets: list[TargetEvaluatio
 def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None = None, *,
         baseline: BaselineResult | None = None, model_id: str | None = None,
         targets: list[SampleTarget] | None = None, run_id: str | None = None, sample_run: str | None = None,
-        progress: bool = True, executor: Executor | None = None) -> EvaluationResult:
+        progress: bool = True, executor: Executor | None = None, relaxed: RelaxResult | None = None
+        ) -> EvaluationResult:
     """The samples of `upstream` (or of the model's sample run, see generated_docs) against the RSS arm of
     `baseline` (the baseline stage's result; without it the stage runs here) in every target. `executor` (any
     concurrent.futures.Executor, e.g. the Slurm one of deploy/): the oracle relaxations of both arms as jobs
-    there; None: here, as always."""
+    there; None: here, as always. `relaxed` (the relax stage's result): the candidates it relaxed as the
+    evaluation relaxes are not relaxed again (surfdiff_core.stages.relax_reuse); with other settings nothing is
+    reused and the result says why (`relax_reuse_refused`)."""
     from surfdiff_core.evaluate.budget import training_cost
     from surfdiff_core.oracles import get_calculator, get_oracle_spec
     from surfdiff_core.stages.evaluate_report import phase_comparison_for
@@ -248,13 +277,12 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
     targets = targets or sample_targets(cfg)
     if baseline is not None:  # before any work: a baseline of other settings or targets is refused
         baseline_stage.check_baseline(cfg, baseline, targets)
-    # what the model learned from: RSS data of the training cell, and the active-learning labels (in target
-    # cells) of its own chain of rounds, by id
-    learned: list[dict] = [{"system_id": training_system(cfg).system_id, "source": {"$in": ["rss", "relaxed", "dft"]}}]
-    if record.learned_labels:
-        learned.append({"meta.active_learning": True, "doc_id": {"$in": record.learned_labels}})
-    training_docs = list(store.find({"study": cfg.name, "energy_model": {"$in": list(training_energy_models(cfg))},
-                                     "$or": learned}))
+    reuse_refused = None
+    if relaxed is not None:  # so is a relax result of another study or targets; other relaxer settings are noted
+        check_relax_result(cfg, store, relaxed, targets)
+        reuse_refused = relaxer_mismatch(cfg, relaxed)
+    reuse = relaxed if relaxed is not None and reuse_refused is None else None
+    training_docs = model_training_docs(cfg, store, record)
     shipped_cost, shipped = pretrained_training(record.pretrained)
     calculator = get_calculator(cfg.oracle.name, **cfg.oracle.settings)
     result = EvaluationResult(study=cfg.name, run_id=run_id or (upstream.run_id if upstream else new_run_id()),
@@ -269,7 +297,9 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
                                              "pretrained": shipped})
     for t in targets:
         result.targets.append(evaluate_target(cfg, store, t, upstream, model, calculator, training_docs, progress,
-                                              sample_run, tuple(record.committee), baseline, executor))
+                                              sample_run, tuple(record.committee), baseline, executor, reuse))
+    result.relax_reused = sum(t.relax_reused for t in result.targets)
+    result.relax_reuse_refused = reuse_refused
     result.all_in = all_in_cost(training_docs, result.targets, shipped_cost)
     lines = phase_lines_for(cfg, store, result, calculator)
     result.phase_diagram = phase_rows(lines, cfg.evaluate.dmu_range)

@@ -48,6 +48,7 @@ class TargetEvaluation:
     # oracle relaxations of either arm whose job was lost on an executor (id -> why): not stored, not counted;
     # a rerun redoes them
     lost: dict[str, str] = field(default_factory=dict)
+    relax_reused: int = 0  # of the relaxations, the relax stage's (not relaxed again; among relaxed_ids)
 
     @property
     def key(self) -> str:
@@ -74,6 +75,8 @@ class EvaluationResult(StageResult):
     # the phase diagram each arm concludes at the same all-in budget, against the reference envelope
     # (surfdiff_core.evaluate.phase_compare.phase_comparison); empty in older results
     phase_comparison: dict[str, Any] = field(default_factory=dict)
+    relax_reused: int = 0  # relax-stage relaxations used in place of the evaluation's own, over the targets
+    relax_reuse_refused: str | None = None  # why a relax result passed in was not reused (other relaxer settings)
 
     def warnings(self) -> list[str]:
         """What a user should act on, one line per target."""
@@ -295,6 +298,10 @@ def markdown_report(result: EvaluationResult) -> str:
              *([pretrained_sentence(cost["pretrained"])] if cost.get("pretrained") else []),
              markdown_table(rows, list(rows[0])) if rows else "no targets", *cost_section(result)]
     parts += [f"\n**Warning**, {w}\n" for w in result.warnings()]
+    if result.relax_reused or result.relax_reuse_refused:  # whether the relax stage's relaxations counted here
+        parts.append(f"\nNote: {result.relax_reuse_refused}.\n" if result.relax_reuse_refused else
+                     f"\n{result.relax_reused} of the generative arm's relaxations are the relax stage's (same "
+                     f"relaxer): not relaxed again, counted as the evaluation's own.\n")
     if result.phase_diagram:
         parts.append("\n## Phase diagram γ(Δμ)\n")
         parts.append(markdown_table(result.phase_diagram, list(result.phase_diagram[0])))

@@ -22,7 +22,7 @@ from surfdiff_core.evaluate.matching import deduplicate
 from surfdiff_core.remote import run_on, unclaimed
 from surfdiff_core.retry import attempt_meta, plan_work
 from surfdiff_core.stages.common import jobs_store_for, new_run_id, sample_targets, target_system
-from surfdiff_core.stages.results import RelaxResult, SampleResult
+from surfdiff_core.stages.results import RelaxResult, SampleResult, relax_target_key
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
 from surfdiff_core.store.documents import now
 
@@ -88,14 +88,19 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
     elsewhere (`relax_remote`); a candidate whose job is lost is reported in `lost`, not stored, so a rerun
     redoes it. By default all of them run here in one jobflow flow."""
     from surfdiff_core.relax.jobflow_relax import make_relax_flow, run_relax_flow
+    from surfdiff_core.relax.makers import split_settings
 
     rcfg = rcfg or cfg.relax
     run_id = run_id or (upstream.run_id if upstream else new_run_id())
+    targets = _targets(cfg, upstream, candidates)
     if candidates is None:
         candidates = select_candidates(cfg, store, upstream, top_k=rcfg.top_k, model_id=model_id)
+    settings = {"fmax": rcfg.fmax, "steps": rcfg.steps, **rcfg.settings}
+    relaxer, _ = split_settings(rcfg.method, settings)  # what the jobs run with (relax.settings may override)
     summary = RelaxResult(study=cfg.name, run_id=run_id, config_hash=cfg.section_hash("relax"),
                           method=rcfg.method, energy_model=rcfg.energy_model, candidates=len(candidates),
-                          candidate_ids=[d.doc_id for d in candidates])
+                          candidate_ids=[d.doc_id for d in candidates], fmax=float(relaxer["fmax"]),
+                          steps=int(relaxer["steps"]), optimizer=relaxer.get("optimizer"), targets=targets)
     ids = {d.doc_id: relaxed_doc_id(d, rcfg) for d in candidates}
     work = plan_work(store, ids.values(), rcfg.max_attempts)
     todo = [d for d in candidates if ids[d.doc_id] not in work.finished]
@@ -103,7 +108,6 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
     summary.retried, summary.given_up = len(work.retry), len(work.given_up)
     summary.doc_ids = list(ids.values())
     if todo:
-        settings = {"fmax": rcfg.fmax, "steps": rcfg.steps, **rcfg.settings}
         inputs = [(candidate_structure(d), {"parent_id": d.doc_id, "doc_id": ids[d.doc_id]}) for d in todo]
         by_parent = {d.doc_id: d for d in todo}
 
@@ -138,6 +142,20 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
             key = f"{d.composition} {d.cell}"
             summary.best[key] = min(summary.best.get(key, np.inf), d.energy)
     return summary
+
+
+def _targets(cfg: SurfdiffConfig, upstream: SampleResult | None,
+             candidates: list[StructureDoc] | None) -> list[str]:
+    """The targets the candidates were chosen for: the sample stage's, those of the candidates handed in, or
+    (neither) the config's, as select_candidates chooses them."""
+    if upstream is not None:
+        pairs = {(t.system_id, t.composition) for t in upstream.targets}
+    elif candidates is not None:
+        pairs = {(d.system_id, d.composition) for d in candidates}
+    else:
+        systems = [target_system(cfg, t) for t in sample_targets(cfg)]
+        pairs = {(s.system_id, s.composition) for s in systems}
+    return sorted(relax_target_key(*p) for p in pairs)
 
 
 def relax_remote(structure, meta: dict, method: str, settings: dict):

@@ -18,7 +18,7 @@ class StageResult:
         """JSON-ready; ids=False drops the long id lists and histories (for tables and logs)."""
         d = asdict(self)
         if not ids:
-            for key in ("doc_ids", "history", "candidate_ids", "training_doc_ids"):
+            for key in ("doc_ids", "history", "candidate_ids", "training_doc_ids", "data_cost_ids"):
                 d.pop(key, None)
             for t in d.get("targets", []):
                 t.pop("doc_ids", None)
@@ -61,6 +61,7 @@ class TrainResult(StageResult):
     warning: str | None = None  # set when that fraction is too low to trust the model
     learned_labels: list[str] = field(default_factory=list)  # ids of the active-learning labels it learned
     committee: list[str] = field(default_factory=list)  # MLFF-only models whose mean relaxes and ranks samples
+    data_cost_ids: list[str] = field(default_factory=list)  # what its training data cost (ModelRecord)
     training_doc_ids: list[str] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -132,6 +133,17 @@ class RelaxResult(StageResult):
     lost: dict[str, str] = field(default_factory=dict)  # doc_id -> why its job died (not stored; rerun redoes it)
     candidate_ids: list[str] = field(default_factory=list)
     doc_ids: list[str] = field(default_factory=list)
+    # the relaxer the jobs ran with (relax.fmax/steps, or relax.settings where they override them; the optimiser
+    # of an in-process oracle): what decides whether the evaluation may reuse a relaxation (None: not recorded)
+    fmax: float | None = None
+    steps: int | None = None
+    optimizer: str | None = None
+    targets: list[str] = field(default_factory=list)  # relax_target_key of each target its candidates came from
+
+
+def relax_target_key(system_id: str, composition: str) -> str:
+    """A target of the relax stage (RelaxResult.targets): its composition in its system."""
+    return f"{composition} {system_id}"
 
 
 @dataclass

@@ -19,6 +19,7 @@ from surfdiff_core.store import ResultsStore
 from surfdiff_core.store.models import ModelRecord, file_sha256, verify_checkpoint
 
 if TYPE_CHECKING:
+    from surfdiff_core.train.data import DataScope
     from surfdiff_core.train.trainer import TrainingRun
 
 VALIDITY_WARNING = 0.5  # below this fraction of valid samples the model is too weak to rank on
@@ -58,13 +59,14 @@ def sample_validity_check(cfg: SurfdiffConfig, checkpoint: str, *, n_train: int,
 class ActiveLearningRound:
     """What a round of active learning adds to training: its index, the cells and ids of its oracle labels
     (every round of its own chain so far: they join the data), and the model it fine-tunes (the previous round's
-    checkpoint and its committee's model ids)."""
+    checkpoint and its committee's model ids, and the ids of what its training data cost, carried forward)."""
 
     index: int | None = None
     learned_systems: tuple[str, ...] = ()
     learned_labels: tuple[str, ...] = ()
     init_from: str | None = None
     init_committee: tuple[str, ...] = ()
+    data_cost_ids: tuple[str, ...] = ()
 
 
 def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = None, *,
@@ -87,13 +89,15 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = N
         raise SurfdiffError(f"the RSS result ({upstream.system_id}, {upstream.energy_model}) is not this "
                             f"study's training system and energy model ({system_id}, {models[0]})")
     tcfg = cfg.train if device is None else cfg.train.model_copy(update={"device": device})
-    pretrained = None
+    pretrained, parent_cost_ids = None, ()
     if cfg.train.init_from:  # every round of the chain descends from it; the first starts from its weights
-        start, committee_start, pretrained = initial_model(cfg)
+        start, committee_start, pretrained, parent_cost_ids = initial_model(cfg)
         if init_from is None:
             init_from, init_committee = start, committee_start
     scope = DataScope(study=cfg.name, system_id=system_id, energy_models=models, learned_systems=learned_systems,
                       learned_labels=learned_labels)
+    # an active-learning round learns from its parent's RSS data (plus labels, charged by id): the parent's cost
+    cost_ids = list(r.data_cost_ids) or data_cost_ids(store, scope, upstream, parent_cost_ids)
     res = train(store, cfg.model, tcfg, scope=scope, checkpoint_dir=checkpoint_dir(cfg), progress=progress,
                 max_epochs=epochs, init_from=init_from)
     members = _train_committee(cfg, store, tcfg, scope, epochs=epochs, progress=progress,
@@ -107,7 +111,7 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = N
             study=cfg.name, system_id=system_id, energy_models=list(models), epochs=trained.epochs,
             best_val=trained.best_val, n_train=trained.n_train, n_val=trained.n_val,
             model=cfg.model.model_dump(mode="json"), train=member_tcfg.model_dump(mode="json"), round=round_index,
-            learned_labels=list(learned_labels), pretrained=pretrained, **extra)
+            learned_labels=list(learned_labels), pretrained=pretrained, data_cost_ids=cost_ids, **extra)
 
     main = record(res, cfg.train, committee=[m.model_id for m, _ in members])
     with model_registry(cfg) as registry:  # members first: a recorded model's committee is always there
@@ -123,16 +127,26 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = N
     )
 
 
-def initial_model(cfg: SurfdiffConfig) -> tuple[str, tuple[str, ...], str | None]:
+def data_cost_ids(store: ResultsStore, scope: DataScope, upstream: RSSResult | None,
+                  parent: tuple[str, ...] = ()) -> list[str]:
+    """What the training data of `scope` cost, by id, for the model's record: every oracle relaxation of the
+    training cell it was chosen from (DataScope.cost_criteria: the dropped and failed ones too), every structure
+    the RSS run `upstream` planned, and `parent`'s (a registered model it was fine-tuned from)."""
+    found = {row["doc_id"] for row in store.find_raw(scope.cost_criteria(), properties=["doc_id"])}
+    return sorted(found | set(upstream.doc_ids if upstream is not None else ()) | set(parent))
+
+
+def initial_model(cfg: SurfdiffConfig) -> tuple[str, tuple[str, ...], str | None, tuple[str, ...]]:
     """`train.init_from`: a shipped pretrained model (registered in the study's registry on first use) or a
-    registered model id. Its checkpoint, its committee's model ids and the shipped model it descends from."""
+    registered model id. Its checkpoint, its committee's model ids, the shipped model it descends from and the
+    ids of what its own training data cost (none for a shipped one: its card says what it cost)."""
     from surfdiff_core import pretrained
 
     name = cfg.train.init_from
     card = pretrained.find_shipped(name)
     if card is not None:
         rec = pretrained.register(card, cfg, for_training=True)
-        return rec.checkpoint, tuple(rec.committee), card.name
+        return rec.checkpoint, tuple(rec.committee), card.name, ()
     with model_registry(cfg) as registry:
         rec = registry.get(name) if name else None
     if rec is None:
@@ -140,7 +154,7 @@ def initial_model(cfg: SurfdiffConfig) -> tuple[str, tuple[str, ...], str | None
         raise SurfdiffError(f"train.init_from {name!r} is neither a shipped pretrained model ({shipped}) nor a "
                             f"model id in this study's registry (see `surfdiff models --config CONFIG`)")
     verify_checkpoint(rec)
-    return rec.checkpoint, tuple(rec.committee), rec.pretrained
+    return rec.checkpoint, tuple(rec.committee), rec.pretrained, tuple(rec.data_cost_ids)
 
 
 def committee_config(tcfg: TrainConfig, k: int) -> TrainConfig:

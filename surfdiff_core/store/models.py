@@ -40,6 +40,10 @@ class ModelRecord(BaseModel):
     committee: list[str] = Field(default_factory=list)  # ids of the MLFF-only models ranked beside it
     member_of: str | None = None  # set on a committee member: the model it ranks beside (never sampled with)
     pretrained: str | None = None  # the shipped pretrained model it is, or was fine-tuned from (its name)
+    # ids of the oracle documents whose cost its training data represents: every relaxation of the training cell
+    # the data was chosen from, those the energy window or filters dropped and failed ones included (active-learning
+    # labels are `learned_labels`). Empty in records made before it was kept: the evaluation then queries by scope
+    data_cost_ids: list[str] = Field(default_factory=list)
     created_at: str = Field(default_factory=lambda: now().isoformat())
 
 

@@ -57,6 +57,15 @@ class DataScope:
     learned_systems: tuple[str, ...] = ()
     learned_labels: tuple[str, ...] = ()
 
+    def cost_criteria(self) -> dict:
+        """Every oracle relaxation of the training cell the data is chosen from, before the quality filters and the
+        energy window (failed and dropped ones cost calls too); active-learning labels are charged by id."""
+        crit: dict = {"system_id": self.system_id, "source": {"$in": ["rss", "relaxed", "dft"]},
+                      "energy_model": {"$in": list(self.energy_models)}}
+        if self.study is not None:
+            crit["study"] = self.study
+        return crit
+
     def criteria(self) -> dict:
         crit: dict = {"valid": True, "in_box": True, "energy": {"$ne": None},
                       "energy_model": {"$in": list(self.energy_models)}}
