@@ -45,6 +45,8 @@ def discovery_flow(study: SurfdiffConfig | None = None, config_path: str | None 
             "active_learning": learning.rounds if learning else None,
             "evaluation": evaluation.rows() if evaluation else None,
             "evaluation_all_in": evaluation.all_in if evaluation else None,
+            "relax_reuse": ({"reused": evaluation.relax_reused, "refused": evaluation.relax_reuse_refused}
+                            if evaluation else None),
             "phase_diagram": evaluation.phase_diagram if evaluation else [],
             "warnings": evaluation.warnings() if evaluation else [], "outputs": outputs}
 

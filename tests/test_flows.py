@@ -50,6 +50,9 @@ def test_discovery_flow_end_to_end(prefect_harness, tiny_config):
     assert any(k.endswith("relaxed-candidates-report") for k in keys)
     assert "tiny-evaluation" in keys and "tiny-evaluation-report" in keys
     assert result["evaluation"] and result["evaluation"][0]["target"] == "Ag2O1 p(3x3)"
+    # the relax stage's result reached the evaluation: its relaxer (30 steps) is not the evaluation's (rss: 40)
+    assert result["relax_reuse"] == {"reused": 0, "refused": "the relax stage's relaxations were not reused, "
+                                     "their settings differ (relax steps 30 vs rss.steps 40)"}
 
     # a second run reuses everything: no new documents
     again = discovery_flow(config_path=str(tiny_config))

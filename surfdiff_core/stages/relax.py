@@ -100,7 +100,7 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
     summary = RelaxResult(study=cfg.name, run_id=run_id, config_hash=cfg.section_hash("relax"),
                           method=rcfg.method, energy_model=rcfg.energy_model, candidates=len(candidates),
                           candidate_ids=[d.doc_id for d in candidates], fmax=float(relaxer["fmax"]),
-                          steps=int(relaxer["steps"]), optimizer=relaxer.get("optimizer"), targets=targets)
+                          steps=int(relaxer["steps"]), optimizer=relaxer.get("optimizer"), target_keys=targets)
     ids = {d.doc_id: relaxed_doc_id(d, rcfg) for d in candidates}
     work = plan_work(store, ids.values(), rcfg.max_attempts)
     todo = [d for d in candidates if ids[d.doc_id] not in work.finished]

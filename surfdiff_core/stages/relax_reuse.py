@@ -25,7 +25,7 @@ def check_relax_result(cfg: SurfdiffConfig, store: ResultsStore, relaxed: RelaxR
     if relaxed.study != cfg.name:
         raise SurfdiffError(f"the relax result is of study {relaxed.study!r}, not {cfg.name!r}: run the relax stage "
                             f"of this study, or evaluate without it")
-    covered = set(relaxed.targets) or _candidate_targets(store, relaxed)  # a result that did not record them
+    covered = set(relaxed.target_keys) or _candidate_targets(store, relaxed)  # a result that did not record them
     for target in targets:
         system = target_system(cfg, target)
         if relax_target_key(system.system_id, system.composition) not in covered:

@@ -138,11 +138,11 @@ class RelaxResult(StageResult):
     fmax: float | None = None
     steps: int | None = None
     optimizer: str | None = None
-    targets: list[str] = field(default_factory=list)  # relax_target_key of each target its candidates came from
+    target_keys: list[str] = field(default_factory=list)  # relax_target_key of each target its candidates came from
 
 
 def relax_target_key(system_id: str, composition: str) -> str:
-    """A target of the relax stage (RelaxResult.targets): its composition in its system."""
+    """A target of the relax stage (RelaxResult.target_keys): its composition in its system."""
     return f"{composition} {system_id}"
 
 
