@@ -204,3 +204,22 @@ def test_ranking_diagnosis_relaxes_every_sample_on_a_copy(sweep, report, tiny_sw
     text = report.write_report(out).read_text()
     assert "Left out of the headline: seeds 5" in text and "## Diagnosed seed-runs" in text
     assert "No report seed has run with these settings yet." in text and "Runs that did not finish" not in text
+
+
+def test_rss_arms_run_ahead_are_the_ones_the_seed_run_evaluates_against(sweep, tiny_sweep, tmp_path):
+    out = tmp_path / "bench"
+    common = ["--config", str(tiny_sweep), "--rss-budget", "3", "--out", str(out), "--workers", "1"]
+    sweep.main(["--rss-arms-only", *common])
+    assert not (out / "runs.jsonl").exists()  # not a seed-run: nothing in the history
+    with open_store(StoreConfig(backend="sqlite", path=str(out / "stores" / "all"))) as store:
+        arms = {d["doc_id"]: d["created_at"] for d in store.find_raw({"study": "sweep-tiny-sweep-emt-rss"},
+                                                                     properties=["doc_id", "created_at"])}
+    assert len(arms) == 6
+    sweep.main(["--seeds", "4", "--seed-role", "dev", "--budget", "2", *common])
+    (rec,) = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert rec["status"] == "finished" and all(t["rss_relaxations"] == 3 for t in rec["targets"])
+    with open_store(StoreConfig(backend="sqlite", path=str(out / "stores" / "all"))) as store:
+        after = {d["doc_id"]: d["created_at"] for d in store.find_raw({"study": "sweep-tiny-sweep-emt-rss"},
+                                                                      properties=["doc_id", "created_at"])}
+    assert after == arms  # the evaluation found every arm relaxation done: none redone, none added
+    assert len((out / "commands.txt").read_text().splitlines()) == 2

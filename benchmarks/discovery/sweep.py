@@ -83,8 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the shared RSS arms in one background process during training and sampling")
     p.add_argument("--out", help="default benchmarks/discovery/sweep-<config name>-<energy model>")
     p.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from runs.jsonl, run nothing")
+    p.add_argument("--rss-arms-only", action="store_true",
+                   help="relax every target's shared RSS arm (the baseline stage, --rss-budget each) and stop: they "
+                        "depend on no seed or model, so they can run ahead on an idle core; no seed-run is recorded")
     args = p.parse_args(argv)
-    if not args.report_only:
+    if args.rss_arms_only:
+        if not args.config:
+            p.error("--rss-arms-only needs --config")
+    elif not args.report_only:
         missing = [o for o, v in (("--config", args.config), ("--seeds", args.seeds),
                                   ("--seed-role", args.seed_role)) if not v]
         if missing:
@@ -342,16 +348,40 @@ def main(argv: list[str] | None = None) -> Path:
         return report
     store_path = out / "stores" / "all"
     try:  # every target expanded and checked before any work
-        targets = sample_targets(config_from_dict(study_config(args, base, args.seeds[0], store_path)))
+        targets = sample_targets(config_from_dict(study_config(args, base, (args.seeds or [0])[0], store_path)))
     except SurfdiffError as err:
         sys.exit(f"error: {err}")
     print(f"{len(targets)} targets: {', '.join(f'{t.composition} {t.cell}' for t in targets)}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     lock = hold_lock(out)
     try:
+        if args.rss_arms_only:
+            return run_rss_arms(args, base, argv, out, store_path)
         return run_locked(args, base, argv, out, store_path)
     finally:
         lock.close()  # released now, not when the frame is collected (main() twice in one process)
+
+
+def log_command(out: Path, argv: list[str]) -> None:
+    with (out / "commands.txt").open("a") as fh:
+        fh.write(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')} .venv/bin/python "
+                 f"{' '.join([str(Path(__file__).relative_to(ROOT)), *argv])}  # {time.strftime('%Y-%m-%d %H:%M')}\n")
+
+
+def run_rss_arms(args: argparse.Namespace, base: tuple[str, str, dict], argv: list[str], out: Path,
+                 store_path: Path) -> Path:
+    """The shared RSS arm of every target, as the evaluation would make it (same study, seed and ids: it skips
+    them later), in the foreground with progress. A kill loses at most the relaxations in flight."""
+    from surfdiff_core.stages import baseline
+
+    signal.signal(signal.SIGTERM, _terminated)
+    log_command(out, argv)
+    cfg = config_from_dict(study_config(args, base, (args.seeds or [0])[0], store_path))
+    with open_study_store(cfg) as store:
+        result = baseline.run(cfg, store, sample_targets(cfg), progress=True)
+        for row in baseline.arm_summary(store, result):
+            print(json.dumps(row, default=str), flush=True)
+    return out
 
 
 def run_locked(args: argparse.Namespace, base: tuple[str, str, dict], argv: list[str], out: Path,
@@ -359,9 +389,7 @@ def run_locked(args: argparse.Namespace, base: tuple[str, str, dict], argv: list
     """Every seed of this invocation, each appended to runs.jsonl, then the report (the folder's lock held)."""
     runs = out / "runs.jsonl"
     signal.signal(signal.SIGTERM, _terminated)
-    with (out / "commands.txt").open("a") as fh:
-        fh.write(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')} .venv/bin/python "
-                 f"{' '.join([str(Path(__file__).relative_to(ROOT)), *argv])}  # {time.strftime('%Y-%m-%d %H:%M')}\n")
+    log_command(out, argv)
     common = {"argv": [sys.executable, __file__, *argv], "args": vars(args), "git": git_commit(), "host": host(),
               "settings_id": settings_id(args, base), "benchmark": base[0], "energy_model": base[1]}
     for seed in args.seeds:
