@@ -39,7 +39,15 @@ def baseline_flow(study: SurfdiffConfig | None = None, config_path: str | None =
     if rows:
         create_table_artifact(key=artifact_key(f"{cfg.name}-baseline"), table=rows,
                               description=f"RSS baseline arm of {result.rss_study}, per target")
+    for line in summary_lines(rows):
+        print(line)
+    return result
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    """One line per target of baseline.arm_summary's rows: what the flow logs."""
+    out = []
     for r in rows:
         best = "-" if r["best_energy_eV"] is None else f"{r['best_energy_eV']:.4f} eV"
-        print(f"baseline {r['target']}: {r['relaxations']} relaxations, {r['lost']} lost, best {best}")
-    return result
+        out.append(f"baseline {r['target']}: {r['relaxations']} relaxations, {r['lost']} lost, best {best}")
+    return out

@@ -83,3 +83,19 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def train_and_sample(root, config_text: str, name: str = "study.yaml"):
+    """A tiny study written under `root` (its store there), trained on its RSS data and sampled once:
+    (its config, the sample result), for module fixtures whose tests each work on a copy of the store."""
+    from surfdiff_core.config import load_config
+    from surfdiff_core.stages import rss, sample, train
+    from surfdiff_core.stages.common import open_study_store
+
+    path = root / name
+    path.write_text(config_text.replace("STORE", str(root / "store")))
+    cfg = load_config(path)
+    with open_study_store(cfg) as store:
+        model = train.run(cfg, store, rss.run(cfg, store, progress=False), progress=False)
+        samples = sample.run(cfg, store, model, progress=False)
+    return cfg, samples

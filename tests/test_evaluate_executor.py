@@ -10,10 +10,9 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 
 import pytest
 
-from surfdiff_core.config import load_config
-from surfdiff_core.stages import evaluate, rss, sample, train
+from surfdiff_core.stages import evaluate
 from surfdiff_core.stages.common import open_study_store
-from tests.conftest import TINY_CONFIG
+from tests.conftest import TINY_CONFIG, train_and_sample
 
 pytestmark = pytest.mark.slow
 
@@ -22,12 +21,7 @@ pytestmark = pytest.mark.slow
 def sampled(tmp_path_factory):
     """A tiny study trained and sampled once; each test evaluates in its own copy of the store."""
     root = tmp_path_factory.mktemp("ev-exec")
-    path = root / "ev.yaml"
-    path.write_text(TINY_CONFIG.replace("STORE", str(root / "store")))
-    cfg = load_config(path)
-    with open_study_store(cfg) as store:
-        model = train.run(cfg, store, rss.run(cfg, store, progress=False), progress=False)
-        samples = sample.run(cfg, store, model, progress=False)
+    cfg, samples = train_and_sample(root, TINY_CONFIG, "ev.yaml")
     return cfg, root / "store", samples
 
 

@@ -12,10 +12,10 @@ from maggma.stores import MemoryStore
 
 from surfdiff_core.config import SampleTarget, load_config
 from surfdiff_core.errors import SurfdiffError
-from surfdiff_core.stages import evaluate, relax, rss, sample, train
+from surfdiff_core.stages import evaluate, relax
 from surfdiff_core.stages.common import open_study_store
 from surfdiff_core.stages.evaluate_report import EvaluationResult, TargetEvaluation
-from tests.conftest import TINY_CONFIG
+from tests.conftest import TINY_CONFIG, train_and_sample
 
 pytestmark = pytest.mark.slow
 
@@ -32,13 +32,7 @@ NUMBERS = ("generative_energies", "rss_energies", "speedup", "cost", "steps_gene
 def sampled(tmp_path_factory):
     """A trained and sampled tiny study: (its folder, the sample result). Each test copies the store."""
     root = tmp_path_factory.mktemp("sampled")
-    path = root / "study.yaml"
-    path.write_text(CONFIG.replace("STORE", str(root / "store")))
-    cfg = load_config(path)
-    with open_study_store(cfg) as store:
-        model = train.run(cfg, store, rss.run(cfg, store, progress=False), progress=False)
-        samples = sample.run(cfg, store, model, progress=False)
-    return root, samples
+    return root, train_and_sample(root, CONFIG)[1]
 
 
 def study_copy(sampled, into):
