@@ -159,6 +159,11 @@ def test_sweep_end_to_end_and_a_rerun_adds_a_record(sweep, tiny_sweep, tmp_path,
     assert set(rec["wall_s"]) == {"rss_train", "train", "active_learning", "sample", "evaluate"}
     assert rec["active_learning"]["relaxations"] == 2 and rec["all_in"]["targets"] == 2
     assert "over 1 report seeds (3)" in text and (out / "figures" / "ratios.png").is_file()
+    # the sweep's science: the reference envelope's stable phases, and what each arm concludes, per seed-run
+    pc = rec["phase_comparison"]
+    assert pc["reference"] and set(pc["arms"]) == {"surfdiff", "rss"} and rec["phase_diagram"]
+    assert {row["phase"] for row in pc["reference"]} <= {"clean", "Ag2O1 p(3x3)", "Ag1O1 p(3x3)"}
+    assert "## The sweep's phase diagram" in text and "| 3 | report | " in text
     with open_store(StoreConfig(backend="sqlite", path=str(out / "stores" / "all"))) as store:
         assert store.count({"study": "sweep-tiny-sweep-emt-rss"}) == 6  # 3 RSS relaxations in each target cell
         n = store.count({})

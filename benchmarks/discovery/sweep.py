@@ -326,7 +326,8 @@ def run_seed(args: argparse.Namespace, cfg_data: dict, seed: int) -> dict:
 
     print(f"{who} {all_in_summary(ev.all_in)}", flush=True)
     return {"study": cfg.name, "model_id": model.model_id, "targets": rows, "all_in": ev.all_in,
-            "training_cost": ev.training_cost,
+            "training_cost": ev.training_cost, "phase_diagram": ev.phase_diagram,
+            "phase_comparison": ev.phase_comparison,
             "active_learning": {"rounds": len(al.rounds), "relaxations": al.relaxations,
                                 "single_points": al.single_points}, "wall_s": wall}
 

@@ -191,6 +191,30 @@ def ratios_figure(report: list[dict], dev: list[dict], path: Path) -> Path:
     return path
 
 
+def phase_section(records: list[dict]) -> list[str]:
+    """The sweep's science per seed-run: the γ(Δμ) lower envelope over every target's best structure (RSS's and
+    surfdiff's together: the reference), and which of its stable phases each arm misses, RSS at surfdiff's
+    all-in budget. Runs recorded before the comparison was kept are left out."""
+    from surfdiff_core.evaluate.phase_compare import missed_sentence
+
+    kept = [r for r in records if r.get("phase_comparison")]
+    if not kept:
+        return []
+    ads = kept[0]["phase_comparison"].get("adsorbate", "O")
+    out = ["\n## The sweep's phase diagram: what each arm concludes\n",
+           f"Per seed-run of the table above: the stable phases of the lower envelope of γ(Δμ_{ads}) over the best "
+           "structure either arm found in every target (the reference), and what surfdiff's sweep and RSS's "
+           "sweep at the same all-in budget (atom-weighted, split over the targets) conclude.\n",
+           f"| seed | role | stable phases (Δμ_{ads} windows, eV) | surfdiff | RSS at surfdiff's all-in budget |",
+           "|---|---|---|---|---|"]
+    for r in sorted(kept, key=lambda r: (r["seed"], r["ended"])):
+        pc = r["phase_comparison"]
+        phases = "; ".join(f"{row['phase']} [{row['dmu_min']:+.2f}, {row['dmu_max']:+.2f}]" for row in pc["reference"])
+        out.append(f"| {r['seed']} | {r['seed_role']} | {phases} | {missed_sentence(pc, 'surfdiff')} | "
+                   f"{missed_sentence(pc, 'rss')} |")
+    return out
+
+
 def write_report(out: Path) -> Path:
     records, bad = read_records(out / "runs.jsonl")
     done = [r for r in records if r.get("status") == "finished"]
@@ -248,6 +272,7 @@ def write_report(out: Path) -> Path:
             lines.append(f"- seed {seed} ({rs[-1]['seed_role']}): {runs}")
     else:
         lines.append("No seed has run twice with these settings: `--rerun TAG` runs seeds again from scratch.")
+    lines += phase_section(report or dev)
     if dev:
         s = summarise(dev)
         lines += ["\n## Development seeds (not the headline)\n", *headline(s, "dev seeds"), *target_table(s)]
