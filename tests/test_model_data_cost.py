@@ -62,3 +62,21 @@ def test_the_model_carries_its_data_cost_and_the_evaluation_charges_it(tmp_path)
         store.put(extra)
         assert evaluate.run(cfg, store, samples, progress=False).training_cost == cost
         assert len(evaluate.model_training_docs(cfg, store, record.model_copy(update={"data_cost_ids": []}))) == 9
+
+
+def test_training_learns_from_the_rss_result_it_is_given_not_the_whole_cell(tmp_path):
+    """The RSS stage's result fixes the data by id: documents of the training cell no result handed on (another
+    `surfdiff rss` run of the study, here a larger one) join `surfdiff train` alone, never a train given the result."""
+    path = tmp_path / "ids.yaml"
+    path.write_text(TINY_CONFIG.replace("STORE", str(tmp_path / "store")))
+    cfg = load_config(path)
+    with open_study_store(cfg) as store:
+        small = rss.run(cfg, store, progress=False)
+        larger = rss.run(cfg, store, n=cfg.rss.n + 4, progress=False)
+        extra = set(larger.doc_ids) - set(small.doc_ids)
+        assert len(extra) == 4 and set(small.doc_ids) < set(larger.doc_ids)
+        given = train.run(cfg, store, small, epochs=1, progress=False)
+        alone = train.run(cfg, store, epochs=1, progress=False)
+    assert set(given.training_doc_ids) <= set(small.doc_ids) and given.data_cost_ids == sorted(small.doc_ids)
+    assert set(alone.training_doc_ids) & extra  # the scope: every document of the cell
+    assert given.model_id != alone.model_id  # other data, another model

@@ -95,7 +95,7 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = N
         if init_from is None:
             init_from, init_committee = start, committee_start
     scope = DataScope(study=cfg.name, system_id=system_id, energy_models=models, learned_systems=learned_systems,
-                      learned_labels=learned_labels)
+                      learned_labels=learned_labels, data_ids=training_data_ids(r, upstream, models))
     # an active-learning round learns from its parent's RSS data (plus labels, charged by id): the parent's cost
     cost_ids = list(r.data_cost_ids) or data_cost_ids(store, scope, upstream, parent_cost_ids)
     res = train(store, cfg.model, tcfg, scope=scope, checkpoint_dir=checkpoint_dir(cfg), progress=progress,
@@ -125,6 +125,18 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: RSSResult | None = N
         sample_validity=validity, warning=warning, samples_per_second=res.samples_per_second,
         resumed_from=res.resumed_from, training_doc_ids=res.doc_ids, history=res.history,
     )
+
+
+def training_data_ids(r: ActiveLearningRound, upstream: RSSResult | None, models: tuple[str, ...]) -> tuple[str, ...]:
+    """The training cell's documents a model learns from, by id: an active-learning round's chain keeps its
+    first model's data; a model trained after the RSS stage learns from that stage's result. Without either
+    (`surfdiff train` alone) or with data of several energy models (multi-fidelity, where the RSS result
+    holds one of them), () : the study's documents of the cell (DataScope), as before."""
+    if r.data_cost_ids:
+        return tuple(r.data_cost_ids)
+    if upstream is not None and len(models) == 1:
+        return tuple(upstream.doc_ids)
+    return ()
 
 
 def data_cost_ids(store: ResultsStore, scope: DataScope, upstream: RSSResult | None,

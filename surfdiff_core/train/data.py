@@ -56,12 +56,20 @@ class DataScope:
     # labels passed on by this chain's rounds (`learned_labels`, document ids), never another chain's.
     learned_systems: tuple[str, ...] = ()
     learned_labels: tuple[str, ...] = ()
+    # the training cell's documents by id (the RSS stage's result, or an active-learning chain's data): when
+    # given, no other document of the cell joins, whatever else the study holds there
+    data_ids: tuple[str, ...] = ()
+
+    def _training_cell(self) -> dict:
+        crit: dict = {"system_id": self.system_id, "source": {"$in": ["rss", "relaxed", "dft"]}}
+        if self.data_ids:
+            crit["doc_id"] = {"$in": list(self.data_ids)}
+        return crit
 
     def cost_criteria(self) -> dict:
         """Every oracle relaxation of the training cell the data is chosen from, before the quality filters and the
         energy window (failed and dropped ones cost calls too); active-learning labels are charged by id."""
-        crit: dict = {"system_id": self.system_id, "source": {"$in": ["rss", "relaxed", "dft"]},
-                      "energy_model": {"$in": list(self.energy_models)}}
+        crit: dict = {**self._training_cell(), "energy_model": {"$in": list(self.energy_models)}}
         if self.study is not None:
             crit["study"] = self.study
         return crit
@@ -69,7 +77,7 @@ class DataScope:
     def criteria(self) -> dict:
         crit: dict = {"valid": True, "in_box": True, "energy": {"$ne": None},
                       "energy_model": {"$in": list(self.energy_models)}}
-        training = {"system_id": self.system_id, "source": {"$in": ["rss", "relaxed", "dft"]}}
+        training = self._training_cell()
         if self.learned_systems and self.learned_labels:
             learned = {"system_id": {"$in": list(self.learned_systems)},
                        "source": {"$in": ["relaxed", "dft", "single_point"]},
