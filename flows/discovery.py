@@ -26,14 +26,14 @@ def discovery_flow(study: SurfdiffConfig | None = None, config_path: str | None 
                    store_path: str | None = None, evaluate: bool = True,
                    executor: Literal["local", "slurm"] = "local", hpc_settings: str | None = None) -> dict:
     """Whole pipeline on one study. Rerunning after an interruption reuses every finished stage.
-    executor="slurm": RSS and relaxations as Slurm jobs, training and sampling as GPU jobs (settings: the
-    `hpc_settings` file, SURFDIFF_HPC_*)."""
+    executor="slurm": RSS, active-learning labels and relaxations as Slurm jobs, training and sampling as GPU
+    jobs (settings: the `hpc_settings` file, SURFDIFF_HPC_*)."""
     cfg = resolve_study(study, config_path, store_path)  # parsed once, before any work
     rss = rss_flow(study=cfg, executor=executor, hpc_settings=hpc_settings)
     model = train_flow(study=cfg, upstream=rss, executor=executor, hpc_settings=hpc_settings)
     learning = None
     if cfg.active_learning.rounds:
-        learning = active_learning_flow(study=cfg, upstream=model)
+        learning = active_learning_flow(study=cfg, upstream=model, executor=executor, hpc_settings=hpc_settings)
         model = learning.model
     samples = sample_flow(study=cfg, upstream=model, executor=executor, hpc_settings=hpc_settings)
     relaxed = relax_flow(study=cfg, upstream=samples, executor=executor, hpc_settings=hpc_settings)

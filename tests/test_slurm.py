@@ -64,7 +64,9 @@ def slurm_run(slurm_cluster, tmp_path_factory):  # noqa: F811 - pytest fixture a
     """`surfdiff run CONFIG --executor slurm` once for the module: RSS and relaxations as Slurm jobs."""
     tmp = tmp_path_factory.mktemp("slurm-run")
     config = tmp / "tiny.yaml"
-    config.write_text(TINY_CONFIG.replace("STORE", str(tmp / "data" / "store")))
+    # one active-learning round: its label goes to Slurm too
+    config.write_text(TINY_CONFIG.replace("STORE", str(tmp / "data" / "store"))
+                      + "active_learning: {rounds: 1, relax_per_round: 1, epochs: 1}\n")
     settings = write_settings(tmp / "slurm.yaml")
     seen: dict[str, str] = {}
     stop = threading.Event()
@@ -98,13 +100,16 @@ def test_surfdiff_run_fans_out_over_slurm(slurm_run, slurm_cluster):  # noqa: F8
         relaxed = [d for d in store.find({"source": "relaxed", "study": cfg.name})
                    if "jobflow_uuid" in d.meta]  # the relax stage's (the evaluation relaxes its own)
         judged = store.count({"source": "relaxed", "study": cfg.name, "meta.purpose": "evaluate"})
+        labels = store.count({"source": "relaxed", "study": cfg.name, "meta.active_learning": True})
     assert arm == cfg.evaluate.rss_budget * len(cfg.sample.targets) and judged
+    assert labels == cfg.active_learning.relax_per_round * len(cfg.sample.targets)
     assert len(rss_docs) == cfg.rss.n and all(d.energy is not None for d in rss_docs)
     assert relaxed and all(d.parent_id for d in relaxed)
     # Slurm's own record: one RSS job per batch of 2 structures, one relaxation job per batch of candidates; the
-    # evaluation's relaxations are "rss" jobs too (one target: its samples' batch, then its RSS arm's batches).
+    # evaluation's relaxations are "rss" jobs too (one target: its samples' batch, then its RSS arm's batches),
+    # and so are the active-learning labels (one batch per target and round).
     rss_jobs, relax_jobs = by_name(slurm_cluster, "surfdiff-rss"), by_name(slurm_cluster, "surfdiff-relax")
-    evaluation_jobs = -(-judged // 2) + -(-cfg.evaluate.rss_budget // 2)
+    evaluation_jobs = -(-judged // 2) + -(-cfg.evaluate.rss_budget // 2) + -(-labels // 2)
     assert len(rss_jobs) == cfg.rss.n // 2 + evaluation_jobs and {j["JobState"] for j in rss_jobs} == {"COMPLETED"}
     assert len(relax_jobs) == -(-len(relaxed) // 2) and {j["JobState"] for j in relax_jobs} == {"COMPLETED"}
     # training and sampling each ran as one job of the GPU kind (CPUs here: the settings name no GRES)
