@@ -50,6 +50,20 @@ def test_one_model_committee_is_the_model_and_two_average_exactly():
         Committee([])
 
 
+def test_members_of_other_cutoffs_find_their_own_pairs():
+    """The pair list is shared only between members of one cutoff: a member with another sees its own pairs."""
+    batch = _two_slabs()
+    torch.manual_seed(3)
+    wide = SurfaceModel(ModelSpec(**{**SPEC.__dict__, "cutoff": 6.0})).double().eval()
+    with torch.no_grad():
+        wide.energy_head[-1].weight.normal_(std=0.5)
+    a = _model(0)
+    mixed = Committee([a, wide]).predict(batch)
+    alone = [m(batch, None, score=False, energy=True, forces=True) for m in (a, wide)]
+    torch.testing.assert_close(mixed.energy, (alone[0].energy + alone[1].energy) / 2)
+    torch.testing.assert_close(mixed.forces, (alone[0].forces + alone[1].forces) / 2)
+
+
 def test_relaxing_in_the_committee_lowers_its_mean_energy_and_moves_no_masked_atom():
     batch = _two_slabs()
     committee = Committee([_model(0), _model(1), _model(2)])

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from surfdiff_core.geometry.batch import DenoiserOutput, SlabBatch
+from surfdiff_core.geometry.neighbors import neighbor_list
 from surfdiff_core.ml.models import SurfaceModel
 
 
@@ -37,8 +38,11 @@ class Committee:
 
     def predict(self, batch: SlabBatch) -> CommitteePrediction:
         energies, forces = [], []
+        # one pair list for every member of one cutoff (the geometry is the same; ~15 % of a member's call on CPU)
+        cutoffs = {m.spec.cutoff for m in self.models}
+        shared = neighbor_list(batch, cutoffs.pop(), half=True) if len(cutoffs) == 1 else None
         for model in self.models:
-            out = model(batch, None, score=False, energy=True, forces=True)
+            out = model(batch, None, score=False, energy=True, forces=True, neighbors=shared)
             energies.append(out.energy)
             forces.append(out.forces)
         e = torch.stack(energies)

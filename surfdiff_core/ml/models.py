@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from surfdiff_core.geometry.batch import DenoiserOutput, SlabBatch
-from surfdiff_core.geometry.neighbors import neighbor_list, pair_vectors
+from surfdiff_core.geometry.neighbors import NeighborList, neighbor_list, pair_vectors
 from surfdiff_core.ml.painn import CosineCutoff, GaussianRBF, PaiNN
 
 __all__ = ["EnergyConditionEmbedding", "GatedEquivariantBlock", "ModelSpec", "SurfaceModel", "TimeEmbedding"]
@@ -228,6 +228,7 @@ class SurfaceModel(nn.Module):
         training_forces: bool = False,
         condition: torch.Tensor | float | None = None,
         cfg_scale: float = 1.0,
+        neighbors: NeighborList | None = None,
     ) -> DenoiserOutput:
         """Evaluate the requested heads.
 
@@ -241,6 +242,8 @@ class SurfaceModel(nn.Module):
         condition: E_diff per structure (a number or [B]; NaN or None = unconditional) for a model with
         energy_features; cfg_scale w mixes eps = eps_null + w·(eps_cond − eps_null) (classifier-free guidance:
         1 = conditional only; the representation is computed once for both).
+        neighbors: the batch's half pair list at this model's cutoff, when the caller already has it (a committee
+        evaluates several models on one batch); found here otherwise.
         """
         forces = forces or training_forces
         want_energy = energy or forces
@@ -250,7 +253,7 @@ class SurfaceModel(nn.Module):
         pos = batch.positions
         if forces and not pos.requires_grad:
             pos = pos.detach().requires_grad_(True)
-        nl = neighbor_list(batch, self.spec.cutoff, half=True)
+        nl = neighbors if neighbors is not None else neighbor_list(batch, self.spec.cutoff, half=True)
         n_atoms = batch.n_atoms
         # the compiled message op differentiates to any order, so force training uses it too
         kw: dict[str, Any] = {"half_list": True, "param_grads": grad_mode}
