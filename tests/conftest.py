@@ -99,3 +99,23 @@ def train_and_sample(root, config_text: str, name: str = "study.yaml"):
         model = train.run(cfg, store, rss.run(cfg, store, progress=False), progress=False)
         samples = sample.run(cfg, store, model, progress=False)
     return cfg, samples
+
+
+def kill_when(cmd: list[str], env: dict, ready, *, timeout: float, poll: float = 0.1) -> None:
+    """Start `cmd` in its own session, SIGKILL its whole process group as soon as `ready()` is true (a crash in
+    the middle of the work), and fail if it finished first."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if ready():
+                break
+            time.sleep(poll)
+        assert proc.poll() is None, f"{' '.join(cmd[2:4])} finished before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

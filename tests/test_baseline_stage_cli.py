@@ -5,16 +5,15 @@ only what is missing, and bad input is one line."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from flows.cli import main
 from surfdiff_core.config import load_config
 from surfdiff_core.stages.common import open_study_store
+from tests.conftest import kill_when
 from tests.test_baseline_stage import planned_arm_ids
 
 pytestmark = pytest.mark.slow
@@ -52,18 +51,8 @@ def test_a_killed_run_is_resumed_by_relaxing_only_what_is_missing(tiny_config, t
     cfg = load_config(tiny_config)
     cmd = [sys.executable, "-m", "flows.cli", "baseline", str(tiny_config), "--rss-budget", str(budget)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     store_dir = tmp_path / "data" / "store"
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if store_dir.exists() and len(arm_rows(cfg)) >= 2:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the baseline finished before it could be killed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_when(cmd, env, lambda: store_dir.exists() and len(arm_rows(cfg)) >= 2, timeout=120, poll=0.05)
     before = {i: r["created_at"] for i, r in arm_rows(cfg).items()}
     assert 2 <= len(before) < budget
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

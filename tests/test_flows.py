@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from surfdiff_core.config import load_config
 from surfdiff_core.stages.common import open_study_store
+from tests.conftest import kill_when
 
 pytestmark = pytest.mark.slow
 
@@ -67,18 +66,8 @@ def test_killed_run_resumes_without_duplicates(tmp_path, tiny_config):
     tiny_config.write_text(text)
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     cmd = [sys.executable, "-m", "flows.cli", "run", str(tiny_config)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     ckdir = tmp_path / "data" / "checkpoints"
-    deadline = time.time() + 400
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if any(ckdir.glob("*-last.pt")):
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "run finished before it could be interrupted"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_when(cmd, env, lambda: any(ckdir.glob("*-last.pt")), timeout=400, poll=0.2)
     cfg = load_config(tiny_config)
     with open_study_store(cfg) as store:
         assert store.count({"source": "rss", "system_id": "Ag(fcc111)-p(2x2)-L2"}) == 8  # finished before the kill
@@ -113,21 +102,16 @@ def test_a_sweep_run_killed_while_sampling_resumes_without_duplicates(tmp_path):
     assert cfg.sample.share_batches and cfg.sample.n == 12 and cfg.sample.batch_size == 2
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     cmd = [sys.executable, "-m", "flows.cli", "run", str(config)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline, before = time.time() + 600, {}
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if (tmp_path / "data" / "store").exists():
-                with open_study_store(cfg) as store:
-                    rows = store.find_raw({"source": "generated"}, properties=["doc_id", "created_at"])
-                    before = {r["doc_id"]: r["created_at"] for r in rows}
-                if len(before) >= 2:
-                    break
-            time.sleep(0.1)
-        assert proc.poll() is None, "run finished before it could be interrupted"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    before: dict[str, str] = {}
+
+    def two_batches_written() -> bool:
+        if (tmp_path / "data" / "store").exists():
+            with open_study_store(cfg) as store:
+                rows = store.find_raw({"source": "generated"}, properties=["doc_id", "created_at"])
+                before.update({r["doc_id"]: r["created_at"] for r in rows})
+        return len(before) >= 2
+
+    kill_when(cmd, env, two_batches_written, timeout=600)
     assert 2 <= len(before) < 24
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
