@@ -228,3 +228,47 @@ def test_rss_arms_run_ahead_are_the_ones_the_seed_run_evaluates_against(sweep, t
                                                                       properties=["doc_id", "created_at"])}
     assert after == arms  # the evaluation found every arm relaxation done: none redone, none added
     assert len((out / "commands.txt").read_text().splitlines()) == 2
+
+
+def test_rss_arms_kept_beside_the_history_resume_on_a_new_machine(sweep, tiny_sweep, tmp_path):
+    """A fresh checkout has the arms file but no store: the seed-run relaxes none of them again."""
+    out = tmp_path / "bench"
+    common = ["--config", str(tiny_sweep), "--rss-budget", "3", "--workers", "1"]
+    sweep.main(["--rss-arms-only", *common, "--out", str(out)])
+    kept = out / "rss-arms" / "sweep-tiny-sweep-emt-rss.jsonl.xz"
+    first = kept.read_bytes()
+    with open_store(StoreConfig(backend="sqlite", path=str(out / "stores" / "all"))) as store:
+        arms = {d.doc_id: (d.energy, d.wall_time) for d in store.find({"study": "sweep-tiny-sweep-emt-rss"})}
+    assert len(arms) == 6
+    sweep.main(["--save-arms", *common, "--out", str(out)])
+    assert kept.read_bytes() == first  # the same arms write the same file
+
+    fresh = tmp_path / "fresh"  # a new machine: the history's folder without its store
+    (fresh / "rss-arms").mkdir(parents=True)
+    (fresh / "rss-arms" / kept.name).write_bytes(first)
+    sweep.main(["--seeds", "4", "--seed-role", "dev", "--budget", "2", *common, "--out", str(fresh)])
+    (rec,) = [json.loads(line) for line in (fresh / "runs.jsonl").read_text().splitlines()]
+    assert rec["status"] == "finished" and all(t["rss_relaxations"] == 3 for t in rec["targets"])
+    with open_store(StoreConfig(backend="sqlite", path=str(fresh / "stores" / "all"))) as store:
+        docs = list(store.find({"study": "sweep-tiny-sweep-emt-rss"}))
+    # loaded, not relaxed again: same ids, energies and wall times (a relaxation again would take its own time)
+    assert {d.doc_id: (d.energy, d.wall_time) for d in docs} == arms
+    best = {t["target"]: t["best_rss_eV"] for t in rec["targets"]}
+    assert all(v is not None for v in best.values())
+
+
+def test_an_arms_file_of_another_study_is_refused(sweep, tiny_sweep, tmp_path):
+    from surfdiff_core.errors import SurfdiffError
+
+    out = tmp_path / "bench"
+    common = ["--config", str(tiny_sweep), "--rss-budget", "1", "--workers", "1", "--out", str(out)]
+    sweep.main(["--rss-arms-only", *common])
+    kept = out / "rss-arms" / "sweep-tiny-sweep-emt-rss.jsonl.xz"
+    wrong = tmp_path / "wrong.jsonl.xz"
+    kept.rename(wrong)
+    with open_store(StoreConfig(backend="sqlite", path=str(tmp_path / "other"))) as store:
+        with pytest.raises(SurfdiffError, match="not of the arms' study 'elsewhere'"):
+            sweep.load_arms(store, wrong, "elsewhere")
+        wrong.write_bytes(b"not xz")
+        with pytest.raises(SurfdiffError, match="not a readable RSS-arm file"):
+            sweep.load_arms(store, wrong, "sweep-tiny-sweep-emt-rss")

@@ -43,6 +43,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 from sweep_report import write_report  # noqa: E402
+from sweep_state import arms_file, load_arms, save_arms  # noqa: E402
 
 from surfdiff_core.config import config_from_dict, load_config  # noqa: E402
 from surfdiff_core.errors import ConfigError, SurfdiffError  # noqa: E402
@@ -83,13 +84,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the shared RSS arms in one background process during training and sampling")
     p.add_argument("--out", help="default benchmarks/discovery/sweep-<config name>-<energy model>")
     p.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from runs.jsonl, run nothing")
+    p.add_argument("--save-arms", action="store_true",
+                   help="write the shared RSS arms the store holds now to <out>/rss-arms/ and stop (safe beside a "
+                        "running invocation; every invocation also writes them when it ends)")
     p.add_argument("--rss-arms-only", action="store_true",
                    help="relax every target's shared RSS arm (the baseline stage, --rss-budget each) and stop: they "
                         "depend on no seed or model, so they can run ahead on an idle core; no seed-run is recorded")
     args = p.parse_args(argv)
-    if args.rss_arms_only:
+    if args.rss_arms_only or args.save_arms:
         if not args.config:
-            p.error("--rss-arms-only needs --config")
+            p.error("--rss-arms-only and --save-arms need --config")
     elif not args.report_only:
         missing = [o for o, v in (("--config", args.config), ("--seeds", args.seeds),
                                   ("--seed-role", args.seed_role)) if not v]
@@ -354,6 +358,8 @@ def main(argv: list[str] | None = None) -> Path:
         sys.exit(f"error: {err}")
     print(f"{len(targets)} targets: {', '.join(f'{t.composition} {t.cell}' for t in targets)}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
+    if args.save_arms:  # beside a running invocation: no lock (SQLite readers see the last committed state)
+        return keep_arms(args, base, out, store_path)
     lock = hold_lock(out)
     try:
         if args.rss_arms_only:
@@ -369,6 +375,38 @@ def log_command(out: Path, argv: list[str]) -> None:
                  f"{' '.join([str(Path(__file__).relative_to(ROOT)), *argv])}  # {time.strftime('%Y-%m-%d %H:%M')}\n")
 
 
+def arm_study(base: tuple[str, str, dict]) -> str:
+    return f"sweep-{base[0]}-{base[1]}-rss"  # as study_config names evaluate.rss_study
+
+
+@contextlib.contextmanager
+def kept_arms(args: argparse.Namespace, base: tuple[str, str, dict], out: Path, store_path: Path):
+    """The arms committed beside the history go into the store first; what the store holds of them is written
+    back however the invocation ends (a kill at a session's end keeps the arms relaxed so far)."""
+    cfg = config_from_dict(study_config(args, base, (args.seeds or [0])[0], store_path))
+    path = arms_file(out, arm_study(base))
+    with open_study_store(cfg) as store:
+        try:
+            new = load_arms(store, path, arm_study(base))
+        except SurfdiffError as err:  # not this benchmark's arms: one line, nothing run
+            sys.exit(f"error: {err}")
+        if new:
+            print(f"{new} RSS-arm relaxations from {path.relative_to(out)}", flush=True)
+    try:
+        yield
+    finally:
+        keep_arms(args, base, out, store_path)
+
+
+def keep_arms(args: argparse.Namespace, base: tuple[str, str, dict], out: Path, store_path: Path) -> Path:
+    cfg = config_from_dict(study_config(args, base, (args.seeds or [0])[0], store_path))
+    path = arms_file(out, arm_study(base))
+    with open_study_store(cfg) as store:
+        n = save_arms(store, arm_study(base), path)
+    print(f"{n} RSS-arm relaxations kept in {path}", flush=True)
+    return path
+
+
 def run_rss_arms(args: argparse.Namespace, base: tuple[str, str, dict], argv: list[str], out: Path,
                  store_path: Path) -> Path:
     """The shared RSS arm of every target, as the evaluation would make it (same study, seed and ids: it skips
@@ -378,7 +416,7 @@ def run_rss_arms(args: argparse.Namespace, base: tuple[str, str, dict], argv: li
     signal.signal(signal.SIGTERM, _terminated)
     log_command(out, argv)
     cfg = config_from_dict(study_config(args, base, (args.seeds or [0])[0], store_path))
-    with open_study_store(cfg) as store:
+    with kept_arms(args, base, out, store_path), open_study_store(cfg) as store:
         result = baseline.run(cfg, store, sample_targets(cfg), progress=True)
         for row in baseline.arm_summary(store, result):
             print(json.dumps(row, default=str), flush=True)
@@ -388,11 +426,20 @@ def run_rss_arms(args: argparse.Namespace, base: tuple[str, str, dict], argv: li
 def run_locked(args: argparse.Namespace, base: tuple[str, str, dict], argv: list[str], out: Path,
                store_path: Path) -> Path:
     """Every seed of this invocation, each appended to runs.jsonl, then the report (the folder's lock held)."""
-    runs = out / "runs.jsonl"
     signal.signal(signal.SIGTERM, _terminated)
     log_command(out, argv)
     common = {"argv": [sys.executable, __file__, *argv], "args": vars(args), "git": git_commit(), "host": host(),
               "settings_id": settings_id(args, base), "benchmark": base[0], "energy_model": base[1]}
+    with kept_arms(args, base, out, store_path):
+        run_seeds(args, base, out, store_path, common)
+    report = write_report(out)
+    print(f"report: {report}")
+    return report
+
+
+def run_seeds(args: argparse.Namespace, base: tuple[str, str, dict], out: Path, store_path: Path,
+              common: dict) -> None:
+    runs = out / "runs.jsonl"
     for seed in args.seeds:
         cfg_data = study_config(args, base, seed, store_path)
         record = {"run_id": uuid.uuid4().hex[:12], "started": dt.datetime.now().astimezone().isoformat(),
@@ -400,9 +447,6 @@ def run_locked(args: argparse.Namespace, base: tuple[str, str, dict], argv: list
                   "study_config": cfg_data}
         recorded_run(runs, record, functools.partial(run_seed, args, cfg_data, seed),
                      functools.partial(write_report, out))
-    report = write_report(out)
-    print(f"report: {report}")
-    return report
 
 
 if __name__ == "__main__":

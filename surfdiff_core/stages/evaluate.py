@@ -47,6 +47,7 @@ from surfdiff_core.stages.results import BaselineResult, RelaxResult, SampleResu
 from surfdiff_core.store import ResultsStore, StructureDoc
 from surfdiff_core.store.models import ModelRecord
 from surfdiff_core.system import SurfaceSystem
+from surfdiff_core.train.data import DataScope
 
 
 def target_key(target: SampleTarget | TargetEvaluation, system: SurfaceSystem | None = None) -> str:
@@ -213,11 +214,13 @@ def model_training_docs(cfg: SurfdiffConfig, store: ResultsStore, record: ModelR
         return list(store.find({"$or": [{"doc_id": {"$in": record.data_cost_ids}}, labels]}))
     # Legacy path, for a record made before it kept data_cost_ids: the study's RSS data of the training cell by
     # scope (which also finds whatever that cell gained after training)
-    learned: list[dict] = [{"system_id": training_system(cfg).system_id, "source": {"$in": ["rss", "relaxed", "dft"]}}]
+    scope = DataScope(study=cfg.name, system_id=training_system(cfg).system_id,
+                      energy_models=tuple(training_energy_models(cfg)))
+    docs = list(store.find(scope.cost_criteria()))
     if record.learned_labels:
-        learned.append(labels)
-    return list(store.find({"study": cfg.name, "energy_model": {"$in": list(training_energy_models(cfg))},
-                            "$or": learned}))
+        seen = {d.doc_id for d in docs}
+        docs += [d for d in store.find({**labels, "study": cfg.name}) if d.doc_id not in seen]
+    return docs
 
 
 def pretrained_training(name: str | None) -> tuple[dict[str, float] | None, dict | None]:
