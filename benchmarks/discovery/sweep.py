@@ -357,9 +357,11 @@ def main(argv: list[str] | None = None) -> Path:
     except SurfdiffError as err:
         sys.exit(f"error: {err}")
     print(f"{len(targets)} targets: {', '.join(f'{t.composition} {t.cell}' for t in targets)}", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
     if args.save_arms:  # beside a running invocation: no lock (SQLite readers see the last committed state)
+        if not store_path.is_dir():
+            sys.exit(f"error: no store in {out}: no RSS arms to keep")
         return keep_arms(args, base, out, store_path)
+    out.mkdir(parents=True, exist_ok=True)
     lock = hold_lock(out)
     try:
         if args.rss_arms_only:

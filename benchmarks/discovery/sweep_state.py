@@ -34,6 +34,7 @@ def save_arms(store: ResultsStore, study: str, path: Path) -> int:
         with lzma.open(tmp, "wt", preset=9) as fh:
             for doc in docs:  # timestamps out: a rewrite of the same arms is byte-identical
                 fh.write(doc.model_dump_json(exclude={"trajectory", "created_at", "updated_at"}) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep it from others of a shared checkout
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
