@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from surfdiff_core.errors import ConfigError
+from surfdiff_core.lifetime import pid_alive
 
 HOST = "127.0.0.1"  # never anything wider: loopback plus a password, reach it from elsewhere through SSH
 PIDS_FILE = "serve.pids"  # under PREFECT_HOME: the running serve, its guard and children (pid + start time)
@@ -76,24 +77,6 @@ def _signal(pids: list[int], sig: int, group_of: int | None = None) -> None:
             os.kill(p, sig)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child still answers kill(0); reap it if it is ours.
-    with contextlib.suppress(ChildProcessError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 # ---- children tied to this process --------------------------------------------------------------------------
 _PR_SET_PDEATHSIG = 1
 
@@ -124,7 +107,7 @@ def _start_time(pid: int) -> int | None:
 
 def _same_process(entry: dict[str, Any]) -> bool:
     return entry.get("start") is not None and _start_time(int(entry["pid"])) == entry["start"] \
-        and _alive(int(entry["pid"]))
+        and pid_alive(int(entry["pid"]))
 
 
 def write_pids(home: Path, entries: dict[str, int]) -> None:
@@ -154,9 +137,9 @@ def _kill_trees(roots: list[int], extra: set[int] | None = None, grace: float = 
                 os.killpg(pid, signal.SIGTERM)
     _signal(sorted(tree), signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in tree):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in tree):
         time.sleep(0.1)
-    left = [p for p in tree if _alive(p)]
+    left = [p for p in tree if pid_alive(p)]
     _signal(left, signal.SIGKILL)
     return len(tree)
 
@@ -243,7 +226,7 @@ class Child:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=max(timeout, 0.1))
         tree = sorted(set(tree) | set(_descendants(pid)))
-        while time.monotonic() < deadline and any(_alive(p) for p in tree):
+        while time.monotonic() < deadline and any(pid_alive(p) for p in tree):
             time.sleep(0.2)
         _signal(tree, signal.SIGKILL, group_of=pid)
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -75,6 +75,22 @@ def test_a_dead_owners_claim_is_taken_over(boards):
     assert live.claim("x")
 
 
+def test_a_zombie_owners_claim_is_taken_over(boards):
+    """An owner that exited but is not reaped yet answers kill(0): it still holds nothing (as deploy/ sees it)."""
+    from surfdiff_core.lifetime import pid_alive
+
+    child = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the child never exited"
+        time.sleep(0.05)
+    zombie = _as_owner(boards(), pid=child.pid)
+    assert zombie.claim("x")
+    assert boards().claim("x")  # taken over
+    assert not pid_alive(child.pid) and child.poll() == 0  # reaped by the check: no zombie left behind
+    assert pid_alive(os.getpid())
+
+
 def test_an_expired_claim_is_taken_over_and_a_heartbeat_keeps_one(boards):
     far = _as_owner(boards(ttl=1.0), host="node-elsewhere", pid=1)  # another host: only expiry frees it
     assert far.claim("x") and far.claim("y")

@@ -102,8 +102,9 @@ def test_api_password_is_generated_once_0600_and_the_environment_wins(tmp_path, 
 
 def test_stale_children_of_an_earlier_serve_are_stopped(tmp_path):
     """serve.pids of a hard-killed serve: its children are stopped, a reused pid (other start time) is not."""
-    from deploy.processes import PIDS_FILE, _alive, _start_time, clean_stale
+    from deploy.processes import PIDS_FILE, _start_time, clean_stale
     from surfdiff_core.errors import ConfigError
+    from surfdiff_core.lifetime import pid_alive as _alive
 
     stale = subprocess.Popen(["sleep", "60"], start_new_session=True)
     bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
@@ -217,8 +218,9 @@ def _reader(stream) -> list[str]:
 def test_serve_killed_hard_leaves_nothing_running(tmp_path):
     """SIGKILL of `surfdiff serve`: server, worker and guard are gone within seconds, the port is free, and
     the next serve on the same Prefect home starts."""
-    from deploy.processes import PIDS_FILE, _alive, free_port
+    from deploy.processes import PIDS_FILE, free_port
     from deploy.processes import port_free as _port_free
+    from surfdiff_core.lifetime import pid_alive as _alive
 
     port, home = free_port(), tmp_path / "prefect"
     cmd = [sys.executable, "-m", "flows.cli", "serve", "--port", str(port), "--prefect-home", str(home)]

@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from surfdiff_core.lifetime import pid_alive
 from surfdiff_core.store.results import ResultsStore
 from surfdiff_core.store.sqlite_store import SqliteStore, quote
 
@@ -39,16 +40,6 @@ def _host() -> str:
     except OSError:
         ns = ""
     return f"{socket.gethostname()}{ns}"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
 
 
 def claim_ttl() -> float:
