@@ -146,6 +146,24 @@ def test_keys_removed_from_the_config_leave_the_settings_id_alone(sweep, tiny_sw
     assert sweep.settings_id(args, (name, em, recorded)) == sweep.settings_id(args, (name, em, cfg))
 
 
+def test_a_field_new_to_the_schema_splits_the_history_only_off_its_default(sweep, tiny_sweep):
+    settings = _load("bench_sweep_settings", "sweep_settings.py")
+    args = sweep.parse_args(["--config", str(tiny_sweep), "--seeds", "1", "--seed-role", "dev"])
+    d = sweep.study_config(args, sweep.base_config(args), 0, "")
+    d.pop("store")
+    default = settings.SurfdiffConfig().sample.relax_steps
+    before = {**d, "sample": {k: v for k, v in d["sample"].items() if k != "relax_steps"}}  # runs recorded without it
+    at_default = {**d, "sample": {**d["sample"], "relax_steps": default}}
+    off_default = {**d, "sample": {**d["sample"], "relax_steps": default + 1}}
+    as_new = settings.recorded_fields() - {"sample.relax_steps"}  # as if the field had been added since
+    assert settings.without_new_defaults(at_default, as_new) == before
+    assert settings.without_new_defaults(off_default, as_new) == off_default
+    assert settings.without_new_defaults(at_default) == at_default  # a recorded field always counts
+    # and a whole new section (here: the sweep's, which defaults to none) counts once it is set
+    assert settings.without_new_defaults(d, as_new - {p for p in as_new if p.startswith("sample.sweep.")}) == d
+    assert settings.settings_hash(d) != settings.settings_hash(off_default)
+
+
 def test_sweep_end_to_end_and_a_rerun_adds_a_record(sweep, tiny_sweep, tmp_path, capsys):
     out = tmp_path / "bench"
     argv = ["--config", str(tiny_sweep), "--seeds", "3", "--seed-role", "report", "--rss-budget", "3",

@@ -37,7 +37,8 @@ sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 from structure_aware_report import write_report  # noqa: E402
-from sweep import git_commit, host, recorded_run, with_removed_keys  # noqa: E402
+from sweep import git_commit, host, recorded_run  # noqa: E402
+from sweep_settings import with_removed_keys  # noqa: E402
 
 from surfdiff_core.config import SampleConfig, SampleTarget, SurfdiffConfig, config_from_dict, load_config  # noqa: E402
 from surfdiff_core.errors import SurfdiffError  # noqa: E402

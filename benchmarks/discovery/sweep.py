@@ -24,7 +24,6 @@ import contextlib
 import copy
 import datetime as dt
 import functools
-import hashlib
 import json
 import os
 import platform
@@ -43,6 +42,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 from sweep_report import write_report  # noqa: E402
+from sweep_settings import settings_hash  # noqa: E402
 from sweep_state import arms_file, load_arms, save_arms  # noqa: E402
 
 from surfdiff_core.config import config_from_dict, load_config  # noqa: E402
@@ -139,24 +139,12 @@ def study_config(args: argparse.Namespace, base: tuple[str, str, dict], seed: in
     return d
 
 
-# Study-config keys removed since runs were recorded (#26: the ablations moved to ablations.py), at the values
-# every recorded run had: put back before hashing, so that removing them does not change a settings id.
-REMOVED_CONFIG_KEYS = {"evaluate": {"guidance_samples": 0, "steps_sweep": []}}
-
-
-def with_removed_keys(config: dict) -> dict:
-    out = copy.deepcopy(config)
-    for section, keys in REMOVED_CONFIG_KEYS.items():
-        out[section] = {**keys, **out.get(section, {})}
-    return out
-
-
 def settings_id(args: argparse.Namespace, base: tuple[str, str, dict]) -> str:
     """What is measured, apart from the seed: equal ids are reruns of one protocol."""
-    d = with_removed_keys(study_config(argparse.Namespace(**{**vars(args), "rerun": ""}), base, 0, ""))
+    d = study_config(argparse.Namespace(**{**vars(args), "rerun": ""}), base, 0, "")
     d.pop("store")
     d["rss"].pop("workers")
-    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+    return settings_hash(d)
 
 
 def git_commit() -> str:
