@@ -100,7 +100,8 @@ def cmd_relax(args: argparse.Namespace) -> int:
         raise SurfdiffError(f"nothing to relax: study {cfg.name!r} has no valid generated structures of that model "
                             f"(run `surfdiff sample CONFIG` first)")
     gave_up = f", {s.given_up} failed for good (relax.max_attempts)" if s.given_up else ""
-    print(f"relax ({s.method}): {s.candidates} candidates, {s.relaxed} relaxed, {s.skipped} reused, "
+    others = f", {s.by_others} relaxed meanwhile by another process" if s.by_others else ""
+    print(f"relax ({s.method}): {s.candidates} candidates, {s.relaxed} relaxed, {s.skipped} reused{others}, "
           f"{s.retried} retried, {s.failed} failed{gave_up}")
     for key, e in sorted(s.best.items()):
         print(f"  best {key}: {e:.4f} eV")

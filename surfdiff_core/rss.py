@@ -221,7 +221,7 @@ def run_rss(
             elif workers == 1 or len(todo) <= 1:
                 calc = get_calculator(cfg.oracle.name, **cfg.oracle.settings) if todo else None
                 with threadpool_limits(1, user_api="blas"):
-                    while (doc_id := _next(queue)) is not None:
+                    while (doc_id := queue.next()) is not None:
                         t = tasks_by_id[doc_id]
                         record(relax_task(systems[t.composition], t, cfg, run_id=run_id, calculator=calc,
                                           prior=work.retry.get(t.doc_id)))
@@ -240,10 +240,4 @@ def run_rss(
         raise SurfdiffError(f"every RSS relaxation was lost ({computed}); the first: {first}")
     return report
 
-
-def _next(queue: WorkQueue) -> str | None:
-    """The next id to compute, waiting while other processes hold the rest; None when nothing is left."""
-    while (doc_id := queue.take()) is None and queue.waiting():
-        queue.pause()
-    return doc_id
 

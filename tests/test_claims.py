@@ -195,3 +195,62 @@ def test_claims_of_a_silent_host_are_taken_over_when_they_expire(tmp_path, capsy
     assert main(["rss", str(cfg)]) == 0
     assert _relaxed(capsys.readouterr().out) == (2, 0)
     assert time.monotonic() - start >= 0.9  # it waited for the claims to lapse, then did the work
+
+
+def test_a_relax_stage_leaves_a_candidate_another_process_claimed(tmp_path):
+    """Two relax stages on one store: the candidate the other one holds is relaxed by it alone, and this
+    stage waits for its document instead of relaxing it again."""
+    import threading
+
+    import numpy as np
+
+    from surfdiff_core.config import config_from_dict
+    from surfdiff_core.stages import relax as relax_stage
+    from surfdiff_core.stages.common import training_system
+    from surfdiff_core.store import StructureDoc
+    from surfdiff_core.store.documents import atoms_to_structure_dict
+
+    cfg = config_from_dict({
+        "name": "claims", "substrate": {"lattice_constant": 4.06, "layers": 2, "fixed_layers": 1, "vacuum": 7},
+        "confinement": {"z_min": 0.5, "z_max": 4.0},
+        "rss": {"cell": "p(2x2)", "compositions": ["Ag1O1"], "n": 1},
+        "relax": {"method": "emt", "steps": 20, "fmax": 0.2},
+        "store": {"backend": "sqlite", "path": str(tmp_path / "store")},
+    })
+    system = training_system(cfg)
+    rng = np.random.default_rng(3)
+    parents = []
+    for i in range(3):
+        atoms = system.random_structure(rng)
+        parents.append(StructureDoc(
+            doc_id=f"generated-{i}", source="generated", study=cfg.name, energy_model="mlff:m",
+            structure=atoms_to_structure_dict(atoms), composition=system.composition,
+            formula=atoms.get_chemical_formula(), system_id=system.system_id, element=system.element,
+            facet=system.facet, cell=system.cell, n_substrate=system.n_substrate, movable=system.movable.tolist(),
+            fixed=system.fixed_indices.tolist(), z_box=list(system.z_box), energy=-1.0 - i, model_id="m"))
+    held = relax_stage.relaxed_doc_id(parents[0], cfg.relax)
+    other_process = subprocess.Popen(["sleep", "60"])
+    try:
+        with open_study_store(cfg) as store:
+            other = _as_owner(claim_board(store), pid=other_process.pid)  # alive, on this host
+            assert other.claim(held)
+
+            def other_finishes() -> None:  # once this stage is at work, the other stores its relaxation, lets go
+                deadline = time.monotonic() + 120
+                while not store.count({"run_id": "mine"}) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                store.put(parents[0].model_copy(update={"doc_id": held, "source": "relaxed", "run_id": "other",
+                                                        "parent_id": parents[0].doc_id, "energy": -9.0}))
+                other.release(held)
+
+            finisher = threading.Thread(target=other_finishes)
+            finisher.start()
+            summary = relax_stage.run(cfg, store, candidates=parents, run_id="mine")
+            finisher.join()
+            assert (summary.relaxed, summary.by_others, summary.skipped, summary.failed) == (2, 1, 0, 0)
+            docs = {d.parent_id: d for d in store.find({"source": "relaxed"})}
+            assert docs["generated-0"].run_id == "other" and docs["generated-0"].energy == -9.0  # not redone
+            assert {docs[f"generated-{i}"].run_id for i in (1, 2)} == {"mine"}
+    finally:
+        other_process.kill()
+        other_process.wait()

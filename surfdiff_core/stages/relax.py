@@ -19,11 +19,12 @@ import numpy as np
 
 from surfdiff_core.config import RelaxConfig, SurfdiffConfig
 from surfdiff_core.evaluate.matching import deduplicate
-from surfdiff_core.remote import run_on, unclaimed
+from surfdiff_core.remote import run_on
 from surfdiff_core.retry import attempt_meta, plan_work
 from surfdiff_core.stages.common import jobs_store_for, new_run_id, sample_targets, target_system
 from surfdiff_core.stages.results import RelaxResult, SampleResult, relax_target_key
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
+from surfdiff_core.store.claims import WorkQueue, claim_board
 from surfdiff_core.store.documents import now
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
     `executor` (any concurrent.futures.Executor, e.g. the Slurm one of deploy/) relaxes each candidate
     elsewhere (`relax_remote`); a candidate whose job is lost is reported in `lost`, not stored, so a rerun
     redoes it. By default all of them run here in one jobflow flow."""
-    from surfdiff_core.relax.jobflow_relax import make_relax_flow, run_relax_flow
+    from surfdiff_core.relax.jobflow_relax import make_relax_flow
     from surfdiff_core.relax.makers import split_settings
 
     rcfg = rcfg or cfg.relax
@@ -121,21 +122,31 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
             else:
                 summary.relaxed += 1
 
-        if executor is not None:  # one job per candidate, every one submitted at once
-            by_id = {meta["doc_id"]: (structure, meta) for structure, meta in inputs}
-            run_on(executor, unclaimed([meta["doc_id"] for _, meta in inputs]), len(inputs),
-                   lambda doc_id: (relax_remote, (*by_id[doc_id], rcfg.method, settings)),
-                   lambda _, out: record(out), summary.lost.__setitem__)
-        else:
-            flow = make_relax_flow(inputs, rcfg.method, settings)
-            if jobs_store is None:
-                jobs_store = jobs_store_for(cfg)
-            with warnings.catch_warnings():  # jobflow's notes on independent jobs and its own deprecations
-                warnings.filterwarnings("ignore", message="Some jobs are not connected")
-                warnings.filterwarnings("ignore", category=FutureWarning, module="jobflow")
-                outcomes = run_relax_flow(flow, jobs_store)
-            for out in outcomes:
-                record(out)
+        by_id = {meta["doc_id"]: (structure, meta) for structure, meta in inputs}
+
+        def needed(doc_id: str) -> bool:
+            """Still to relax once claimed: not stored meanwhile, nor retried, by another process."""
+            now_ = plan_work(store, [doc_id], rcfg.max_attempts)
+            before, after = work.retry.get(doc_id), now_.retry.get(doc_id)
+            return doc_id not in now_.finished and (before.attempts if before else 0) == (
+                after.attempts if after else 0)
+
+        # Claimed one by one, so that two relax stages on one store never relax a candidate twice
+        queue = WorkQueue(claim_board(store), list(by_id), needed)
+        try:
+            with queue:
+                if executor is not None:  # one job per candidate, every one submitted at once
+                    run_on(executor, queue, len(inputs),
+                           lambda doc_id: (relax_remote, (*by_id[doc_id], rcfg.method, settings)),
+                           lambda _, out: record(out), summary.lost.__setitem__)
+                else:  # here, one jobflow flow per candidate as it is claimed
+                    jobs_store = jobs_store_for(cfg) if jobs_store is None else jobs_store
+                    while (doc_id := queue.next()) is not None:
+                        (out,) = _run_flow(make_relax_flow([by_id[doc_id]], rcfg.method, settings), jobs_store)
+                        record(out)
+                        queue.done(doc_id)
+        finally:
+            summary.by_others = queue.elsewhere
         summary.failed += len(summary.lost)
     for d in store.find({"doc_id": {"$in": list(ids.values())}}):
         if d.energy is not None and not d.error:
@@ -158,17 +169,25 @@ def _targets(cfg: SurfdiffConfig, upstream: SampleResult | None,
     return sorted(relax_target_key(*p) for p in pairs)
 
 
+def _run_flow(flow, jobs_store) -> list[RelaxOutcome]:
+    from surfdiff_core.relax.jobflow_relax import run_relax_flow
+
+    with warnings.catch_warnings():  # jobflow's notes on independent jobs and its own deprecations
+        warnings.filterwarnings("ignore", message="Some jobs are not connected")
+        warnings.filterwarnings("ignore", category=FutureWarning, module="jobflow")
+        return run_relax_flow(flow, jobs_store)
+
+
 def relax_remote(structure, meta: dict, method: str, settings: dict):
     """What an executor runs (a Slurm job): one candidate's jobflow relaxation, here, into a MemoryStore."""
     from maggma.stores import MemoryStore
 
-    from surfdiff_core.relax.jobflow_relax import make_relax_flow, run_relax_flow
+    from surfdiff_core.relax.jobflow_relax import make_relax_flow
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Some jobs are not connected")
         warnings.filterwarnings("ignore", category=FutureWarning, module="jobflow")
         flow = make_relax_flow([(structure, meta)], method, settings)
-        (outcome,) = run_relax_flow(flow, MemoryStore(collection_name="surfdiff_relax"))
+    (outcome,) = _run_flow(flow, MemoryStore(collection_name="surfdiff_relax"))
     return outcome
 
 

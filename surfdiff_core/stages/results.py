@@ -129,6 +129,7 @@ class RelaxResult(StageResult):
     failed: int = 0
     retried: int = 0  # stored failures tried again (relax.max_attempts)
     given_up: int = 0  # stored failures left alone: they used up their attempts
+    by_others: int = 0  # relaxed meanwhile by another process sharing the store (claimed by it)
     best: dict[str, float] = field(default_factory=dict)  # "composition cell" -> lowest relaxed energy
     lost: dict[str, str] = field(default_factory=dict)  # doc_id -> why its job died (not stored; rerun redoes it)
     candidate_ids: list[str] = field(default_factory=list)

@@ -243,3 +243,9 @@ class WorkQueue:
 
     def pause(self) -> None:
         time.sleep(self.poll_s)
+
+    def next(self) -> str | None:
+        """The next id to compute, waiting while other processes hold the rest; None when nothing is left."""
+        while (doc_id := self.take()) is None and self.waiting():
+            self.pause()
+        return doc_id
