@@ -139,6 +139,18 @@ def test_report_aggregates_report_seeds_apart_from_dev_seeds_and_reruns(sweep, r
     assert (out / "figures" / "ratios.png").stat().st_size > 5_000 and "![ratios](figures/ratios.png)" in head
 
 
+def test_a_run_without_the_compiled_operator_is_refused_unless_allowed(sweep, tiny_sweep, tmp_path, monkeypatch,
+                                                                     capsys):
+    """A worktree without the build would record wall times several times the others: one line, nothing run."""
+    monkeypatch.setenv("SURFDIFF_NO_KERNELS", "1")
+    out = tmp_path / "bench"
+    argv = ["--config", str(tiny_sweep), "--seeds", "1", "--seed-role", "dev", "--out", str(out)]
+    with pytest.raises(SystemExit, match="compiled PaiNN operator is not available here .disabled by SURFDIFF"):
+        sweep.main(argv)
+    assert not out.exists()
+    assert sweep.host()["painn_kernels"] == "disabled by SURFDIFF_NO_KERNELS"  # what a record would say
+
+
 def test_keys_removed_from_the_config_leave_the_settings_id_alone(sweep, tiny_sweep):
     args = sweep.parse_args(["--config", str(tiny_sweep), "--seeds", "1", "--seed-role", "dev"])
     name, em, cfg = sweep.base_config(args)

@@ -47,6 +47,7 @@ from sweep_state import arms_file, load_arms, save_arms  # noqa: E402
 
 from surfdiff_core.config import config_from_dict, load_config  # noqa: E402
 from surfdiff_core.errors import ConfigError, SurfdiffError  # noqa: E402
+from surfdiff_core.ml.message_op import message_op_unavailable_reason  # noqa: E402
 from surfdiff_core.stages import active, evaluate, rss, sample, train  # noqa: E402
 from surfdiff_core.stages.common import open_study_store, sample_targets  # noqa: E402
 
@@ -82,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "shared RSS arm per target")
     p.add_argument("--rss-arm-ahead", action="store_true",
                    help="run the shared RSS arms in one background process during training and sampling")
+    p.add_argument("--allow-eager", action="store_true",
+                   help="run even where the compiled PaiNN operator is not available (several times slower: "
+                        "wall times would not compare with the recorded ones)")
     p.add_argument("--out", help="default benchmarks/discovery/sweep-<config name>-<energy model>")
     p.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from runs.jsonl, run nothing")
     p.add_argument("--save-arms", action="store_true",
@@ -164,7 +168,7 @@ def host() -> dict:
                    if line.startswith("model name"))
     return {"node": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "python": platform.python_version(),
-            "torch": torch.__version__}
+            "torch": torch.__version__, "painn_kernels": message_op_unavailable_reason() or "compiled"}
 
 
 def recorded_run(runs: Path, record: dict, run: Callable[[], dict], report: Callable[[], object]) -> None:
@@ -349,6 +353,9 @@ def main(argv: list[str] | None = None) -> Path:
         if not store_path.is_dir():
             sys.exit(f"error: no store in {out}: no RSS arms to keep")
         return keep_arms(args, base, out, store_path)
+    if (why := message_op_unavailable_reason()) and not args.allow_eager:  # e.g. a worktree without the build
+        sys.exit(f"error: the compiled PaiNN operator is not available here ({why}): build it "
+                 f"(scripts/setup.sh; a git worktree needs surfdiff_core/ml/_painn_ops*.so) or pass --allow-eager")
     out.mkdir(parents=True, exist_ok=True)
     lock = hold_lock(out)
     try:

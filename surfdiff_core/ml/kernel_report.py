@@ -49,7 +49,7 @@ def kernel_report() -> dict[str, Any]:
     report: dict[str, Any] = {
         "cpu": model, "cpu_isa": widest_isa(flags)[0], "torch_threads": torch.get_num_threads(),
         "path": "operator" if message_op.message_op_available() else "eager",
-        "eager_reason": message_op._unavailable_reason(),
+        "eager_reason": message_op.message_op_unavailable_reason(),
         "compiled_isa": None, "vector_bytes": None, "openmp_team": None,
     }
     if ops is not None:

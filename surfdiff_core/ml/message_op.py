@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["message_op_available", "painn_messages"]
+__all__ = ["message_op_available", "message_op_unavailable_reason", "painn_messages"]
 
 _LOAD_ERROR: str | None = None
 try:
@@ -60,7 +60,8 @@ if _MISSING_FEATURES:
     _LOAD_ERROR = f"built for CPU features this CPU lacks: {' '.join(_MISSING_FEATURES)}"
 
 
-def _unavailable_reason() -> str | None:
+def message_op_unavailable_reason() -> str | None:
+    """Why the compiled operator cannot be used here (None: it can)."""
     if os.environ.get("SURFDIFF_NO_KERNELS", "") not in ("", "0"):
         return "disabled by SURFDIFF_NO_KERNELS"
     return _LOAD_ERROR
@@ -69,7 +70,7 @@ def _unavailable_reason() -> str | None:
 def message_op_available(*, warn: bool = False) -> bool:
     """True when `surfdiff::painn_messages` can be used; warn=True warns (once) when it cannot."""
     global _WARNED
-    reason = _unavailable_reason()
+    reason = message_op_unavailable_reason()
     if warn and not _WARNED:
         _WARNED = True
         if reason is not None:
