@@ -111,7 +111,7 @@ def cmd_relax(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from deploy.slurm import open_executor
     from surfdiff_core.config import with_overrides
-    from surfdiff_core.evaluate.budget import speedup_phrase
+    from surfdiff_core.evaluate.budget import energy_phrase, speedup_phrase
     from surfdiff_core.evaluate.cost import cost_phrase
     from surfdiff_core.executors import ExecutorSpec
     from surfdiff_core.query import require_existing_store
@@ -153,8 +153,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
              if cost.get("pretrained") else ""))
     for r in result.rows():
         sp = speedup_phrase(r["speedup"])
-        print(f"  {r['target']}: {r['valid']} valid, unique {r['unique']}, best surfdiff {r['best_generative_eV']} eV "
-              f"({r['generative_relaxations']} relaxed) vs RSS {r['best_rss_eV']} eV ({r['rss_relaxations']}): {sp}; "
+        print(f"  {r['target']}: {r['valid']} valid, unique {r['unique']}, best surfdiff "
+              f"{energy_phrase(r['best_generative_eV'])} ({r['generative_relaxations']} relaxed) vs RSS "
+              f"{energy_phrase(r['best_rss_eV'])} ({r['rss_relaxations']}): {sp}; "
               f"median steps {r['steps_generative_median']} vs {r['steps_rss_median']}"
               + (f"; MLFF/oracle rank correlation {r['mlff_rank_correlation']}"
                  if r["mlff_rank_correlation"] is not None else "")
@@ -245,7 +246,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.ephemeral import start_ephemeral_server
 
     start_ephemeral_server()  # the temporary API server dies with this command, even on SIGKILL
-    from surfdiff_core.evaluate.budget import speedup_phrase
+    from surfdiff_core.evaluate.budget import energy_phrase, speedup_phrase
     from surfdiff_core.evaluate.cost import cost_phrase
     from surfdiff_core.stages.evaluate_report import all_in_summary
 
@@ -265,8 +266,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"relaxed ({result['relax']['method']}) best {key}: {e:.4f} eV")
     for r in result.get("evaluation") or []:
         sp = speedup_phrase(r["speedup"])
-        print(f"evaluated {r['target']}: surfdiff best {r['best_generative_eV']} eV, RSS best {r['best_rss_eV']} eV "
-              f"in the same cell: {sp}"
+        print(f"evaluated {r['target']}: surfdiff best {energy_phrase(r['best_generative_eV'])}, RSS best "
+              f"{energy_phrase(r['best_rss_eV'])} in the same cell: {sp}"
               + (f"; one-target all-in: {cost_phrase(r['one_target_all_in'])}" if "one_target_all_in" in r else ""))
     if result.get("evaluation_all_in"):  # the discovery flow's dict, when it passes the sweep's all-in on
         print(all_in_summary(result["evaluation_all_in"]))

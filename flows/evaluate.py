@@ -9,6 +9,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.common import artifact_key, flow_run_id, resolve_study, show_progress
 from surfdiff_core.config import SurfdiffConfig
+from surfdiff_core.evaluate.budget import energy_phrase, speedup_phrase
 from surfdiff_core.executors import ExecutorSpec
 from surfdiff_core.stages import evaluate
 from surfdiff_core.stages.common import open_study_store
@@ -52,8 +53,8 @@ def evaluate_flow(study: SurfdiffConfig | None = None, config_path: str | None =
     create_markdown_artifact(key=artifact_key(f"{cfg.name}-evaluation-report"), markdown=markdown_report(result),
                              description=f"Evaluation of {cfg.name}")
     for r in rows:
-        print(f"{r['target']}: best generative {r['best_generative_eV']}, best RSS {r['best_rss_eV']}, "
-              f"speedup {r['speedup']}")
+        print(f"{r['target']}: best generative {energy_phrase(r['best_generative_eV'])}, best RSS "
+              f"{energy_phrase(r['best_rss_eV'])}, {speedup_phrase(r['speedup'])}")
     if result.relax_reuse_refused:
         print(result.relax_reuse_refused)
     for warning in result.warnings():

@@ -237,6 +237,11 @@ def speedup_phrase(ratio: float | None) -> str:
     return f"{1.0 / ratio:.1f}x more oracle relaxations than RSS"
 
 
+def energy_phrase(energy: float | None) -> str:
+    """A best energy as printed: 4 decimals in eV, or why there is none."""
+    return "none (no valid relaxation)" if energy is None else f"{energy:.4f} eV"
+
+
 @dataclass(frozen=True)
 class TrainingCost:
     structures: int
