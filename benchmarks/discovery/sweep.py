@@ -14,7 +14,8 @@ All seeds share one RSS arm per target (one `evaluate.seed`, one baseline study 
 store, `<out>/stores/all`; each seed is its own study, so seeds never see each other's training data. Every
 seed-run appends one record to `<out>/runs.jsonl` (never rewritten); `<out>/REPORT.md` is regenerated from it.
 A rerun of a finished seed resumes from the store and repeats its numbers; `--rerun TAG` runs it again from
-scratch under new study names (the RSS arms still shared) to measure the spread between reruns.
+scratch under new study names (the RSS arms still shared) to measure the spread between reruns. The store is not
+committed; the RSS arms are (`<out>/rss-arms/`, see sweep_state.py), so a new machine relaxes none of them again.
 """
 
 from __future__ import annotations
