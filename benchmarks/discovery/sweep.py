@@ -155,8 +155,10 @@ def settings_id(args: argparse.Namespace, base: tuple[str, str, dict]) -> str:
 def git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        # read-only (git status may rewrite the index): exit 1 = tracked changes
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=ROOT, capture_output=True).returncode
+        # read-only (git status may rewrite the index): exit 1 = tracked changes; the benchmarks' own outputs
+        # (runs.jsonl, REPORT.md of sweep-*/ folders, which a running benchmark writes) are not changes to the code
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":(exclude)benchmarks/discovery/sweep-*"],
+                               cwd=ROOT, capture_output=True).returncode
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head.stdout.strip() + ("-dirty" if dirty else "")
