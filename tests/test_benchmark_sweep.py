@@ -302,3 +302,22 @@ def test_an_arms_file_of_another_study_is_refused(sweep, tiny_sweep, tmp_path):
         wrong.write_bytes(b"not xz")
         with pytest.raises(SurfdiffError, match="not a readable RSS-arm file"):
             sweep.load_arms(store, wrong, "sweep-tiny-sweep-emt-rss")
+
+
+def test_a_benchmarks_own_outputs_do_not_mark_its_commit_dirty(sweep, tmp_path, monkeypatch):
+    import subprocess
+
+    repo = tmp_path / "repo"
+    out = repo / "benchmarks" / "discovery" / "sweep-x-emt"
+    out.mkdir(parents=True)
+    (out / "runs.jsonl").write_text("")
+    (repo / "code.py").write_text("a = 1\n")
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "x"]):
+        subprocess.run(["git", *cmd], cwd=repo, check=True, env={**env, "PATH": "/usr/bin:/bin"})
+    monkeypatch.setattr(sweep, "ROOT", repo)
+    assert not sweep.git_commit().endswith("-dirty")
+    (out / "runs.jsonl").write_text('{"seed": 1}\n')  # what a running benchmark writes
+    assert not sweep.git_commit().endswith("-dirty")
+    (repo / "code.py").write_text("a = 2\n")  # a change to what is measured
+    assert sweep.git_commit().endswith("-dirty")
