@@ -124,5 +124,5 @@ def pid_alive(pid: int) -> bool:
             return False
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True  # no /proc (macOS): kill(0) answered
+    except (OSError, IndexError):  # gone since kill(0) where /proc exists; without /proc (macOS) kill(0) answered
+        return not Path("/proc/self").exists()

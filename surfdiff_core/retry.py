@@ -58,6 +58,14 @@ def plan_work(store: ResultsStore, ids: Iterable[str], max_attempts: int) -> Wor
     return plan
 
 
+def still_needed(store: ResultsStore, doc_id: str, planned: WorkPlan, max_attempts: int) -> bool:
+    """Whether `doc_id`, planned as `planned` says, is still to compute now that this process holds its claim:
+    not stored meanwhile by another process, nor retried by one (its attempts unchanged since planning)."""
+    now = plan_work(store, [doc_id], max_attempts)
+    before, after = planned.retry.get(doc_id), now.retry.get(doc_id)
+    return doc_id not in now.finished and (before.attempts if before else 0) == (after.attempts if after else 0)
+
+
 def attempt_meta(prior: PriorFailure | None, error: str | None) -> dict[str, Any]:
     """What a new document's `meta` records of its attempts: nothing for work that succeeded at once, else the
     count (this attempt included) and every error so far."""

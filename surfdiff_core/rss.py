@@ -26,7 +26,7 @@ from surfdiff_core.errors import ConfigError, SurfdiffError
 from surfdiff_core.executors import local_processes
 from surfdiff_core.progress import progress_bar
 from surfdiff_core.remote import run_on
-from surfdiff_core.retry import PriorFailure, attempt_meta, plan_work
+from surfdiff_core.retry import PriorFailure, attempt_meta, plan_work, still_needed
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
 from surfdiff_core.store.claims import WorkQueue, claim_board
 from surfdiff_core.store.documents import atoms_to_structure_dict
@@ -197,14 +197,9 @@ def run_rss(
         report.lost[doc_id] = why
         bar.update(1)
 
-    def needed(doc_id: str) -> bool:
-        """Still to compute once claimed: not stored meanwhile, nor retried, by another process."""
-        now = plan_work(store, [doc_id], cfg.rss.max_attempts)
-        before, after = work.retry.get(doc_id), now.retry.get(doc_id)
-        return doc_id not in now.finished and (before.attempts if before else 0) == (after.attempts if after else 0)
-
     # Claimed one by one as a worker frees up, so that processes sharing the store split the work.
-    queue = WorkQueue(claim_board(store), [t.doc_id for t in todo], needed)
+    queue = WorkQueue(claim_board(store), [t.doc_id for t in todo],
+                      lambda doc_id: still_needed(store, doc_id, work, cfg.rss.max_attempts))
     tasks_by_id = {t.doc_id: t for t in todo}
 
     def job(doc_id: str) -> tuple[Callable[..., dict], tuple]:

@@ -379,13 +379,16 @@ def arm_study(base: tuple[str, str, dict]) -> str:
     return f"sweep-{base[0]}-{base[1]}-rss"  # as study_config names evaluate.rss_study
 
 
+def _arms_store(args: argparse.Namespace, base: tuple[str, str, dict], store_path: Path):
+    return open_study_store(config_from_dict(study_config(args, base, (args.seeds or [0])[0], store_path)))
+
+
 @contextlib.contextmanager
 def kept_arms(args: argparse.Namespace, base: tuple[str, str, dict], out: Path, store_path: Path):
     """The arms committed beside the history go into the store first; what the store holds of them is written
     back however the invocation ends (a kill at a session's end keeps the arms relaxed so far)."""
-    cfg = config_from_dict(study_config(args, base, (args.seeds or [0])[0], store_path))
     path = arms_file(out, arm_study(base))
-    with open_study_store(cfg) as store:
+    with _arms_store(args, base, store_path) as store:
         try:
             new = load_arms(store, path, arm_study(base))
         except SurfdiffError as err:  # not this benchmark's arms: one line, nothing run
@@ -399,9 +402,8 @@ def kept_arms(args: argparse.Namespace, base: tuple[str, str, dict], out: Path, 
 
 
 def keep_arms(args: argparse.Namespace, base: tuple[str, str, dict], out: Path, store_path: Path) -> Path:
-    cfg = config_from_dict(study_config(args, base, (args.seeds or [0])[0], store_path))
     path = arms_file(out, arm_study(base))
-    with open_study_store(cfg) as store:
+    with _arms_store(args, base, store_path) as store:
         n = save_arms(store, arm_study(base), path)
     print(f"{n} RSS-arm relaxations kept in {path}", flush=True)
     return path

@@ -20,7 +20,7 @@ import numpy as np
 from surfdiff_core.config import RelaxConfig, SurfdiffConfig
 from surfdiff_core.evaluate.matching import deduplicate
 from surfdiff_core.remote import run_on
-from surfdiff_core.retry import attempt_meta, plan_work
+from surfdiff_core.retry import attempt_meta, plan_work, still_needed
 from surfdiff_core.stages.common import jobs_store_for, new_run_id, sample_targets, target_system
 from surfdiff_core.stages.results import RelaxResult, SampleResult, relax_target_key
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
@@ -123,16 +123,9 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
                 summary.relaxed += 1
 
         by_id = {meta["doc_id"]: (structure, meta) for structure, meta in inputs}
-
-        def needed(doc_id: str) -> bool:
-            """Still to relax once claimed: not stored meanwhile, nor retried, by another process."""
-            now_ = plan_work(store, [doc_id], rcfg.max_attempts)
-            before, after = work.retry.get(doc_id), now_.retry.get(doc_id)
-            return doc_id not in now_.finished and (before.attempts if before else 0) == (
-                after.attempts if after else 0)
-
         # Claimed one by one, so that two relax stages on one store never relax a candidate twice
-        queue = WorkQueue(claim_board(store), list(by_id), needed)
+        queue = WorkQueue(claim_board(store), list(by_id),
+                          lambda doc_id: still_needed(store, doc_id, work, rcfg.max_attempts))
         try:
             with queue:
                 if executor is not None:  # one job per candidate, every one submitted at once
