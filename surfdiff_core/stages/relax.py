@@ -87,7 +87,8 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
 
     `executor` (any concurrent.futures.Executor, e.g. the Slurm one of deploy/) relaxes each candidate
     elsewhere (`relax_remote`); a candidate whose job is lost is reported in `lost`, not stored, so a rerun
-    redoes it. By default all of them run here in one jobflow flow."""
+    redoes it. By default they run here, one jobflow flow per candidate as this process claims it (another
+    relax stage on the store takes the others)."""
     from surfdiff_core.relax.jobflow_relax import make_relax_flow
     from surfdiff_core.relax.makers import split_settings
 
