@@ -1,5 +1,5 @@
 """Oracle work on an executor (any concurrent.futures.Executor: local worker processes, the Slurm one of deploy/),
-one loop for the RSS and the relax stage.
+one loop for RSS, the relax stage and the oracle labels of samples.
 
 A job that dies (a worker killed, a Slurm job cancelled or past its time limit) is *lost*: reported by its id with
 the reason, never stored, and the others go on; a rerun redoes only the lost ones, since stored ids are skipped.
@@ -9,22 +9,17 @@ process that held them died.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from typing import Any
 
-from surfdiff_core.store.claims import ClaimBoard, WorkQueue
+from surfdiff_core.store.claims import WorkQueue
 
 LOST_CHARS = 300  # a lost job's reason: the telling line, not the whole job log
 
 
 def lost_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:LOST_CHARS]
-
-
-def unclaimed(ids: Iterable[str]) -> WorkQueue:
-    """A queue of `ids` without claims (work that no other process shares): every id is handed out at once."""
-    return WorkQueue(ClaimBoard(), ids, needed=lambda _: True)
 
 
 def run_on(executor: Executor, queue: WorkQueue, window: int, job: Callable[[str], tuple[Callable[..., Any], tuple]],

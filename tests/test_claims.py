@@ -197,15 +197,11 @@ def test_claims_of_a_silent_host_are_taken_over_when_they_expire(tmp_path, capsy
     assert time.monotonic() - start >= 0.9  # it waited for the claims to lapse, then did the work
 
 
-def test_a_relax_stage_leaves_a_candidate_another_process_claimed(tmp_path):
-    """Two relax stages on one store: the candidate the other one holds is relaxed by it alone, and this
-    stage waits for its document instead of relaxing it again."""
-    import threading
-
+def _generated_candidates(tmp_path: Path, n: int = 3):
+    """A small sqlite-backed study and `n` generated candidates of its training system."""
     import numpy as np
 
     from surfdiff_core.config import config_from_dict
-    from surfdiff_core.stages import relax as relax_stage
     from surfdiff_core.stages.common import training_system
     from surfdiff_core.store import StructureDoc
     from surfdiff_core.store.documents import atoms_to_structure_dict
@@ -213,14 +209,14 @@ def test_a_relax_stage_leaves_a_candidate_another_process_claimed(tmp_path):
     cfg = config_from_dict({
         "name": "claims", "substrate": {"lattice_constant": 4.06, "layers": 2, "fixed_layers": 1, "vacuum": 7},
         "confinement": {"z_min": 0.5, "z_max": 4.0},
-        "rss": {"cell": "p(2x2)", "compositions": ["Ag1O1"], "n": 1},
+        "rss": {"cell": "p(2x2)", "compositions": ["Ag1O1"], "n": 1, "steps": 20, "fmax": 0.2},
         "relax": {"method": "emt", "steps": 20, "fmax": 0.2},
         "store": {"backend": "sqlite", "path": str(tmp_path / "store")},
     })
     system = training_system(cfg)
     rng = np.random.default_rng(3)
     parents = []
-    for i in range(3):
+    for i in range(n):
         atoms = system.random_structure(rng)
         parents.append(StructureDoc(
             doc_id=f"generated-{i}", source="generated", study=cfg.name, energy_model="mlff:m",
@@ -228,22 +224,39 @@ def test_a_relax_stage_leaves_a_candidate_another_process_claimed(tmp_path):
             formula=atoms.get_chemical_formula(), system_id=system.system_id, element=system.element,
             facet=system.facet, cell=system.cell, n_substrate=system.n_substrate, movable=system.movable.tolist(),
             fixed=system.fixed_indices.tolist(), z_box=list(system.z_box), energy=-1.0 - i, model_id="m"))
+    return cfg, system, parents
+
+
+def _finish_as_other(store, other: ClaimBoard, held: str, doc, started: dict):
+    """A thread that, once this process has stored something matching `started`, stores `doc` as the other
+    owner's work and lets its claim go."""
+    import threading
+
+    def other_finishes() -> None:
+        deadline = time.monotonic() + 120
+        while not store.count(started) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        store.put(doc)
+        other.release(held)
+
+    return threading.Thread(target=other_finishes)
+
+
+def test_a_relax_stage_leaves_a_candidate_another_process_claimed(tmp_path):
+    """Two relax stages on one store: the candidate the other one holds is relaxed by it alone, and this
+    stage waits for its document instead of relaxing it again."""
+    from surfdiff_core.stages import relax as relax_stage
+
+    cfg, _, parents = _generated_candidates(tmp_path)
     held = relax_stage.relaxed_doc_id(parents[0], cfg.relax)
     other_process = subprocess.Popen(["sleep", "60"])
     try:
         with open_study_store(cfg) as store:
             other = _as_owner(claim_board(store), pid=other_process.pid)  # alive, on this host
             assert other.claim(held)
-
-            def other_finishes() -> None:  # once this stage is at work, the other stores its relaxation, lets go
-                deadline = time.monotonic() + 120
-                while not store.count({"run_id": "mine"}) and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                store.put(parents[0].model_copy(update={"doc_id": held, "source": "relaxed", "run_id": "other",
-                                                        "parent_id": parents[0].doc_id, "energy": -9.0}))
-                other.release(held)
-
-            finisher = threading.Thread(target=other_finishes)
+            finisher = _finish_as_other(store, other, held, parents[0].model_copy(update={
+                "doc_id": held, "source": "relaxed", "run_id": "other", "parent_id": parents[0].doc_id,
+                "energy": -9.0}), {"run_id": "mine"})
             finisher.start()
             summary = relax_stage.run(cfg, store, candidates=parents, run_id="mine")
             finisher.join()
@@ -251,6 +264,42 @@ def test_a_relax_stage_leaves_a_candidate_another_process_claimed(tmp_path):
             docs = {d.parent_id: d for d in store.find({"source": "relaxed"})}
             assert docs["generated-0"].run_id == "other" and docs["generated-0"].energy == -9.0  # not redone
             assert {docs[f"generated-{i}"].run_id for i in (1, 2)} == {"mine"}
+    finally:
+        other_process.kill()
+        other_process.wait()
+
+
+@pytest.mark.parametrize("source", ["relaxed", "single_point"])
+def test_oracle_labels_leave_a_candidate_another_process_claimed(tmp_path, monkeypatch, source):
+    """Two evaluations (or active-learning rounds) on one store: a label another live process holds is not
+    computed again here; this one waits for its document and returns it with its own."""
+    from ase.calculators.emt import EMT
+
+    from surfdiff_core.stages import oracle_relax
+    from surfdiff_core.stages.oracle_relax import label_id, relax_samples, single_points
+
+    computed: list[str] = []
+    label_one = oracle_relax.label_one
+    monkeypatch.setattr(oracle_relax, "label_one", lambda *a, **k: computed.append(a[4]) or label_one(*a, **k))
+    cfg, system, parents = _generated_candidates(tmp_path)
+    label = relax_samples if source == "relaxed" else single_points
+    held = label_id(cfg, parents[1], source, "eval")
+    other_process = subprocess.Popen(["sleep", "60"])
+    try:
+        with open_study_store(cfg) as store:
+            other = _as_owner(claim_board(store), pid=other_process.pid)
+            assert other.claim(held)
+            theirs = parents[1].model_copy(update={"doc_id": held, "source": source, "parent_id": "generated-1",
+                                                   "energy": -9.0, "meta": {"purpose": "theirs"}})
+            finisher = _finish_as_other(store, other, held, theirs, {"source": source})
+            finisher.start()
+            docs = label(cfg, store, system, parents, EMT(), tag="eval", progress=False)
+            finisher.join()
+            assert held not in computed and len(computed) == 2
+            assert [d.parent_id for d in docs] == [p.doc_id for p in parents]
+            assert docs[1].doc_id == held and docs[1].energy == -9.0 and docs[1].meta["purpose"] == "theirs"
+            assert all(d.meta["purpose"] == "eval" and d.energy != -9.0 for d in (docs[0], docs[2]))
+            assert store.count({"source": source}) == 3
     finally:
         other_process.kill()
         other_process.wait()

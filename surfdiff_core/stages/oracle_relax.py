@@ -4,12 +4,13 @@ of active learning) and single points (the cheap labels of active learning).
 Here, one after the other with the caller's calculator; or, given an executor (local processes, the Slurm one of
 deploy/), one job per candidate through `remote.run_on`, each building the study's oracle itself and returning its
 document as plain JSON, which this process stores. A lost job is reported by its id, never stored: a rerun redoes
-it (the ids are the same either way).
+it (the ids are the same either way). Each candidate is claimed first (store/claims.py), as RSS and the relax
+stage claim theirs: two evaluations on one store never label a candidate twice; one waits for the other's document.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Literal
 
@@ -17,9 +18,10 @@ from threadpoolctl import threadpool_limits
 
 from surfdiff_core.config import SurfdiffConfig
 from surfdiff_core.progress import progress_bar
-from surfdiff_core.remote import run_on, unclaimed
-from surfdiff_core.retry import PriorFailure, WorkPlan, attempt_meta, plan_work
+from surfdiff_core.remote import run_on
+from surfdiff_core.retry import PriorFailure, WorkPlan, attempt_meta, plan_work, still_needed
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
+from surfdiff_core.store.claims import WorkQueue, claim_board
 from surfdiff_core.system import SurfaceSystem
 
 Source = Literal["relaxed", "single_point"]
@@ -84,47 +86,55 @@ def label_remote(cfg: SurfdiffConfig, system: SurfaceSystem, cand: StructureDoc,
                          prior=prior).model_dump(mode="json")
 
 
+def label_id(cfg: SurfdiffConfig, cand: StructureDoc, source: Source, tag: str) -> str:
+    """The document id of a candidate's label: the same in every run with these settings (what makes it resumable)."""
+    r = cfg.rss
+    settings = (r.fmax, r.steps, r.optimizer) if source == "relaxed" else ()
+    return make_doc_id(source, cand.doc_id, tag, cfg.oracle.energy_model, *settings)
+
+
 def _label(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem, candidates: list[StructureDoc],
            calculator, source: Source, *, tag: str, meta: dict | None, progress: bool,
            executor: Executor | None = None, lost: dict[str, str] | None = None) -> list[StructureDoc]:
     r = cfg.rss
     relax = source == "relaxed"
-    settings = (r.fmax, r.steps, r.optimizer) if relax else ()
-    ids = [make_doc_id(source, c.doc_id, tag, cfg.oracle.energy_model, *settings) for c in candidates]
+    ids = [label_id(cfg, c, source, tag) for c in candidates]
     work = plan_work(store, ids, r.max_attempts)
     label = f"{tag}: {'relax' if relax else 'single points'} {system.composition} {system.cell}"
-    if executor is not None:
-        _label_on(executor, cfg, store, system, zip(candidates, ids, strict=True), work, source, label,
-                  tag=tag, meta=meta, progress=progress, lost=lost)
-    else:
-        for cand, doc_id in progress_bar(list(zip(candidates, ids, strict=True)), desc=label,
-                                         disable=not progress, unit="struct", dynamic_ncols=True):
-            if doc_id not in work.finished:
-                store.put(label_one(cfg, system, cand, doc_id, source, calculator, tag=tag, meta=meta,
-                                    prior=work.retry.get(doc_id)))
+    todo = {doc_id: cand for cand, doc_id in zip(candidates, ids, strict=True) if doc_id not in work.finished}
+    if todo:
+        queue = WorkQueue(claim_board(store), list(todo), lambda doc_id: still_needed(store, doc_id, work,
+                                                                                       r.max_attempts))
+        with queue, progress_bar(total=len(todo), desc=label, disable=not progress, unit="struct",
+                                 dynamic_ncols=True) as bar:
+            if executor is not None:
+                _label_on(executor, cfg, store, system, todo, queue, work, source, bar, tag=tag, meta=meta,
+                          lost=lost)
+            else:  # one after the other, in the candidates' order, each as this process claims it
+                while (doc_id := queue.next()) is not None:
+                    store.put(label_one(cfg, system, todo[doc_id], doc_id, source, calculator, tag=tag, meta=meta,
+                                        prior=work.retry.get(doc_id)))
+                    queue.done(doc_id)
+                    bar.update(1)
     by_id_doc = {d.doc_id: d for d in store.find({"doc_id": {"$in": ids}})}
     return [by_id_doc[i] for i in ids if i in by_id_doc]
 
 
 def _label_on(executor: Executor, cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem,
-              pairs: Iterable[tuple[StructureDoc, str]], work: WorkPlan, source: Source, label: str, *, tag: str,
-              meta: dict | None, progress: bool, lost: dict[str, str] | None) -> None:
-    """The candidates not stored yet, one job each on `executor`, all submitted at once (as the RSS and relax
-    stages do); each document stored here as its job returns."""
-    todo = {doc_id: cand for cand, doc_id in pairs if doc_id not in work.finished}
-    if not todo:
-        return
-    with progress_bar(total=len(todo), desc=label, disable=not progress, unit="struct", dynamic_ncols=True) as bar:
-        def job(doc_id: str) -> tuple[Callable[..., dict], tuple]:
-            return label_remote, (cfg, system, todo[doc_id], doc_id, source, tag, meta, work.retry.get(doc_id))
+              todo: dict[str, StructureDoc], queue: WorkQueue, work: WorkPlan, source: Source, bar, *, tag: str,
+              meta: dict | None, lost: dict[str, str] | None) -> None:
+    """The candidates of `todo`, one job each on `executor` as this process claims them, all at once (as the
+    RSS and relax stages do); each document stored here as its job returns."""
+    def job(doc_id: str) -> tuple[Callable[..., dict], tuple]:
+        return label_remote, (cfg, system, todo[doc_id], doc_id, source, tag, meta, work.retry.get(doc_id))
 
-        def finished(_: str, data: dict) -> None:
-            store.put(StructureDoc.model_validate(data))
-            bar.update(1)
+    def finished(_: str, data: dict) -> None:
+        store.put(StructureDoc.model_validate(data))
+        bar.update(1)
 
-        def gone(doc_id: str, why: str) -> None:
-            if lost is not None:
-                lost[doc_id] = why
-            bar.update(1)
+    def gone(doc_id: str, why: str) -> None:
+        if lost is not None:
+            lost[doc_id] = why
+        bar.update(1)
 
-        run_on(executor, unclaimed(todo), len(todo), job, finished, gone)
+    run_on(executor, queue, len(todo), job, finished, gone)
