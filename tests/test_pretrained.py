@@ -117,6 +117,29 @@ def test_sampling_with_a_shipped_model_registers_it_and_reaches_no_network(tmp_p
     assert all(m is not None and m.member_of == rec.model_id for m in members)
 
 
+def test_a_shipped_model_registered_by_another_install_is_found_in_this_one(tmp_path, lattice_cache):
+    """The registry names the checkpoint of the install that registered it; a new virtual environment reading
+    the same store finds its own copy (still checked by SHA-256). A trained model's missing file stays an error."""
+    from surfdiff_core.stages.common import model_registry
+    from surfdiff_core.stages.sample import committee_records, resolve_model
+
+    _, cfg = study(tmp_path, init="null")
+    card = pretrained.find_shipped("emt-ag111-o")
+    main = pretrained.register(card, cfg)
+    elsewhere = "/old/venv/lib/python3.11/site-packages/surfdiff_core/pretrained/emt-ag111-o"
+    with model_registry(cfg) as registry:
+        for entry in (card.checkpoint, *card.committee):
+            rec = registry.get(entry.model_id)
+            registry.record(rec.model_copy(update={"checkpoint": f"{elsewhere}/{entry.file}"}))
+        registry.record(main.model_copy(update={"model_id": "trained", "pretrained": None, "committee": [],
+                                               "checkpoint": f"{elsewhere}/{card.checkpoint.file}"}))
+    rec = resolve_model(cfg, model_id=card.checkpoint.model_id)
+    assert rec.checkpoint == str(card.path(card.checkpoint))
+    assert [m.checkpoint for m in committee_records(cfg, rec)] == [str(card.path(m)) for m in card.committee]
+    with pytest.raises(SurfdiffError, match="checkpoint of model trained is missing"):
+        resolve_model(cfg, model_id="trained")
+
+
 @pytest.mark.parametrize(("change", "phrase"), [
     ({"element": "Cu", "facet": "fcc100"}, "substrate Cu(fcc100), not Ag(fcc111)"),
     ({"oracle": "chgnet"}, "energy model chgnet, not emt"),

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from surfdiff_core.errors import SurfdiffError
-from surfdiff_core.store.models import ModelRecord, file_sha256
+from surfdiff_core.store.models import SHIPPED_ROOT, ModelRecord, file_sha256
 
 if TYPE_CHECKING:
     from surfdiff_core.config import SurfdiffConfig
 
-SHIPPED_DIR = Path(__file__).resolve().parent
+SHIPPED_DIR = SHIPPED_ROOT
 LATTICE_TOLERANCE = 0.01  # relative: the same substrate relaxed by the same oracle agrees far closer
 
 

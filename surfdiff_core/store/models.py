@@ -2,7 +2,9 @@
 
 `sample` resolves its model here (a model id, or the newest model trained for a study, system and energy
 model), never from file times. Each record holds the checkpoint's SHA-256, so a checkpoint replaced or
-corrupted after training is an error, not a silent switch of models.
+corrupted after training is an error, not a silent switch of models. A shipped model's record names the
+checkpoint where the install that registered it kept it; read back by another install (a new virtual
+environment, another Python), it names this install's copy instead, still checked by its SHA-256.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from surfdiff_core.errors import SurfdiffError
 from surfdiff_core.store.backends import check_reachable
 from surfdiff_core.store.documents import now
 from surfdiff_core.store.results import make_maggma_store
+
+SHIPPED_ROOT = Path(__file__).resolve().parents[1] / "pretrained"  # surfdiff_core/pretrained/<name>/<checkpoint>
 
 
 class ModelRecord(BaseModel):
@@ -86,7 +90,7 @@ class ModelRegistry:
 
     def get(self, model_id: str) -> ModelRecord | None:
         d = self._store.query_one({"model_id": model_id})
-        return ModelRecord.model_validate(d) if d else None
+        return located(ModelRecord.model_validate(d)) if d else None
 
     def find(self, *, study: str | None = None, system_id: str | None = None,
              energy_model: str | None = None) -> list[ModelRecord]:
@@ -95,7 +99,7 @@ class ModelRegistry:
             crit["study"] = study
         if system_id is not None:
             crit["system_id"] = system_id
-        recs = [ModelRecord.model_validate(d) for d in self._store.query(crit)]
+        recs = [located(ModelRecord.model_validate(d)) for d in self._store.query(crit)]
         if energy_model is not None:
             recs = [r for r in recs if r.energy_models and r.energy_models[0] == energy_model]
         return sorted(recs, key=lambda r: (r.created_at, r.model_id))
@@ -121,6 +125,16 @@ class ModelRegistry:
             rec = recs[-1]
         verify_checkpoint(rec)
         return rec
+
+
+def located(rec: ModelRecord) -> ModelRecord:
+    """The record with its checkpoint where this install has it: a shipped model's file, registered by another
+    install (whose path is gone), is this install's copy of it."""
+    if rec.pretrained and not Path(rec.checkpoint).is_file():
+        here = SHIPPED_ROOT / rec.pretrained / Path(rec.checkpoint).name
+        if here.is_file():
+            return rec.model_copy(update={"checkpoint": str(here)})
+    return rec
 
 
 def verify_checkpoint(rec: ModelRecord) -> None:
