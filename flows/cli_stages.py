@@ -244,6 +244,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.discovery import discovery_flow
     from flows.ephemeral import start_ephemeral_server
+    from flows.failure_logs import quiet_failure_reports
+
+    quiet_failure_reports()  # a failure is this command's one line, not Prefect's tracebacks as well
 
     start_ephemeral_server()  # the temporary API server dies with this command, even on SIGKILL
     from surfdiff_core.evaluate.budget import energy_phrase, speedup_phrase

@@ -23,6 +23,7 @@ _NAMED: dict[str, dict[str, list[list[int]]]] = {
     "c(2x2)": {"fcc100": [[1, 1], [-1, 1]]},
 }
 _P_CELL = re.compile(r"^p\((\d+)x(\d+)\)$")
+_MATRIX_LABEL = re.compile(r"^\[\[(-?\d+),(-?\d+)\],\[(-?\d+),(-?\d+)\]\]$")  # cell_label of a matrix
 # Substrate atoms (cell area in primitive cells × layers) a system may have: beyond this, placing one random
 # structure alone needs gigabytes (pair distances), so such a cell is refused when the config is read.
 MAX_SUBSTRATE_ATOMS = 10_000
@@ -38,12 +39,17 @@ def canonical_cell_name(name: str) -> str:
 
 
 def cell_matrix(cell: str | list[list[int]], facet: str) -> np.ndarray:
-    """Resolve a cell name or explicit matrix to a validated 2×2 integer matrix."""
+    """Resolve a cell name, explicit matrix or a matrix's label ('[[3,0],[1,2]]') to a validated 2×2 integer
+    matrix."""
     if isinstance(cell, str):
         key = canonical_cell_name(cell)
         m = _P_CELL.match(key)
+        label = _MATRIX_LABEL.match(key)
         if m:
             matrix = [[int(m.group(1)), 0], [0, int(m.group(2))]]
+        elif label:  # a matrix cell's label, as results and stored documents carry it
+            a, b, c, d = map(int, label.groups())
+            matrix = [[a, b], [c, d]]
         elif key in _NAMED:
             if facet not in _NAMED[key]:
                 raise ConfigError(f"cell {cell!r} is not defined on facet {facet}; give a 2x2 matrix instead")
@@ -70,7 +76,7 @@ def cell_matrix(cell: str | list[list[int]], facet: str) -> np.ndarray:
 
 def cell_label(cell: str | list[list[int]], facet: str) -> str:
     """A stable, human-readable label: the canonical name when one was given, else the matrix."""
-    if isinstance(cell, str):
+    if isinstance(cell, str) and not _MATRIX_LABEL.match(canonical_cell_name(cell)):
         return canonical_cell_name(cell)
     m = cell_matrix(cell, facet)
     return f"[[{m[0, 0]},{m[0, 1]}],[{m[1, 0]},{m[1, 1]}]]"

@@ -218,7 +218,7 @@ def test_stage_all_in_charges_shared_cost_once_and_reaches_the_report():
     assert row["speedup_atom_weighted"] == pytest.approx(62.5 / 30, abs=1e-4)
     assert row["one_target_all_in"] == pytest.approx(62.5 / 120, abs=1e-4)
     assert all_in_summary(summary) == ("all-in (training data counted): 1.2x more atom-weighted oracle force "
-                                       "calls than RSS (force calls 0.72x; atoms³-weighted 1.15x)")
+                                       "calls than RSS (force calls: 1.4x more; atoms³-weighted: 1.2x fewer)")
     report = markdown_report(result)
     assert "| Ag2O1 p(2x2) | 2.00x | 2.08x | 0.52x |" in report
     assert "**All-in over the sweep** (training data counted): 1.2x more atom-weighted oracle force calls" in report

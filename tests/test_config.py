@@ -49,6 +49,23 @@ def test_c2x8_is_the_paper_matrix():
     assert cell_matrix("p(4x4)", "fcc111").tolist() == [[4, 0], [0, 4]]
 
 
+@pytest.mark.parametrize("matrix", [[[3, 0], [1, 2]], [[2, -1], [1, 3]]])
+def test_a_matrix_cells_label_names_the_same_cell(matrix):
+    """Results and documents carry a matrix cell as its label; a later stage reading it back (the evaluation of
+    a sampled sweep) builds the same system."""
+    from surfdiff_core.cells import cell_label
+
+    label = cell_label(matrix, "fcc100")
+    assert cell_matrix(label, "fcc100").tolist() == matrix
+    assert cell_label(label, "fcc100") == label == cell_label(label.replace(",", ", "), "fcc100")
+    cfg = SurfdiffConfig()
+    by_matrix = build_system(cfg.substrate, cfg.confinement, matrix, "O2", lattice={"a": A_AG})
+    by_label = build_system(cfg.substrate, cfg.confinement, label, "O2", lattice={"a": A_AG})
+    assert by_label.system_id == by_matrix.system_id and by_label.cell == by_matrix.cell == label
+    with pytest.raises(ConfigError, match="singular"):
+        cell_matrix("[[1,0],[2,0]]", "fcc100")
+
+
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [

@@ -61,6 +61,23 @@ def test_discovery_flow_end_to_end(prefect_harness, tiny_config):
         assert store.count({}) == 8 + 4 + 1 + 3 + result["evaluation"][0]["generative_relaxations"]
 
 
+def test_a_run_failing_mid_flow_says_so_in_one_line(tmp_path, tiny_config):
+    """Bad input found inside the flow (a model id nobody trained, after RSS ran): the command's one line, exit 2,
+    and none of Prefect's failure reports with their tracebacks; SURFDIFF_DEBUG=1 keeps every traceback."""
+    tiny_config.write_text(tiny_config.read_text().replace("train: {", "train: {init_from: model-nobody-trained, "))
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("SURFDIFF_DEBUG", None)
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(tiny_config)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in r.stderr.replace("\r", "\n").splitlines() if ln.strip() and "struct/s" not in ln]
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("surfdiff run: error: train.init_from 'model-nobody-trained' is "
+                                                   "neither a shipped pretrained model"), r.stderr
+    assert "Traceback" not in r.stderr and "ERROR" not in r.stderr
+    debug = subprocess.run(cmd, env={**env, "SURFDIFF_DEBUG": "1"}, capture_output=True, text=True, timeout=600)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "Task run failed" in debug.stderr
+
+
 def test_killed_run_resumes_without_duplicates(tmp_path, tiny_config):
     text = tiny_config.read_text().replace("epochs: 3", "epochs: 40")
     tiny_config.write_text(text)

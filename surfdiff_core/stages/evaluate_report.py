@@ -241,9 +241,16 @@ def all_in_summary(all_in: dict[str, Any]) -> str:
     line = f"all-in (training data counted): {all_in_line(all_in)}"
     if ratios.get("force_calls") is None:
         return line
-    beside = "; ".join(f"{w} {_x(ratios.get(u))}" for u, w in (("force_calls", "force calls"),
-                                                               ("atom3_force_calls", "atoms³-weighted")))
+    beside = "; ".join(f"{w}: {_times(ratios.get(u))}" for u, w in (("force_calls", "force calls"),
+                                                                    ("atom3_force_calls", "atoms³-weighted")))
     return f"{line} ({beside})"
+
+
+def _times(ratio: float | None) -> str:
+    """A ratio in the headline's words: "3.2x fewer", "1.4x more" (RSS's cost over surfdiff's)."""
+    if ratio is None:
+        return "not reached"
+    return f"{ratio:.1f}x fewer" if ratio >= 1.0 else f"{1.0 / ratio:.1f}x more"
 
 
 def cost_section(result: EvaluationResult) -> list[str]:
