@@ -82,6 +82,13 @@ def cell_label(cell: str | list[list[int]], facet: str) -> str:
     return f"[[{m[0, 0]},{m[0, 1]}],[{m[1, 0]},{m[1, 1]}]]"
 
 
+def file_slug(composition: str, cell: str) -> str:
+    """A target as part of a file name: 'Ag6O3-p3x3', 'O2-3_0_1_2' for a matrix cell (no brackets, commas or
+    parentheses, which shells and markdown links trip over)."""
+    name = cell.replace("(", "").replace(")", "").replace(" ", "")
+    return f"{composition}-{re.sub(r'[^A-Za-z0-9.-]+', '_', name).strip('_')}"
+
+
 def check_slab_size(cell: str | list[list[int]], matrix: np.ndarray, layers: int) -> None:
     """One line when the slab of `cell` (its matrix) with `layers` layers has too many atoms to handle."""
     n = abs(round(float(np.linalg.det(matrix)))) * layers  # every facet: one atom per primitive cell and layer

@@ -66,6 +66,14 @@ def test_a_matrix_cells_label_names_the_same_cell(matrix):
         cell_matrix("[[1,0],[2,0]]", "fcc100")
 
 
+@pytest.mark.parametrize(("cell", "slug"), [("p(4x4)", "Ag6O3-p4x4"), ("c(2x8)", "Ag6O3-c2x8"),
+                                            ("[[3,0],[1,2]]", "Ag6O3-3_0_1_2"), ("[[2,-1],[1,3]]", "Ag6O3-2_-1_1_3")])
+def test_a_targets_file_name_has_no_brackets_commas_or_parentheses(cell, slug):
+    from surfdiff_core.cells import file_slug
+
+    assert file_slug("Ag6O3", cell) == slug
+
+
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from surfdiff_core.cells import file_slug
 from surfdiff_core.config import SurfdiffConfig
 from surfdiff_core.stages.common import figure_dir, target_system
 from surfdiff_core.stages.results import StageResult
@@ -197,7 +198,7 @@ def write_figures(cfg: SurfdiffConfig, result: EvaluationResult, lines: list) ->
     out: dict[str, str] = {}
     d = figure_dir(cfg) / "evaluation"
     for t in result.targets:
-        slug = f"{t.composition}-{t.cell}".replace("(", "").replace(")", "").replace(" ", "")
+        slug = file_slug(t.composition, t.cell)
         gen = [e for e in t.generative_energies if np.isfinite(e)]
         if gen or t.rss_energies:
             out[f"{t.key} energies"] = str(energy_distributions(
