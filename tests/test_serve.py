@@ -185,6 +185,43 @@ def test_deployments_registered(stack):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_sweep_study_runs_from_the_discovery_deployment(stack, workdir):
+    """The run form submits the edited study as JSON: a sweep (one cell given as a matrix, two compositions)
+    passes the server's check against the typed schema, and the worker runs the whole discovery flow on it."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from surfdiff_core.config import config_from_dict
+    from surfdiff_core.stages.common import open_study_store
+    from tests.conftest import TINY_CONFIG as STUDY
+
+    store = workdir / "sweep" / "store"
+    text = STUDY.replace("STORE", str(store)).replace("name: tiny", "name: serve-sweep").replace(
+        'targets: [{cell: "p(3x3)", composition: Ag2O1}]',
+        'sweep: {cells: ["p(2x2)", [[2, 1], [0, 2]]], compositions: [Ag1O1, Ag2O1]}\n  share_batches: true')
+    study = config_from_dict(yaml.safe_load(text))
+    assert study.sample.sweep is not None and not study.sample.targets
+    with _client(stack) as c:
+        dep = c.read_deployment_by_name("discovery/demo")
+        run = c.create_flow_run_from_deployment(dep.id, parameters={"study": study.model_dump(mode="json")})
+        deadline = time.monotonic() + 800
+        while time.monotonic() < deadline:
+            (run,) = c.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+            if run.state is not None and run.state.is_final():
+                break
+            time.sleep(2)
+    worker_log = (stack.home / "logs" / "worker.log").read_text()[-3000:]
+    assert run.state is not None and run.state.is_completed(), f"{run.state}; worker log:\n{worker_log}"
+    with open_study_store(study) as results:
+        generated = results.find_raw({"study": "serve-sweep", "source": "generated"},
+                                     properties=["composition", "cell"])
+        evaluated = results.count({"study": "serve-sweep", "source": "relaxed", "meta.purpose": "evaluate"})
+    assert {(g["composition"], g["cell"]) for g in generated} == {
+        (comp, cell) for comp in ("Ag1O1", "Ag2O1") for cell in ("p(2x2)", "[[2,1],[0,2]]")}
+    assert evaluated >= 4  # at least one oracle relaxation per target
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_api_refuses_requests_without_the_password(stack):
     from deploy.auth import AUTH_FILE
