@@ -46,6 +46,7 @@ from sweep_report import write_report  # noqa: E402
 from sweep_settings import settings_hash  # noqa: E402
 from sweep_state import arms_file, load_arms, save_arms  # noqa: E402
 
+from surfdiff_core.cells import cell_label  # noqa: E402
 from surfdiff_core.config import config_from_dict, load_config  # noqa: E402
 from surfdiff_core.errors import ConfigError, SurfdiffError  # noqa: E402
 from surfdiff_core.ml.message_op import message_op_unavailable_reason  # noqa: E402
@@ -348,10 +349,12 @@ def main(argv: list[str] | None = None) -> Path:
         return report
     store_path = out / "stores" / "all"
     try:  # every target expanded and checked before any work
-        targets = sample_targets(config_from_dict(study_config(args, base, (args.seeds or [0])[0], store_path)))
+        first = config_from_dict(study_config(args, base, (args.seeds or [0])[0], store_path))
+        targets = sample_targets(first)
     except SurfdiffError as err:
         sys.exit(f"error: {err}")
-    print(f"{len(targets)} targets: {', '.join(f'{t.composition} {t.cell}' for t in targets)}", flush=True)
+    names = (f"{t.composition} {cell_label(t.cell, first.substrate.facet)}" for t in targets)
+    print(f"{len(targets)} targets: {', '.join(names)}", flush=True)
     if args.save_arms:  # beside a running invocation: no lock (SQLite readers see the last committed state)
         if not store_path.is_dir():
             sys.exit(f"error: no store in {out}: no RSS arms to keep")
