@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from surfdiff_core.store import ResultsStore
+from surfdiff_core.store.claims import WorkQueue, claim_board
 
 _CHUNK = 500
 
@@ -64,6 +65,11 @@ def still_needed(store: ResultsStore, doc_id: str, planned: WorkPlan, max_attemp
     now = plan_work(store, [doc_id], max_attempts)
     before, after = planned.retry.get(doc_id), now.retry.get(doc_id)
     return doc_id not in now.finished and (before.attempts if before else 0) == (after.attempts if after else 0)
+
+
+def claimed_work(store: ResultsStore, ids: Iterable[str], planned: WorkPlan, max_attempts: int) -> WorkQueue:
+    """The queue that hands out `ids` as this process claims them and each is still needed (still_needed)."""
+    return WorkQueue(claim_board(store), ids, lambda doc_id: still_needed(store, doc_id, planned, max_attempts))
 
 
 def attempt_meta(prior: PriorFailure | None, error: str | None) -> dict[str, Any]:

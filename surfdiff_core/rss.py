@@ -26,9 +26,8 @@ from surfdiff_core.errors import ConfigError, SurfdiffError
 from surfdiff_core.executors import local_processes
 from surfdiff_core.progress import progress_bar
 from surfdiff_core.remote import run_on
-from surfdiff_core.retry import PriorFailure, attempt_meta, plan_work, still_needed
+from surfdiff_core.retry import PriorFailure, attempt_meta, claimed_work, plan_work
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
-from surfdiff_core.store.claims import WorkQueue, claim_board
 from surfdiff_core.store.documents import atoms_to_structure_dict
 from surfdiff_core.system import SurfaceSystem
 from surfdiff_core.system_build import resolve_lattice, systems_for
@@ -198,8 +197,7 @@ def run_rss(
         bar.update(1)
 
     # Claimed one by one as a worker frees up, so that processes sharing the store split the work.
-    queue = WorkQueue(claim_board(store), [t.doc_id for t in todo],
-                      lambda doc_id: still_needed(store, doc_id, work, cfg.rss.max_attempts))
+    queue = claimed_work(store, [t.doc_id for t in todo], work, cfg.rss.max_attempts)
     tasks_by_id = {t.doc_id: t for t in todo}
 
     def job(doc_id: str) -> tuple[Callable[..., dict], tuple]:

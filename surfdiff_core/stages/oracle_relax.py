@@ -19,9 +19,9 @@ from threadpoolctl import threadpool_limits
 from surfdiff_core.config import SurfdiffConfig
 from surfdiff_core.progress import progress_bar
 from surfdiff_core.remote import run_on
-from surfdiff_core.retry import PriorFailure, WorkPlan, attempt_meta, plan_work, still_needed
+from surfdiff_core.retry import PriorFailure, WorkPlan, attempt_meta, claimed_work, plan_work
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
-from surfdiff_core.store.claims import WorkQueue, claim_board
+from surfdiff_core.store.claims import WorkQueue
 from surfdiff_core.system import SurfaceSystem
 
 Source = Literal["relaxed", "single_point"]
@@ -103,8 +103,7 @@ def _label(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem, cand
     label = f"{tag}: {'relax' if relax else 'single points'} {system.composition} {system.cell}"
     todo = {doc_id: cand for cand, doc_id in zip(candidates, ids, strict=True) if doc_id not in work.finished}
     if todo:
-        queue = WorkQueue(claim_board(store), list(todo), lambda doc_id: still_needed(store, doc_id, work,
-                                                                                       r.max_attempts))
+        queue = claimed_work(store, list(todo), work, r.max_attempts)
         with queue, progress_bar(total=len(todo), desc=label, disable=not progress, unit="struct",
                                  dynamic_ncols=True) as bar:
             if executor is not None:

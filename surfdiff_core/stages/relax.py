@@ -20,11 +20,10 @@ import numpy as np
 from surfdiff_core.config import RelaxConfig, SurfdiffConfig
 from surfdiff_core.evaluate.matching import deduplicate
 from surfdiff_core.remote import run_on
-from surfdiff_core.retry import attempt_meta, plan_work, still_needed
+from surfdiff_core.retry import attempt_meta, claimed_work, plan_work
 from surfdiff_core.stages.common import jobs_store_for, new_run_id, sample_targets, target_system
 from surfdiff_core.stages.results import RelaxResult, SampleResult, relax_target_key
 from surfdiff_core.store import ResultsStore, StructureDoc, make_doc_id
-from surfdiff_core.store.claims import WorkQueue, claim_board
 from surfdiff_core.store.documents import now
 
 if TYPE_CHECKING:
@@ -125,8 +124,7 @@ def run(cfg: SurfdiffConfig, store: ResultsStore, upstream: SampleResult | None 
 
         by_id = {meta["doc_id"]: (structure, meta) for structure, meta in inputs}
         # Claimed one by one, so that two relax stages on one store never relax a candidate twice
-        queue = WorkQueue(claim_board(store), list(by_id),
-                          lambda doc_id: still_needed(store, doc_id, work, rcfg.max_attempts))
+        queue = claimed_work(store, list(by_id), work, rcfg.max_attempts)
         try:
             with queue:
                 if executor is not None:  # one job per candidate, every one submitted at once
