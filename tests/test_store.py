@@ -12,9 +12,9 @@ from surfdiff_core.store.documents import atoms_to_structure_dict, frames_from_a
 from surfdiff_core.system import build_system
 
 
-def _doc(i: int, energy: float | None = -1.0, source: str = "rss") -> StructureDoc:
+def _doc(i: int, energy: float | None = -1.0, source: str = "rss", cell: str | list = "p(2x2)") -> StructureDoc:
     cfg = config_from_dict({"substrate": {"lattice_constant": 4.09}})
-    system = build_system(cfg.substrate, cfg.confinement, "p(2x2)", "Ag1O1")
+    system = build_system(cfg.substrate, cfg.confinement, cell, "Ag1O1")
     atoms = system.random_structure(np.random.default_rng(i))
     forces = np.random.default_rng(i).normal(size=(len(atoms), 3))
     return StructureDoc(
@@ -68,6 +68,15 @@ def test_query_filters_and_top(store):
     assert len(query_docs(store, build_criteria(max_energy=-2.5))) == 2
     assert len(query_docs(store, build_criteria(source="generated"))) == 1
     assert len(query_docs(store, build_criteria(composition="Ag1O1", cell="p(2×2)"))) == 6
+
+
+def test_cell_filter_finds_a_cell_by_name_and_by_matrix(store):
+    store.put_many([_doc(1), _doc(2, cell=[[2, 0], [0, 2]]), _doc(3, cell="p(3x3)"), _doc(4, cell=[[2, 0], [1, 2]])])
+    assert {d.cell for d in query_docs(store, build_criteria(cell="[[2, 0], [0, 2]]"))} == {"p(2x2)", "[[2,0],[0,2]]"}
+    for same in ("p(2x2)", "2x2", "[[2,0],[0,2]]"):
+        assert len(query_docs(store, build_criteria(cell=same))) == 2
+    assert [d.seed for d in query_docs(store, build_criteria(cell="[[2,0],[1,2]]"))] == [4]
+    assert [d.seed for d in query_docs(store, build_criteria(cell="p(3x3)"))] == [3]
 
 
 def test_monty_store_persists_across_connections(tmp_path):
