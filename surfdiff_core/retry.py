@@ -7,7 +7,7 @@ not, carries `meta.attempts` (how often this work has been tried) and `meta.erro
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,9 +67,12 @@ def still_needed(store: ResultsStore, doc_id: str, planned: WorkPlan, max_attemp
     return doc_id not in now.finished and (before.attempts if before else 0) == (after.attempts if after else 0)
 
 
-def claimed_work(store: ResultsStore, ids: Iterable[str], planned: WorkPlan, max_attempts: int) -> WorkQueue:
-    """The queue that hands out `ids` as this process claims them and each is still needed (still_needed)."""
-    return WorkQueue(claim_board(store), ids, lambda doc_id: still_needed(store, doc_id, planned, max_attempts))
+def claimed_work(store: ResultsStore, ids: Iterable[str], planned: WorkPlan, max_attempts: int,
+                 on_elsewhere: Callable[[str], None] | None = None) -> WorkQueue:
+    """The queue that hands out `ids` as this process claims them and each is still needed (still_needed);
+    `on_elsewhere` hears of each id another process finished."""
+    return WorkQueue(claim_board(store), ids, lambda doc_id: still_needed(store, doc_id, planned, max_attempts),
+                     on_elsewhere=on_elsewhere)
 
 
 def attempt_meta(prior: PriorFailure | None, error: str | None) -> dict[str, Any]:

@@ -197,7 +197,8 @@ def run_rss(
         bar.update(1)
 
     # Claimed one by one as a worker frees up, so that processes sharing the store split the work.
-    queue = claimed_work(store, [t.doc_id for t in todo], work, cfg.rss.max_attempts)
+    queue = claimed_work(store, [t.doc_id for t in todo], work, cfg.rss.max_attempts,
+                         on_elsewhere=lambda _: bar.update(1))
     tasks_by_id = {t.doc_id: t for t in todo}
 
     def job(doc_id: str) -> tuple[Callable[..., dict], tuple]:
@@ -224,7 +225,6 @@ def run_rss(
                     run_on(pool, queue, workers, job, finished, lost)
     finally:
         report.by_others = queue.elsewhere
-        bar.update(queue.elsewhere)
         bar.close()
         report.wall_time = time.perf_counter() - start
     computed = len(todo) - report.by_others

@@ -108,7 +108,8 @@ def test_the_work_queue_hands_out_each_id_once_and_waits_for_others(boards):
     a, b = boards(), boards()
     stored: set[str] = set()
     qa = WorkQueue(a, ["1", "2", "3"], needed=lambda i: i not in stored, poll_s=0.05)
-    qb = WorkQueue(b, ["1", "2", "3"], needed=lambda i: i not in stored, poll_s=0.05)
+    heard: list[str] = []
+    qb = WorkQueue(b, ["1", "2", "3"], needed=lambda i: i not in stored, poll_s=0.05, on_elsewhere=heard.append)
     with qa, qb:
         assert qa.take() == "1" and qb.take() == "2"
         assert qa.take() == "3" and qb.take() is None and qb.waiting()
@@ -117,6 +118,7 @@ def test_the_work_queue_hands_out_each_id_once_and_waits_for_others(boards):
             (qb if i == "2" else qa).done(i)
         time.sleep(0.06)
         assert qb.take() is None and not qb.waiting() and qb.elsewhere == 2
+        assert sorted(heard) == ["1", "3"]  # what a progress bar counts as done by others
     assert not a.held_by_others(["1", "2", "3"])
 
 
@@ -281,6 +283,23 @@ def test_oracle_labels_leave_a_candidate_another_process_claimed(tmp_path, monke
     computed: list[str] = []
     label_one = oracle_relax.label_one
     monkeypatch.setattr(oracle_relax, "label_one", lambda *a, **k: computed.append(a[4]) or label_one(*a, **k))
+    bars = []
+
+    class Bar:  # the progress bar's count: the labels this process made and those the other one finished
+        def __init__(self, total: int, **_) -> None:
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n: int) -> None:
+            self.n += n
+
+        def __enter__(self) -> Bar:
+            return self
+
+        def __exit__(self, *_) -> None:
+            pass
+
+    monkeypatch.setattr(oracle_relax, "progress_bar", Bar)
     cfg, system, parents = _generated_candidates(tmp_path)
     label = relax_samples if source == "relaxed" else single_points
     held = label_id(cfg, parents[1], source, "eval")
@@ -300,6 +319,7 @@ def test_oracle_labels_leave_a_candidate_another_process_claimed(tmp_path, monke
             assert docs[1].doc_id == held and docs[1].energy == -9.0 and docs[1].meta["purpose"] == "theirs"
             assert all(d.meta["purpose"] == "eval" and d.energy != -9.0 for d in (docs[0], docs[2]))
             assert store.count({"source": source}) == 3
+            assert [(b.n, b.total) for b in bars] == [(3, 3)]
     finally:
         other_process.kill()
         other_process.wait()

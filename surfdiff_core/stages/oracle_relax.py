@@ -103,9 +103,9 @@ def _label(cfg: SurfdiffConfig, store: ResultsStore, system: SurfaceSystem, cand
     label = f"{tag}: {'relax' if relax else 'single points'} {system.composition} {system.cell}"
     todo = {doc_id: cand for cand, doc_id in zip(candidates, ids, strict=True) if doc_id not in work.finished}
     if todo:
-        queue = claimed_work(store, list(todo), work, r.max_attempts)
-        with queue, progress_bar(total=len(todo), desc=label, disable=not progress, unit="struct",
-                                 dynamic_ncols=True) as bar:
+        with progress_bar(total=len(todo), desc=label, disable=not progress, unit="struct",
+                          dynamic_ncols=True) as bar, \
+                claimed_work(store, list(todo), work, r.max_attempts, on_elsewhere=lambda _: bar.update(1)) as queue:
             if executor is not None:
                 _label_on(executor, cfg, store, system, todo, queue, work, source, bar, tag=tag, meta=meta,
                           lost=lost)

@@ -187,8 +187,9 @@ class WorkQueue:
     are looked at again every `poll_s` until they are stored (done elsewhere) or their claim lapses."""
 
     def __init__(self, board: ClaimBoard, ids: Iterable[str], needed: Callable[[str], bool],
-                 poll_s: float = 1.0) -> None:
+                 poll_s: float = 1.0, on_elsewhere: Callable[[str], None] | None = None) -> None:
         self.board, self.needed, self.poll_s = board, needed, poll_s
+        self.on_elsewhere = on_elsewhere  # told of each id found finished by another process (progress bars)
         self._pending: deque[str] = deque(ids)
         self._held: list[str] = []  # claimed by another process when last tried
         self._checked = 0.0
@@ -222,6 +223,8 @@ class WorkQueue:
             if not self.needed(doc_id):  # stored by another owner before we claimed it
                 self.board.release(doc_id)
                 self.elsewhere += 1
+                if self.on_elsewhere is not None:
+                    self.on_elsewhere(doc_id)
                 continue
             return doc_id
         return None
