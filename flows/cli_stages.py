@@ -113,6 +113,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from surfdiff_core.config import with_overrides
     from surfdiff_core.evaluate.budget import energy_phrase, speedup_phrase
     from surfdiff_core.evaluate.cost import cost_phrase
+    from surfdiff_core.evaluate.phase import window_text
     from surfdiff_core.executors import ExecutorSpec
     from surfdiff_core.query import require_existing_store
     from surfdiff_core.stages import evaluate
@@ -171,7 +172,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for warning in result.warnings():
         print(f"warning: {warning}", file=sys.stderr)
     for seg in result.phase_diagram:
-        print(f"  Δμ {seg['dmu_min']:+.2f} .. {seg['dmu_max']:+.2f} eV: {seg['phase']}")
+        print(f"  Δμ {window_text(seg['dmu_min'], seg['dmu_max'], ' .. ')} eV: {seg['phase']}")
     for arm in result.phase_comparison.get("arms", {}):
         from surfdiff_core.evaluate.phase_compare import missed_sentence
 
@@ -251,6 +252,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     start_ephemeral_server()  # the temporary API server dies with this command, even on SIGKILL
     from surfdiff_core.evaluate.budget import energy_phrase, speedup_phrase
     from surfdiff_core.evaluate.cost import cost_phrase
+    from surfdiff_core.evaluate.phase import window_text
     from surfdiff_core.stages.evaluate_report import all_in_summary
 
     result = discovery_flow(study=cfg, executor=spec.kind, hpc_settings=spec.hpc_settings)  # the flow's strings
@@ -275,7 +277,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result.get("evaluation_all_in"):  # the discovery flow's dict, when it passes the sweep's all-in on
         print(all_in_summary(result["evaluation_all_in"]))
     for seg in result.get("phase_diagram") or []:
-        print(f"stable phase for Δμ {seg['dmu_min']:+.2f} .. {seg['dmu_max']:+.2f} eV: {seg['phase']}")
+        print(f"stable phase for Δμ {window_text(seg['dmu_min'], seg['dmu_max'], ' .. ')} eV: {seg['phase']}")
     for warning in result.get("warnings") or []:
         print(f"warning: {warning}", file=sys.stderr)
     outputs = result.get("outputs") or {}

@@ -336,6 +336,17 @@ def test_phase_diagram_lower_envelope_with_known_crossings():
     np.testing.assert_allclose(bounds, [(-2.0, -1.0), (-1.0, 0.0), (0.0, 1.0)], atol=1e-12)
 
 
+def test_a_narrow_stability_window_prints_with_distinct_ends():
+    # three lines meeting near Δμ = -0.42: the middle phase is stable over 0.6 meV only
+    lines = [phase.PhaseLine("A", -0.0420, -0.1), phase.PhaseLine("B", -0.08206, -0.195),
+             phase.PhaseLine("C", -0.1230, -0.293)]
+    segments = phase.phase_diagram([*lines, phase.clean_line()], (-2.0, 0.5))
+    texts = [phase.window_text(s.dmu_min, s.dmu_max) for s in segments]
+    assert texts[0] == "-2.00, -0.42" and texts[-1].endswith(", +0.50")
+    assert all(lo != hi for lo, hi in (t.split(", ") for t in texts)), texts  # no '[-0.42, -0.42]'
+    assert phase.window_text(-0.1, -0.1, " .. ") == "-0.1000 .. -0.1000"  # a point stays a point
+
+
 def test_lines_from_docs_and_emt_references():
     calc = EMT()
     slab = substrate((2, 2, 2))

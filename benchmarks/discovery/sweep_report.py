@@ -17,6 +17,7 @@ import matplotlib
 import matplotlib.ticker
 
 from surfdiff_core.evaluate.cost import HEADLINE, UNIT_WORDS, UNITS
+from surfdiff_core.evaluate.phase import window_text
 
 matplotlib.use("Agg")  # headless, as surfdiff_core.evaluate.plots
 import matplotlib.pyplot as plt  # noqa: E402
@@ -209,7 +210,7 @@ def phase_section(records: list[dict]) -> list[str]:
            "|---|---|---|---|---|"]
     for r in sorted(kept, key=lambda r: (r["seed"], r["ended"])):
         pc = r["phase_comparison"]
-        phases = "; ".join(f"{row['phase']} [{row['dmu_min']:+.2f}, {row['dmu_max']:+.2f}]" for row in pc["reference"])
+        phases = "; ".join(f"{row['phase']} [{window_text(row['dmu_min'], row['dmu_max'])}]" for row in pc["reference"])
         out.append(f"| {r['seed']} | {r['seed_role']} | {phases} | {missed_sentence(pc, 'surfdiff')} | "
                    f"{missed_sentence(pc, 'rss')} |")
     return out

@@ -60,6 +60,16 @@ class PhaseSegment:
     line: PhaseLine
 
 
+def window_text(dmu_min: float, dmu_max: float, sep: str = ", ") -> str:
+    """A Δμ window in eV as '-0.42, +0.50': two decimals, more (up to four) where a narrow window's ends would
+    print alike ('-0.4213, -0.4207', not '-0.42, -0.42')."""
+    for digits in (2, 3, 4):
+        lo, hi = f"{dmu_min:+.{digits}f}", f"{dmu_max:+.{digits}f}"
+        if lo != hi:
+            break
+    return f"{lo}{sep}{hi}"
+
+
 def surface_area(atoms: Atoms) -> float:
     """|a × b| of the slab's in-plane cell, Å²."""
     cell = np.asarray(atoms.cell)

@@ -26,7 +26,7 @@ import numpy as np
 
 from surfdiff_core.evaluate.budget import expected_best_curve
 from surfdiff_core.evaluate.cost import HEADLINE
-from surfdiff_core.evaluate.phase import PhaseLine, PhaseSegment, clean_line, phase_diagram
+from surfdiff_core.evaluate.phase import PhaseLine, PhaseSegment, clean_line, phase_diagram, window_text
 
 ARMS: dict[str, str] = {"surfdiff": "surfdiff", "rss": "RSS at the same budget"}
 _MIN_WIDTH = 1e-9  # eV: narrower Δμ windows are rounding between identical breakpoints, not a phase
@@ -195,7 +195,7 @@ def envelope_segments(rows: Sequence[Mapping[str, Any]]) -> list[PhaseSegment]:
 
 # ---- in words -----------------------------------------------------------------------------------------------
 def _span(w: Sequence[Sequence[float]] | None) -> str:
-    return ", ".join(f"[{a:+.2f}, {b:+.2f}]" for a, b in w) if w else "not stable"
+    return ", ".join(f"[{window_text(a, b)}]" for a, b in w) if w else "not stable"
 
 
 def missed_sentence(comparison: Mapping[str, Any], arm: str) -> str:
@@ -237,7 +237,7 @@ def comparison_section(comparison: Mapping[str, Any]) -> list[str]:
              markdown_table(rows, list(rows[0])) if rows else "no phases",
              *(f"\n{missed_sentence(comparison, arm)}.\n" for arm in comparison["arms"])]
     for arm, c in comparison["arms"].items():
-        parts += [f"\n{ARMS[arm]} names another stable phase for Δμ in [{d['dmu_min']:+.2f}, {d['dmu_max']:+.2f}] "
+        parts += [f"\n{ARMS[arm]} names another stable phase for Δμ in [{window_text(d['dmu_min'], d['dmu_max'])}] "
                   f"eV: {d['arm']} instead of {d['reference']}.\n" for d in c["differs"]]
     k_rows = [{"target": s["label"], "k (affordable)": s["affordable"], "RSS made (can count)": s["available"],
                "k": s["k"], "expected best (eV)": s["expected_best"]} for s in shares]
