@@ -171,6 +171,7 @@ def test_hand_computed_ratios():
     assert (summary.reached, summary.targets) == (2, 2)
     assert cost.cost_phrase(summary.ratio["atom_force_calls"]) == "1.2x more atom-weighted oracle force calls than RSS"
     assert cost.cost_phrase(3.21) == "3.2x fewer atom-weighted oracle force calls than RSS"
+    assert cost.cost_phrase(0.96) == "as many atom-weighted oracle force calls as RSS (0.96x)"
 
 
 def test_sweep_all_in_is_none_when_a_target_is_not_reached():

@@ -229,6 +229,9 @@ def test_relaxations_to_reach_and_speedup_on_known_cases():
     assert budget.speedup_phrase(result.ratio) == "1.2x fewer oracle relaxations than RSS"
     assert budget.speedup_phrase(0.8) == "1.2x more oracle relaxations than RSS"
     assert budget.speedup_phrase(None) == "RSS's best not reached"
+    assert budget.speedup_phrase(1.0) == budget.speedup_phrase(1.04).replace("1.04", "1.00") \
+        == "as many oracle relaxations as RSS (1.00x)"
+    assert budget.speedup_phrase(1.05) == "1.1x fewer oracle relaxations than RSS"
     assert budget.energy_phrase(-1.23456) == "-1.2346 eV"
     assert budget.energy_phrase(None) == "none (no valid relaxation)"  # never "None eV"
 

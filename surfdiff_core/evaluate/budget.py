@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from surfdiff_core.evaluate.cost import can_hit
+from surfdiff_core.evaluate.cost import can_hit, ratio_phrase
 from surfdiff_core.store.documents import StructureDoc
 
 
@@ -232,9 +232,7 @@ def speedup_phrase(ratio: float | None) -> str:
     """The ratio in words: how many times fewer (or more) oracle relaxations surfdiff needed than RSS."""
     if ratio is None:
         return "RSS's best not reached"
-    if ratio >= 1.0:
-        return f"{ratio:.1f}x fewer oracle relaxations than RSS"
-    return f"{1.0 / ratio:.1f}x more oracle relaxations than RSS"
+    return ratio_phrase(ratio, "oracle relaxations")
 
 
 def energy_phrase(energy: float | None) -> str:

@@ -220,6 +220,13 @@ def cost_phrase(value: float | None, unit: str = HEADLINE, *, reached: tuple[int
     words = UNIT_WORDS[unit]
     if value is None:
         return f"not all reached: {reached[0]} of {reached[1]}" if reached else "RSS's best not reached"
-    if value >= 1.0:
-        return f"{value:.1f}x fewer {words} than RSS"
-    return f"{1.0 / value:.1f}x more {words} than RSS"
+    return ratio_phrase(value, words)
+
+
+def ratio_phrase(ratio: float, what: str | None = None, *, against: str = "RSS") -> str:
+    """RSS's cost over surfdiff's in words: '3.2x fewer {what} than RSS', '1.4x more …', and 'as many … as RSS
+    (1.02x)' within 5 % ('1.0x fewer' would read as a difference that is not there); without `what`, '3.2x fewer'."""
+    if 0.95 <= ratio < 1.05:
+        return f"as many {what} as {against} ({ratio:.2f}x)" if what else f"as many ({ratio:.2f}x)"
+    amount = f"{ratio:.1f}x fewer" if ratio >= 1.0 else f"{1.0 / ratio:.1f}x more"
+    return f"{amount} {what} than {against}" if what else amount

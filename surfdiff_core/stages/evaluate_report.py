@@ -249,9 +249,9 @@ def all_in_summary(all_in: dict[str, Any]) -> str:
 
 def _times(ratio: float | None) -> str:
     """A ratio in the headline's words: "3.2x fewer", "1.4x more" (RSS's cost over surfdiff's)."""
-    if ratio is None:
-        return "not reached"
-    return f"{ratio:.1f}x fewer" if ratio >= 1.0 else f"{1.0 / ratio:.1f}x more"
+    from surfdiff_core.evaluate.cost import ratio_phrase
+
+    return "not reached" if ratio is None else ratio_phrase(ratio)
 
 
 def cost_section(result: EvaluationResult) -> list[str]:
