@@ -134,9 +134,20 @@ def test_report_aggregates_report_seeds_apart_from_dev_seeds_and_reruns(sweep, r
     assert "3.00x (run 1-2025-01-01T04, rerun 'b'" in head
     assert "100.0x" not in head.split("## Spread")[0].split("### Every run")[0]  # dev values only in their section
     assert "median 77.5x (55.0x–100.0x)** over 2 dev seeds (4, 5)" in dev
-    assert "## Earlier settings" in dev and "`older`: 1 runs, seeds [6]" in dev and "{'epochs': 9}" in dev
+    assert "## Other settings" in dev and "`older`: 1 runs" in dev and "{'epochs': 9}" in dev
+    assert "all-in per run: 6 (report): 42.0x (2/2)" in dev
     assert "42.0x" not in head and "seed 7 (report), run 7-2025-01-01T07, failed" in dev
     assert (out / "figures" / "ratios.png").stat().st_size > 5_000 and "![ratios](figures/ratios.png)" in head
+
+    # a development run of other settings (say another allocation) ends last: the config's own settings keep
+    # the headline, and the new run is listed apart
+    sweep.append_record(out / "runs.jsonl", _record(config, 8, "dev", 12.0, {"A": 3.0, "B": 4.0},
+                                                    ended="2025-01-02", settings="later"))
+    again = report.write_report(out, "now").read_text()
+    assert again.split("## Headline")[1].split("## Development seeds")[0] == head.split("## Headline")[1]
+    assert "the config as shipped" in again
+    assert "`later`: 1 runs" in again and "8 (dev): 12.0x (2/2)" in again
+    assert "No report seed has run with these settings yet" in report.write_report(out).read_text()  # no id
 
 
 def test_a_run_without_the_compiled_operator_is_refused_unless_allowed(sweep, tiny_sweep, tmp_path, monkeypatch,

@@ -153,6 +153,17 @@ def settings_id(args: argparse.Namespace, base: tuple[str, str, dict]) -> str:
     return settings_hash(d)
 
 
+# The options that change the config's own settings; without them a run measures what the config ships.
+CONFIG_OVERRIDES = ("rss_train", "epochs", "samples", "steps", "budget", "al_rounds", "al_labels", "al_budget",
+                    "allocation", "al_samples", "ensemble")
+
+
+def shipped_settings_id(args: argparse.Namespace, base: tuple[str, str, dict]) -> str:
+    """The settings of the config as shipped (this invocation's RSS-arm size and seed): the REPORT's headline,
+    whatever other settings ran into the folder last."""
+    return settings_id(argparse.Namespace(**{**vars(args), **dict.fromkeys(CONFIG_OVERRIDES)}), base)
+
+
 def git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -344,7 +355,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.report_only:
         if not runs.is_file():
             sys.exit(f"error: no runs to report in {out}: run the benchmark first")
-        report = write_report(out)
+        report = write_report(out, shipped_settings_id(args, base))
         print(f"report: {report}")
         return report
     store_path = out / "stores" / "all"
@@ -437,7 +448,7 @@ def run_locked(args: argparse.Namespace, base: tuple[str, str, dict], argv: list
               "settings_id": settings_id(args, base), "benchmark": base[0], "energy_model": base[1]}
     with kept_arms(args, base, out, store_path):
         run_seeds(args, base, out, store_path, common)
-    report = write_report(out)
+    report = write_report(out, shipped_settings_id(args, base))
     print(f"report: {report}")
     return report
 
@@ -451,7 +462,7 @@ def run_seeds(args: argparse.Namespace, base: tuple[str, str, dict], out: Path, 
                   "seed": seed, "seed_role": args.seed_role, "rerun": args.rerun, **common,
                   "study_config": cfg_data}
         recorded_run(runs, record, functools.partial(run_seed, args, cfg_data, seed),
-                     functools.partial(write_report, out))
+                     functools.partial(write_report, out, shipped_settings_id(args, base)))
 
 
 if __name__ == "__main__":

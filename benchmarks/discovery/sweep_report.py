@@ -216,7 +216,9 @@ def phase_section(records: list[dict]) -> list[str]:
     return out
 
 
-def write_report(out: Path) -> Path:
+def write_report(out: Path, headline_id: str | None = None) -> Path:
+    """REPORT.md of `out` from its runs.jsonl: the headline over the runs with settings `headline_id` (the config
+    as shipped) when any finished, else over the latest settings; every other settings group listed below."""
     records, bad = read_records(out / "runs.jsonl")
     done = [r for r in records if r.get("status") == "finished"]
     commands = (out / "commands.txt").read_text().splitlines() if (out / "commands.txt").is_file() else []
@@ -233,14 +235,17 @@ def write_report(out: Path) -> Path:
     groups: dict[str, list[dict]] = {}
     for r in sorted(done, key=lambda r: r["ended"], reverse=True):
         groups.setdefault(r["settings_id"], []).append(r)
-    current_id, current = next(iter(groups.items()))
+    shipped = headline_id in groups  # the config's own settings, else the latest that finished
+    current_id = headline_id if shipped else next(iter(groups))
+    current = groups[current_id]
     latest = current[0]
     report = [r for r in current if r["seed_role"] == "report" and r["seed"] not in dev_seeds]
     excluded = sorted({r["seed"] for r in current if r["seed_role"] == "report" and r["seed"] in dev_seeds})
     dev = [r for r in current if r["seed_role"] == "dev"]
     hosts = sorted({f"{h['cpu']}, {h['cores']} cores, torch threads {h['torch_threads']}"
                     for h in (r["host"] for r in current)})
-    lines += [f"Settings `{current_id}` ({latest['benchmark']}, {latest['energy_model']}), the latest; "
+    lines += [f"Settings `{current_id}` ({latest['benchmark']}, {latest['energy_model']}), "
+              f"{'the config as shipped' if shipped else 'the latest'}; "
               f"{len(current)} finished runs. Commits: {', '.join(sorted({r['git'] for r in current}))}. "
               f"Machines: {'; '.join(hosts)}.\n", setup_text(latest) + "\n",
               "Ratios are RSS's expected cost to reach its best in the target cell (random order) over surfdiff's. "
@@ -277,17 +282,20 @@ def write_report(out: Path) -> Path:
     if dev:
         s = summarise(dev)
         lines += ["\n## Development seeds (not the headline)\n", *headline(s, "dev seeds"), *target_table(s)]
-    others = list(groups.items())[1:]
+    others = [(sid, rs) for sid, rs in groups.items() if sid != current_id]
     if others:
-        lines.append("\n## Earlier settings (not in the tables above)\n")
+        lines.append("\n## Other settings (not in the tables above)\n")
         now = {k: v for k, v in latest["args"].items() if k not in NOT_SETTINGS}
         for sid, rs in others:
             diff = {k: v for k, v in rs[0]["args"].items() if k not in NOT_SETTINGS and now.get(k) != v}
             rep = [r for r in rs if r["seed_role"] == "report" and r["seed"] not in dev_seeds]
             summary = f"all-in median {fmt(summarise(rep)['all_in'][HEADLINE])} over report seeds" if rep else \
                 "no report seeds"
-            lines.append(f"- `{sid}`: {len(rs)} runs, seeds {sorted({r['seed'] for r in rs})}, last "
-                         f"{rs[0]['ended'][:16]}; {summary}; options that differ from the latest: {diff or 'none'}")
+            runs = ", ".join(f"{r['seed']} ({r['seed_role']}{', rerun ' + r['rerun'] if r.get('rerun') else ''}): "
+                             f"{x(r['all_in']['ratio'][HEADLINE])} ({r['all_in']['reached']}/{r['all_in']['targets']})"
+                             for r in reversed(rs))
+            lines.append(f"- `{sid}`: {len(rs)} runs, last {rs[0]['ended'][:16]}; {summary}; options that differ "
+                         f"from the settings above: {diff or 'none'}; all-in per run: {runs}")
     diagnosed = [r for r in records if r.get("status") == "diagnosed"]
     if diagnosed:
         lines.append("\n## Diagnosed seed-runs (development seeds from then on)\n")
