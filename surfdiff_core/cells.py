@@ -86,14 +86,12 @@ def equivalent_labels(cell: str | list[list[int]]) -> list[str]:
     """Every label a document of this cell may carry, on any facet: a name and the matrices it stands for
     ('p(4x4)' and '[[4,0],[0,4]]'; 'c(2x8)' and '[[2,0],[-1,4]]'), or a matrix and the names that equal it.
     The first is the cell's own label."""
-    own = cell_label(cell, FACETS[0]) if not isinstance(cell, str) else None
-    labels: list[str] = []
+    labels = [cell_label(cell, FACETS[0])]  # a name's label needs no facet; a matrix's is the same on every one
     for facet in FACETS:
         try:
             matrix = cell_matrix(cell, facet).tolist()
         except ConfigError:
             continue  # a name not defined on this facet
-        labels.append(own or cell_label(cell, facet))
         labels.append(cell_label(matrix, facet))
         if matrix[0][1] == matrix[1][0] == 0:
             labels.append(f"p({matrix[0][0]}x{matrix[1][1]})")
