@@ -247,6 +247,17 @@ def test_ranking_diagnosis_relaxes_every_sample_on_a_copy(sweep, report, tiny_sw
         assert store.count({}) == before
     last = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])
     assert (last["seed"], last["seed_role"], last["status"]) == (5, "dev", "diagnosed")
+    # the run's own samples, relaxed every one: no new draw in the copy, the rows say whose samples they were
+    with open_store(StoreConfig(backend="sqlite", path=str(tmp_path / "work" / "all"))) as store:
+        drawn = store.count({"source": "generated"})
+    own = diagnosis.main(["--out", str(out), "--seed", "5", "--own-samples", "--work", str(tmp_path / "work")])
+    with open_store(StoreConfig(backend="sqlite", path=str(tmp_path / "work" / "all"))) as store:
+        assert store.count({"source": "generated"}) == drawn
+    recorded = json.loads((out / "runs.jsonl").read_text().splitlines()[0])["study_config"]["sample"]
+    for r in json.loads(own.with_suffix(".json").read_text())["rows"]:
+        assert r["own_samples"] and r["samples"] == recorded["n"] and r["relax_steps"] == recorded["relax_steps"]
+        assert 1 < r["relaxed"] <= r["distinct"] <= r["samples"]
+    assert "(the run's own samples)" in own.read_text()
     text = report.write_report(out).read_text()
     assert "Left out of the headline: seeds 5" in text and "## Diagnosed seed-runs" in text
     assert "No report seed has run with these settings yet." in text and "Runs that did not finish" not in text

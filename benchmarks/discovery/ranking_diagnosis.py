@@ -12,6 +12,9 @@ with the oracle, not only the evaluation's budget. Per target and variant it pri
   rank of a random order, (n + 1) / (hits + 1);
 - Spearman of MLFF energy against oracle-relaxed energy, and the median oracle BFGS steps from the samples.
 
+`--own-samples` relaxes the run's own evaluation samples instead of drawing new ones (the row's relax steps are
+the run's): did the samples the run judged contain RSS's best basin at all, or did the ranking miss it?
+
 It works on a copy of the benchmark's store (`--work`), so the benchmark's own studies never see these documents.
 
     .venv/bin/python benchmarks/discovery/ranking_diagnosis.py --out benchmarks/discovery/sweep-ag111-o-emt \\
@@ -49,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="MLFF relaxation step caps to compare (sample.relax_steps)")
     p.add_argument("--samples", type=int, help="guided samples per target (default: the run's sample.n): does "
                    "drawing more reach the basin RSS found?")
+    p.add_argument("--own-samples", action="store_true", help="relax every one of the run's own evaluation "
+                   "samples (no new draws; --relax-steps and --samples do not apply)")
     p.add_argument("--targets", nargs="*", help="'COMPOSITION CELL' pairs, e.g. 'Ag6O4 p(4x4)' (default: all)")
     p.add_argument("--work", required=True, help="a folder for the store copy (created; reused when it exists)")
     return p.parse_args(argv)
@@ -74,7 +79,19 @@ def working_store(out: Path, work: Path) -> Path:
     return work / "all"
 
 
-def diagnose_target(cfg, store, model, target: SampleTarget, steps: int, samples: int | None = None) -> dict:
+def own_samples(cfg, store, model, target: SampleTarget) -> list:
+    """The samples the run's evaluation judged: its sample stage's documents for the final model."""
+    from surfdiff_core.stages.common import target_system
+    from surfdiff_core.stages.evaluate import generated_docs
+    from surfdiff_core.stages.sample import resolve_model
+
+    record = resolve_model(cfg, model)
+    return generated_docs(cfg, store, target_system(cfg, target), None, record.model_id, None,
+                          tuple(record.committee))
+
+
+def diagnose_target(cfg, store, model, target: SampleTarget, steps: int | None, samples: int | None = None) -> dict:
+    """`steps` None: the run's own samples (own_samples), else new draws with that MLFF relaxation cap."""
     from surfdiff_core.evaluate.budget import mlff_rank_correlation, ranked_relaxations
     from surfdiff_core.evaluate.cost import can_hit
     from surfdiff_core.evaluate.matching import deduplicate
@@ -83,11 +100,15 @@ def diagnose_target(cfg, store, model, target: SampleTarget, steps: int, samples
     from surfdiff_core.stages.common import target_system
     from surfdiff_core.stages.oracle_relax import relax_samples
 
-    update = {"relax_steps": steps, "share_batches": False} | ({"n": samples} if samples else {})
-    scfg = cfg.sample.model_copy(update=update)
-    drawn = sample.run(cfg, store, model, targets=[target], scfg=scfg, progress=False)
+    if steps is None:
+        drawn = own_samples(cfg, store, model, target)
+    else:
+        update = {"relax_steps": steps, "share_batches": False} | ({"n": samples} if samples else {})
+        scfg = cfg.sample.model_copy(update=update)
+        ids = sample.run(cfg, store, model, targets=[target], scfg=scfg, progress=False).doc_ids
+        drawn = list(store.find({"doc_id": {"$in": ids}}))
     system = target_system(cfg, target)
-    docs = [d for d in store.find({"doc_id": {"$in": drawn.doc_ids}}) if d.valid and d.in_box and d.energy is not None]
+    docs = [d for d in drawn if d.valid and d.in_box and d.energy is not None]
     distinct = deduplicate(sorted(docs, key=lambda d: (d.energy, d.doc_id)))
     calculator = get_calculator(cfg.oracle.name, **cfg.oracle.settings)
     # the evaluation's own ranking (parents' MLFF energy) and rank correlation, over the relaxations that count
@@ -100,7 +121,9 @@ def diagnose_target(cfg, store, model, target: SampleTarget, steps: int, samples
     hit = oracle <= best + cfg.evaluate.tol
     first = int(np.nonzero(hit)[0][0]) + 1 if hit.any() else None
     rho = mlff_rank_correlation(distinct, relaxed)
-    return {"target": f"{target.composition} {target.cell}", "relax_steps": steps, "samples": len(docs),
+    return {"target": f"{target.composition} {target.cell}",
+            "relax_steps": cfg.sample.relax_steps if steps is None else steps, "own_samples": steps is None,
+            "samples": len(docs),
             "distinct": len(distinct), "relaxed": len(ranked), "hits": int(hit.sum()), "first_hit": first,
             "random_expected": round((len(ranked) + 1) / (int(hit.sum()) + 1), 1),
             "spearman": None if rho is None else round(rho, 3),
@@ -138,7 +161,7 @@ def main(argv: list[str] | None = None) -> Path:
         # every stage resumes from the copied store: this only finds the run's final model
         model = active.run(cfg, store, train.run(cfg, store, rss.run(cfg, store, progress=False), progress=False),
                            progress=False).model
-        for steps in args.relax_steps:
+        for steps in [None] if args.own_samples else args.relax_steps:
             for target in targets:
                 row = diagnose_target(cfg, store, model, target, steps, args.samples)
                 rows.append(row)
@@ -153,7 +176,8 @@ def main(argv: list[str] | None = None) -> Path:
              f"{dt.datetime.now().isoformat(timespec='minutes')}. This seed is a development seed from now on.\n",
              head, "|" + "---|" * 9]
     for r in rows:
-        lines.append(f"| {r['target']} | {r['relax_steps']} | {r['relaxed']} | {r['hits']} | {r['first_hit'] or '-'} | "
+        steps = f"{r['relax_steps']} (the run's own samples)" if r.get("own_samples") else r["relax_steps"]
+        lines.append(f"| {r['target']} | {steps} | {r['relaxed']} | {r['hits']} | {r['first_hit'] or '-'} | "
                      f"{r['random_expected']} | {r['spearman']} | {r['oracle_steps_median']} | "
                      f"{r['best_eV']} / {r['rss_best_eV']} |")
     path.write_text("\n".join(lines) + "\n")
