@@ -258,6 +258,8 @@ def test_ranking_diagnosis_relaxes_every_sample_on_a_copy(sweep, report, tiny_sw
         assert r["own_samples"] and r["samples"] == recorded["n"] and r["relax_steps"] == recorded["relax_steps"]
         assert 1 < r["relaxed"] <= r["distinct"] <= r["samples"]
     assert "(the run's own samples)" in own.read_text()
+    marks = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()[1:]]
+    assert len(marks) == 2 and marks[0]["run_id"] != marks[1]["run_id"]  # each diagnosis its own record
     text = report.write_report(out).read_text()
     assert "Left out of the headline: seeds 5" in text and "## Diagnosed seed-runs" in text
     assert "No report seed has run with these settings yet." in text and "Runs that did not finish" not in text

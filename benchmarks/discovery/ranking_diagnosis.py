@@ -194,7 +194,7 @@ def mark_diagnosed(out: Path, record: dict, path: Path, argv: list[str] | None) 
 
     now = dt.datetime.now().astimezone().isoformat()
     append_record(out / "runs.jsonl", {
-        "run_id": record["run_id"] + "-diagnosis", "started": now, "ended": now, "seed": record["seed"],
+        "run_id": f"{record['run_id']}-diagnosis-{path.stem}", "started": now, "ended": now, "seed": record["seed"],
         "seed_role": "dev", "rerun": record.get("rerun", ""), "status": "diagnosed",
         "argv": [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])],
         "settings_id": record.get("settings_id"), "diagnosis": str(path.relative_to(out))})
