@@ -258,8 +258,17 @@ def test_ranking_diagnosis_relaxes_every_sample_on_a_copy(sweep, report, tiny_sw
         assert r["own_samples"] and r["samples"] == recorded["n"] and r["relax_steps"] == recorded["relax_steps"]
         assert 1 < r["relaxed"] <= r["distinct"] <= r["samples"]
     assert "(the run's own samples)" in own.read_text()
+    # seeded exploration around the run's best 2 samples, 3 draws from each, every one relaxed
+    seeded = diagnosis.main(["--out", str(out), "--seed", "5", "--seeded", "0.5", "--seeds-from", "2", "--per-seed",
+                             "3", "--targets", "Ag2O1 p(3x3)", "--work", str(tmp_path / "work")])
+    (row,) = json.loads(seeded.with_suffix(".json").read_text())["rows"]
+    assert row["seeded"] == {"t0": 0.5, "seeds_from": 2, "per_seed": 3} and row["samples"] == 6
+    with open_store(StoreConfig(backend="sqlite", path=str(tmp_path / "work" / "all"))) as store:
+        new = list(store.find({"source": "generated", "meta.seed_structure.t0": 0.5}))
+        assert len(new) == 6 and len({d.meta["seed_structure"]["source"] for d in new}) == 2
+    assert "(seeded: best 2 at t0 0.5, 3 each)" in seeded.read_text()
     marks = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()[1:]]
-    assert len(marks) == 2 and marks[0]["run_id"] != marks[1]["run_id"]  # each diagnosis its own record
+    assert len(marks) == 3 and len({m["run_id"] for m in marks}) == 3  # each diagnosis its own record
     text = report.write_report(out).read_text()
     assert "Left out of the headline: seeds 5" in text and "## Diagnosed seed-runs" in text
     assert "No report seed has run with these settings yet." in text and "Runs that did not finish" not in text

@@ -14,6 +14,8 @@ with the oracle, not only the evaluation's budget. Per target and variant it pri
 
 `--own-samples` relaxes the run's own evaluation samples instead of drawing new ones (the row's relax steps are
 the run's): did the samples the run judged contain RSS's best basin at all, or did the ranking miss it?
+`--seeded T0 …` draws around the run's best samples instead (seeded exploration, `sample.seed_structure`): does
+local exploration reach a basin that drawing from the prior rarely does?
 
 It works on a copy of the benchmark's store (`--work`), so the benchmark's own studies never see these documents.
 
@@ -54,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "drawing more reach the basin RSS found?")
     p.add_argument("--own-samples", action="store_true", help="relax every one of the run's own evaluation "
                    "samples (no new draws; --relax-steps and --samples do not apply)")
+    p.add_argument("--seeded", type=float, nargs="+", metavar="T0", help="seeded exploration instead: the run's "
+                   "best distinct samples (MLFF order) noised to each t0 and denoised again (no other variant runs)")
+    p.add_argument("--seeds-from", type=int, default=8, help="with --seeded: how many of the run's best samples")
+    p.add_argument("--per-seed", type=int, default=16, help="with --seeded: samples drawn from each")
     p.add_argument("--targets", nargs="*", help="'COMPOSITION CELL' pairs, e.g. 'Ag6O4 p(4x4)' (default: all)")
     p.add_argument("--work", required=True, help="a folder for the store copy (created; reused when it exists)")
     return p.parse_args(argv)
@@ -90,8 +96,26 @@ def own_samples(cfg, store, model, target: SampleTarget) -> list:
                           tuple(record.committee))
 
 
-def diagnose_target(cfg, store, model, target: SampleTarget, steps: int | None, samples: int | None = None) -> dict:
-    """`steps` None: the run's own samples (own_samples), else new draws with that MLFF relaxation cap."""
+def seeded_samples(cfg, store, model, target: SampleTarget, t0: float, seeds_from: int, per_seed: int) -> list:
+    """Seeded exploration around the run's best: each of its `seeds_from` best distinct samples (MLFF order) noised
+    to `t0` and denoised `per_seed` times (sample.seed_structure), then MLFF-relaxed as the run's samples were."""
+    from surfdiff_core.evaluate.matching import deduplicate
+    from surfdiff_core.stages import sample
+
+    own = [d for d in own_samples(cfg, store, model, target) if d.valid and d.in_box and d.energy is not None]
+    drawn = []
+    for i, seed in enumerate(deduplicate(sorted(own, key=lambda d: (d.energy, d.doc_id)))[:seeds_from]):
+        scfg = cfg.sample.model_copy(update={"share_batches": False, "seed_structure": seed.doc_id, "t0": t0,
+                                             "n": per_seed, "seed": cfg.sample.seed + 1000 + i})
+        ids = sample.run(cfg, store, model, targets=[target], scfg=scfg, progress=False).doc_ids
+        drawn += store.find({"doc_id": {"$in": ids}})
+    return drawn
+
+
+def diagnose_target(cfg, store, model, target: SampleTarget, variant: dict, samples: int | None = None) -> dict:
+    """One variant's samples of `target`, every one relaxed with the oracle. `variant`: {"own": True} the run's
+    own samples (own_samples); {"steps": N} new draws with that MLFF relaxation cap; {"t0": T, "seeds_from": K,
+    "per_seed": M} seeded exploration (seeded_samples)."""
     from surfdiff_core.evaluate.budget import mlff_rank_correlation, ranked_relaxations
     from surfdiff_core.evaluate.cost import can_hit
     from surfdiff_core.evaluate.matching import deduplicate
@@ -100,10 +124,12 @@ def diagnose_target(cfg, store, model, target: SampleTarget, steps: int | None, 
     from surfdiff_core.stages.common import target_system
     from surfdiff_core.stages.oracle_relax import relax_samples
 
-    if steps is None:
+    if variant.get("own"):
         drawn = own_samples(cfg, store, model, target)
+    elif "t0" in variant:
+        drawn = seeded_samples(cfg, store, model, target, variant["t0"], variant["seeds_from"], variant["per_seed"])
     else:
-        update = {"relax_steps": steps, "share_batches": False} | ({"n": samples} if samples else {})
+        update = {"relax_steps": variant["steps"], "share_batches": False} | ({"n": samples} if samples else {})
         scfg = cfg.sample.model_copy(update=update)
         ids = sample.run(cfg, store, model, targets=[target], scfg=scfg, progress=False).doc_ids
         drawn = list(store.find({"doc_id": {"$in": ids}}))
@@ -121,14 +147,32 @@ def diagnose_target(cfg, store, model, target: SampleTarget, steps: int | None, 
     hit = oracle <= best + cfg.evaluate.tol
     first = int(np.nonzero(hit)[0][0]) + 1 if hit.any() else None
     rho = mlff_rank_correlation(distinct, relaxed)
+    seeded = {k: variant[k] for k in ("t0", "seeds_from", "per_seed")} if "t0" in variant else None
     return {"target": f"{target.composition} {target.cell}",
-            "relax_steps": cfg.sample.relax_steps if steps is None else steps, "own_samples": steps is None,
-            "samples": len(docs),
+            "relax_steps": variant.get("steps", cfg.sample.relax_steps), "own_samples": bool(variant.get("own")),
+            "seeded": seeded, "samples": len(docs),
             "distinct": len(distinct), "relaxed": len(ranked), "hits": int(hit.sum()), "first_hit": first,
             "random_expected": round((len(ranked) + 1) / (int(hit.sum()) + 1), 1),
             "spearman": None if rho is None else round(rho, 3),
             "oracle_steps_median": float(np.median([r.steps or 0 for r in ranked])) if ranked else None,
             "best_eV": round(float(oracle.min()), 4) if len(oracle) else None, "rss_best_eV": round(best, 4)}
+
+
+def variants(args: argparse.Namespace) -> list[dict]:
+    if args.own_samples:
+        return [{"own": True}]
+    if args.seeded:
+        return [{"t0": t0, "seeds_from": args.seeds_from, "per_seed": args.per_seed} for t0 in args.seeded]
+    return [{"steps": s} for s in args.relax_steps]
+
+
+def variant_text(row: dict) -> str:
+    if row.get("own_samples"):
+        return f"{row['relax_steps']} (the run's own samples)"
+    if row.get("seeded"):
+        s = row["seeded"]
+        return f"{row['relax_steps']} (seeded: best {s['seeds_from']} at t0 {s['t0']}, {s['per_seed']} each)"
+    return str(row["relax_steps"])
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -161,9 +205,9 @@ def main(argv: list[str] | None = None) -> Path:
         # every stage resumes from the copied store: this only finds the run's final model
         model = active.run(cfg, store, train.run(cfg, store, rss.run(cfg, store, progress=False), progress=False),
                            progress=False).model
-        for steps in [None] if args.own_samples else args.relax_steps:
+        for variant in variants(args):
             for target in targets:
-                row = diagnose_target(cfg, store, model, target, steps, args.samples)
+                row = diagnose_target(cfg, store, model, target, variant, args.samples)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -176,8 +220,7 @@ def main(argv: list[str] | None = None) -> Path:
              f"{dt.datetime.now().isoformat(timespec='minutes')}. This seed is a development seed from now on.\n",
              head, "|" + "---|" * 9]
     for r in rows:
-        steps = f"{r['relax_steps']} (the run's own samples)" if r.get("own_samples") else r["relax_steps"]
-        lines.append(f"| {r['target']} | {steps} | {r['relaxed']} | {r['hits']} | {r['first_hit'] or '-'} | "
+        lines.append(f"| {r['target']} | {variant_text(r)} | {r['relaxed']} | {r['hits']} | {r['first_hit'] or '-'} | "
                      f"{r['random_expected']} | {r['spearman']} | {r['oracle_steps_median']} | "
                      f"{r['best_eV']} / {r['rss_best_eV']} |")
     path.write_text("\n".join(lines) + "\n")
