@@ -166,10 +166,11 @@ def test_relax_atoms_reports_calculator_errors():
 
 # ---- optional oracles ---------------------------------------------------------------------------------------
 @pytest.mark.chgnet
-def test_chgnet_energy_on_a_small_slab():
+def test_chgnet_energy_on_a_small_slab(capsys):
     pytest.importorskip("chgnet", reason="chgnet extra not installed")
     slab, _ = _slab()
     slab.calc = get_calculator("chgnet")
+    assert capsys.readouterr().out == ""  # no 'initialized with' / 'will run on' line per load
     e = slab.get_potential_energy()
     f = slab.get_forces()
     assert np.isfinite(e) and -5.0 < e / len(slab) < -1.0

@@ -6,6 +6,8 @@ imports its optional package only when called.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -73,11 +75,13 @@ def chgnet_factory(s: dict[str, Any]) -> Calculator:
             super().calculate(atoms, properties, system_changes, task=task or chgnet_task(properties))
 
     model = s["model"]
-    if chgnet_packaged(model):
-        net = CHGNet.load(model_name=model or "0.3.0", use_device=s["device"], verbose=False)
-    else:
-        net = CHGNet.from_file(str(model), verbose=False)
-    return AskedCHGNetCalculator(model=net, use_device=s["device"])
+    # CHGNet prints its size and device whatever `verbose` says: one pair of lines per worker process and per load
+    with contextlib.redirect_stdout(io.StringIO()):
+        if chgnet_packaged(model):
+            net = CHGNet.load(model_name=model or "0.3.0", use_device=s["device"], verbose=False)
+        else:
+            net = CHGNet.from_file(str(model), verbose=False)
+        return AskedCHGNetCalculator(model=net, use_device=s["device"])
 
 
 def sevennet_factory(s: dict[str, Any]) -> Calculator:
