@@ -82,21 +82,31 @@ def cell_label(cell: str | list[list[int]], facet: str) -> str:
     return f"[[{m[0, 0]},{m[0, 1]}],[{m[1, 0]},{m[1, 1]}]]"
 
 
-def equivalent_labels(cell: str | list[list[int]]) -> list[str]:
-    """Every label a document of this cell may carry, on any facet: a name and the matrices it stands for
-    ('p(4x4)' and '[[4,0],[0,4]]'; 'c(2x8)' and '[[2,0],[-1,4]]'), or a matrix and the names that equal it.
-    The first is the cell's own label."""
-    labels = [cell_label(cell, FACETS[0])]  # a name's label needs no facet; a matrix's is the same on every one
-    for facet in FACETS:
-        try:
-            matrix = cell_matrix(cell, facet).tolist()
-        except ConfigError:
-            continue  # a name not defined on this facet
-        labels.append(cell_label(matrix, facet))
-        if matrix[0][1] == matrix[1][0] == 0:
-            labels.append(f"p({matrix[0][0]}x{matrix[1][1]})")
-        labels += [name for name, on in _NAMED.items() if on.get(facet) == matrix]
+def equivalent_labels(cell: str | list[list[int]], facet: str) -> list[str]:
+    """Every label a document of this cell may carry on `facet`: a name and the matrices it stands for ('p(4x4)'
+    and '[[4,0],[0,4]]'; 'c(2x8)' and '[[2,0],[-1,4]]'), or a matrix and the names that equal it there. The first
+    is the cell's own label; empty where a name is not defined on `facet`."""
+    try:
+        matrix = cell_matrix(cell, facet).tolist()
+    except ConfigError:
+        return []  # a name not defined on this facet
+    labels = [cell_label(cell, facet), cell_label(matrix, facet)]
+    if matrix[0][1] == matrix[1][0] == 0:
+        labels.append(f"p({matrix[0][0]}x{matrix[1][1]})")
+    labels += [name for name, on in _NAMED.items() if on.get(facet) == matrix]
     return list(dict.fromkeys(labels))
+
+
+def cell_criteria(cell: str | list[list[int]]) -> dict:
+    """Store criteria for the documents of this cell, by name or by matrix: each facet's own labels (a matrix
+    that is c(2x2) on fcc100 is another cell on fcc111; a name finds nothing on a facet without it), as one `cell`
+    criterion where every facet agrees."""
+    groups = {facet: labels for facet in FACETS if (labels := equivalent_labels(cell, facet))}
+    distinct = {tuple(labels) for labels in groups.values()}
+    if len(groups) == len(FACETS) and len(distinct) == 1:
+        (labels,) = distinct
+        return {"cell": labels[0] if len(labels) == 1 else {"$in": list(labels)}}
+    return {"$or": [{"facet": facet, "cell": {"$in": labels}} for facet, labels in groups.items()]}
 
 
 def file_slug(composition: str, cell: str) -> str:

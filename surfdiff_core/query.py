@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from surfdiff_core.cells import FACETS, canonical_cell_name, cell_label, cell_matrix, equivalent_labels
+from surfdiff_core.cells import FACETS, canonical_cell_name, cell_criteria, cell_label, cell_matrix
 from surfdiff_core.composition import normalise_composition
 from surfdiff_core.config import StoreConfig
 from surfdiff_core.errors import ConfigError
@@ -44,8 +44,7 @@ def build_criteria(
     if composition:
         crit["composition"] = normalise_composition(composition)
     if cell:
-        labels = equivalent_labels(parse_cell_filter(cell))  # a cell given by name or by matrix finds both
-        crit["cell"] = labels[0] if len(labels) == 1 else {"$in": labels}
+        crit.update(cell_criteria(parse_cell_filter(cell)))  # a cell given by name or by matrix finds both
     if source:
         if source not in SOURCES:
             raise ConfigError(f"unknown source {source!r}: choose from {', '.join(SOURCES)}")

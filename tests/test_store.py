@@ -12,15 +12,16 @@ from surfdiff_core.store.documents import atoms_to_structure_dict, frames_from_a
 from surfdiff_core.system import build_system
 
 
-def _doc(i: int, energy: float | None = -1.0, source: str = "rss", cell: str | list = "p(2x2)") -> StructureDoc:
-    cfg = config_from_dict({"substrate": {"lattice_constant": 4.09}})
+def _doc(i: int, energy: float | None = -1.0, source: str = "rss", cell: str | list = "p(2x2)",
+         facet: str = "fcc111") -> StructureDoc:
+    cfg = config_from_dict({"substrate": {"lattice_constant": 4.09, "facet": facet}, "rss": {"cell": "p(2x2)"}})
     system = build_system(cfg.substrate, cfg.confinement, cell, "Ag1O1")
     atoms = system.random_structure(np.random.default_rng(i))
     forces = np.random.default_rng(i).normal(size=(len(atoms), 3))
     return StructureDoc(
         doc_id=make_doc_id(source, "test", i), source=source, structure=atoms_to_structure_dict(atoms),
         composition=system.composition, formula=atoms.get_chemical_formula(), system_id=system.system_id,
-        element="Ag", facet="fcc111", cell=system.cell, n_substrate=system.n_substrate,
+        element="Ag", facet=facet, cell=system.cell, n_substrate=system.n_substrate,
         movable=system.movable.tolist(), fixed=system.fixed_indices.tolist(), z_box=list(system.z_box),
         energy=energy, forces=forces.tolist(), fmax=float(np.linalg.norm(forces, axis=1).max()), steps=3,
         oracle="emt", seed=i,
@@ -77,6 +78,15 @@ def test_cell_filter_finds_a_cell_by_name_and_by_matrix(store):
         assert len(query_docs(store, build_criteria(cell=same))) == 2
     assert [d.seed for d in query_docs(store, build_criteria(cell="[[2,0],[1,2]]"))] == [4]
     assert [d.seed for d in query_docs(store, build_criteria(cell="p(3x3)"))] == [3]
+
+
+def test_cell_filter_keeps_to_the_facet_where_a_name_and_a_matrix_are_the_same_cell(store):
+    """[[1,1],[-1,1]] is c(2x2) on fcc100 but another cell on fcc111: by name only fcc100's documents."""
+    store.put_many([_doc(1, cell="c(2x2)", facet="fcc100"), _doc(2, cell=[[1, 1], [-1, 1]], facet="fcc100"),
+                    _doc(3, cell=[[1, 1], [-1, 1]]), _doc(4, cell="p(2x2)", facet="fcc100"), _doc(5)])
+    assert {d.seed for d in query_docs(store, build_criteria(cell="c(2x2)"))} == {1, 2}
+    assert {d.seed for d in query_docs(store, build_criteria(cell="[[1,1],[-1,1]]"))} == {1, 2, 3}
+    assert {d.seed for d in query_docs(store, build_criteria(cell="p(2x2)"))} == {4, 5}  # the same on every facet
 
 
 def test_monty_store_persists_across_connections(tmp_path):
