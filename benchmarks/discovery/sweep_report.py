@@ -218,7 +218,8 @@ def phase_section(records: list[dict]) -> list[str]:
 
 def write_report(out: Path, headline_id: str | None = None) -> Path:
     """REPORT.md of `out` from its runs.jsonl: the headline over the runs with settings `headline_id` (the config
-    as shipped) when any finished, else over the latest settings; every other settings group listed below."""
+    as shipped) when any finished, else over the latest settings with report seeds (saying so), else the latest;
+    every other settings group listed below."""
     records, bad = read_records(out / "runs.jsonl")
     done = [r for r in records if r.get("status") == "finished"]
     commands = (out / "commands.txt").read_text().splitlines() if (out / "commands.txt").is_file() else []
@@ -235,8 +236,17 @@ def write_report(out: Path, headline_id: str | None = None) -> Path:
     groups: dict[str, list[dict]] = {}
     for r in sorted(done, key=lambda r: r["ended"], reverse=True):
         groups.setdefault(r["settings_id"], []).append(r)
-    shipped = headline_id in groups  # the config's own settings, else the latest that finished
-    current_id = headline_id if shipped else next(iter(groups))
+    shipped = headline_id in groups  # the config's own settings, else the latest with report seeds, else the latest
+    with_report = [sid for sid, rs in groups.items()
+                   if any(r["seed_role"] == "report" and r["seed"] not in dev_seeds for r in rs)]
+    current_id = headline_id if shipped else (with_report or list(groups))[0]
+    if shipped:
+        which = "the config as shipped"
+    elif headline_id is not None:
+        which = (f"**not the config as shipped**, whose settings `{headline_id}` have no finished run yet: the "
+                 f"latest settings {'with report seeds' if with_report else 'that finished'}")
+    else:
+        which = f"the latest {'with report seeds' if with_report else 'that finished'}"
     current = groups[current_id]
     latest = current[0]
     report = [r for r in current if r["seed_role"] == "report" and r["seed"] not in dev_seeds]
@@ -245,7 +255,7 @@ def write_report(out: Path, headline_id: str | None = None) -> Path:
     hosts = sorted({f"{h['cpu']}, {h['cores']} cores, torch threads {h['torch_threads']}"
                     for h in (r["host"] for r in current)})
     lines += [f"Settings `{current_id}` ({latest['benchmark']}, {latest['energy_model']}), "
-              f"{'the config as shipped' if shipped else 'the latest'}; "
+              f"{which}; "
               f"{len(current)} finished runs. Commits: {', '.join(sorted({r['git'] for r in current}))}. "
               f"Machines: {'; '.join(hosts)}.\n", setup_text(latest) + "\n",
               "Ratios are RSS's expected cost to reach its best in the target cell (random order) over surfdiff's. "
