@@ -456,13 +456,13 @@ def run_locked(args: argparse.Namespace, base: tuple[str, str, dict], argv: list
 def run_seeds(args: argparse.Namespace, base: tuple[str, str, dict], out: Path, store_path: Path,
               common: dict) -> None:
     runs = out / "runs.jsonl"
+    report = functools.partial(write_report, out, shipped_settings_id(args, base))
     for seed in args.seeds:
         cfg_data = study_config(args, base, seed, store_path)
         record = {"run_id": uuid.uuid4().hex[:12], "started": dt.datetime.now().astimezone().isoformat(),
                   "seed": seed, "seed_role": args.seed_role, "rerun": args.rerun, **common,
                   "study_config": cfg_data}
-        recorded_run(runs, record, functools.partial(run_seed, args, cfg_data, seed),
-                     functools.partial(write_report, out, shipped_settings_id(args, base)))
+        recorded_run(runs, record, functools.partial(run_seed, args, cfg_data, seed), report)
 
 
 if __name__ == "__main__":
