@@ -4,9 +4,11 @@ tests/test_baseline_stage.py), and the script end to end on a tiny sweep."""
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -226,7 +228,7 @@ def test_sweep_end_to_end_and_a_rerun_adds_a_record(sweep, tiny_sweep, tmp_path,
     assert len((out / "commands.txt").read_text().splitlines()) == 2
 
 
-def test_ranking_diagnosis_relaxes_every_sample_on_a_copy(sweep, report, tiny_sweep, tmp_path):
+def test_ranking_diagnosis_relaxes_every_sample_on_a_copy(sweep, report, tiny_sweep, tmp_path, monkeypatch):
     """benchmarks/discovery/ranking_diagnosis.py on a finished seed-run: every distinct sample relaxed with the
     oracle per MLFF-relaxation variant, in a copy of the store (the benchmark's own store unchanged); the seed is
     a development seed from then on (a `diagnosed` record; the report leaves it out of the headline)."""
@@ -234,6 +236,13 @@ def test_ranking_diagnosis_relaxes_every_sample_on_a_copy(sweep, report, tiny_sw
     sweep.main(["--config", str(tiny_sweep), "--seeds", "5", "--seed-role", "report", "--rss-budget", "3",
                 "--budget", "1", "--out", str(out)])
     diagnosis = _load("bench_ranking_diagnosis", "ranking_diagnosis.py")
+
+    class FrozenClock(dt.datetime):  # every diagnosis in one second: they must still keep apart
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime(2026, 12, 7, 17, 39, 1, tzinfo=tz)
+
+    monkeypatch.setattr(diagnosis, "dt", SimpleNamespace(datetime=FrozenClock))
     with open_store(StoreConfig(backend="sqlite", path=str(out / "stores" / "all"))) as store:
         before = store.count({})
     with pytest.raises(SystemExit, match="no finished run of seed 6"):
@@ -275,6 +284,7 @@ def test_ranking_diagnosis_relaxes_every_sample_on_a_copy(sweep, report, tiny_sw
     assert "(seeded: best 2 at t0 0.5, 3 each)" in seeded.read_text()
     marks = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()[1:]]
     assert len(marks) == 3 and len({m["run_id"] for m in marks}) == 3  # each diagnosis its own record
+    assert len({m["diagnosis"] for m in marks}) == 3 and all((out / m["diagnosis"]).exists() for m in marks)
     text = report.write_report(out).read_text()
     assert "Left out of the headline: seeds 5" in text and "## Diagnosed seed-runs" in text
     assert "No report seed has run with these settings yet." in text and "Runs that did not finish" not in text

@@ -210,9 +210,7 @@ def main(argv: list[str] | None = None) -> Path:
                 row = diagnose_target(cfg, store, model, target, variant, args.samples)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = out / "diagnosis" / f"seed{args.seed}{f'-{args.rerun}' if args.rerun else ''}-{stamp}.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = fresh_diagnosis_path(out / "diagnosis", f"seed{args.seed}{f'-{args.rerun}' if args.rerun else ''}")
     head = "| target | MLFF relax steps | relaxed | hits | first hit (MLFF order) | random order | Spearman | " \
            "oracle steps (median) | best / RSS best (eV) |"
     lines = [f"# Ranking diagnosis of seed {args.seed} (run {record['run_id']})\n",
@@ -227,6 +225,18 @@ def main(argv: list[str] | None = None) -> Path:
     (path.with_suffix(".json")).write_text(json.dumps({"record": record["run_id"], "rows": rows}, indent=1))
     mark_diagnosed(out, record, path, argv)
     print(f"diagnosis: {path}")
+    return path
+
+
+def fresh_diagnosis_path(folder: Path, stem: str) -> Path:
+    """A report path no earlier diagnosis holds: two within one second must not overwrite each other's file or
+    share a run id in the history."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = folder / f"{stem}-{stamp}.md", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{stamp}-{n}.md"
     return path
 
 
