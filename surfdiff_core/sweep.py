@@ -207,11 +207,13 @@ def plan_sweep(sweep: SweepConfig, facet: str) -> list[tuple[CellSpec, str]]:
     cells: dict[tuple[int, ...], CellSpec] = {}
     for c in sweep.cells:
         cells.setdefault(cell_key(c, facet), c)  # the first spelling of a cell is kept
-    per_cell = Counter(totals)
-    n = 0
+    per_total = Counter(totals)
+    per_cell = {}
     for key in cells:  # count before listing: a wide range must not be enumerated cell by cell
         sites = round(abs(np.linalg.det(np.reshape(key, (2, 2)))))
-        n += sum(k for t, k in per_cell.items() if sweep.coverage is None or sweep.coverage.holds(t / sites))
+        per_cell[key] = sum(k for t, k in per_total.items()
+                            if sweep.coverage is None or sweep.coverage.holds(t / sites))
+    n = sum(per_cell.values())
     if n > sweep.max_targets:
         raise ConfigError(f"sample.sweep makes {n} targets ({len(cells)} cells × {len(comps)} compositions within "
                           f"its limits), more than max_targets {sweep.max_targets}: narrow the counts, add "
@@ -219,6 +221,12 @@ def plan_sweep(sweep: SweepConfig, facet: str) -> list[tuple[CellSpec, str]]:
     if n == 0:
         raise ConfigError(f"sample.sweep: no target is within its coverage limits ({len(cells)} cells × "
                           f"{len(comps)} compositions)")
+    for key, cell in cells.items():  # a cell the limits leave empty is a mistake in the config, not a choice
+        if per_cell[key] == 0:
+            sites = round(abs(np.linalg.det(np.reshape(key, (2, 2)))))
+            raise ConfigError(f"sample.sweep.cells: no composition fits cell {cell!r} ({sites} surface sites) "
+                              f"within coverage {sweep.coverage.model_dump(exclude_none=True)} ML "  # type: ignore[union-attr]
+                              f"({min(totals)}–{max(totals)} overlayer atoms): drop the cell or widen the coverage")
     plan = []
     for key, cell in cells.items():
         sites = round(abs(np.linalg.det(np.reshape(key, (2, 2)))))

@@ -73,8 +73,10 @@ def test_coverage_drops_by_hand_count():
     cfg = _cfg({**sweep, "coverage": {"max": 0.5}})
     assert plan_sweep(cfg.sample.sweep, "fcc111") == ([("p(2x2)", f"O{n}") for n in (1, 2)]
                                                       + [("p(3x3)", f"O{n}") for n in (1, 2, 3, 4)])
-    cfg = _cfg({**sweep, "coverage": {"min": 0.5, "max": 0.5}})  # both ends included; 4.5 atoms is not a count
+    cfg = _cfg({**sweep, "cells": ["p(2x2)"], "coverage": {"min": 0.5, "max": 0.5}})  # both ends included
     assert plan_sweep(cfg.sample.sweep, "fcc111") == [("p(2x2)", "O2")]
+    with pytest.raises(ConfigError, match=r"no composition fits cell 'p\(3x3\)'"):  # 4.5 atoms is not a count
+        _cfg({**sweep, "coverage": {"min": 0.5, "max": 0.5}})
 
 
 def test_ratios_drop_by_hand_count():
@@ -98,6 +100,21 @@ def test_atoms_per_area_drops_by_hand_count():
     assert (out.planned, out.dropped) == (12, 8)
     assert out.summary() == "sample.sweep: 4 targets kept of 12 (8 outside atoms_per_area)"
     assert _pairs(sample_targets(cfg)) == _pairs(out.targets)
+
+
+def test_a_cell_the_limits_leave_empty_is_refused_by_name():
+    # coverage: sqrt3 has 3 sites, so 0.2-0.6 ML is one atom, and every composition here has two or more
+    with pytest.raises(ConfigError) as exc:
+        _cfg({"cells": ["p(3x3)", "sqrt3"], "counts": {"Ag": [1, 2], "O": [1, 2]},
+              "coverage": {"min": 0.2, "max": 0.6}})
+    msg = str(exc.value)
+    assert "no composition fits cell 'sqrt3' (3 surface sites)" in msg and "\n" not in msg
+    # atoms_per_area: 0.05 atoms/Å² is 1.6 atoms in p(2x2) on fcc100 at a = 4 Å, and O2 is the smallest here
+    cu = {"element": "Cu", "facet": "fcc100", "lattice_constant": 4.0}
+    cfg = _cfg({"cells": ["p(3x3)", "p(2x2)"], "counts": {"O": [2, 3]}, "atoms_per_area": {"max": 0.05}}, substrate=cu)
+    with pytest.raises(ConfigError) as exc:
+        expand_sweep(cfg.sample.sweep, cfg.substrate, cfg.confinement)
+    assert str(exc.value).startswith("sample.sweep.cells: no composition fits cell 'p(2x2)' (32.0 Å²)")
 
 
 def test_atoms_per_area_needs_the_lattice_and_uses_it():

@@ -71,6 +71,12 @@ def expand_sweep(sweep: SweepConfig, substrate: SubstrateConfig, confinement: Co
     if not out.targets:
         raise ConfigError(f"sample.sweep: none of its {out.planned} targets is within atoms_per_area "
                           f"{sweep.atoms_per_area.model_dump(exclude_none=True)} atoms/Å²")  # type: ignore[union-attr]
+    kept = {cell_label(t.cell, substrate.facet) for t in out.targets}
+    if empty := [label for label in out.areas if label not in kept]:  # a cell the limit leaves empty: a mistake
+        raise ConfigError(f"sample.sweep.cells: no composition fits cell {empty[0]!r} "
+                          f"({out.areas[empty[0]]:.1f} Å²) within atoms_per_area "
+                          f"{sweep.atoms_per_area.model_dump(exclude_none=True)} atoms/Å²: drop the cell or widen "  # type: ignore[union-attr]
+                          f"the limit")
     return out
 
 
