@@ -133,6 +133,7 @@ def test_a_sweep_run_killed_while_sampling_resumes_without_duplicates(tmp_path):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "generated Ag2O1 p(3x3): " in r.stdout and "generated Ag1O1 p(3x3): " in r.stdout
+    assert "study tiny: 2 targets: Ag2O1 p(3x3), Ag1O1 p(3x3)\n" in r.stdout  # the sweep's expansion, up front
     with open_study_store(cfg) as store:
         rows = store.find_raw({"source": "generated"}, properties=["doc_id", "created_at", "composition"])
     ids = [row["doc_id"] for row in rows]
@@ -140,3 +141,13 @@ def test_a_sweep_run_killed_while_sampling_resumes_without_duplicates(tmp_path):
     assert sorted(row["composition"] for row in rows) == ["Ag1O1"] * 12 + ["Ag2O1"] * 12
     # every sample written before the kill is still there, untouched (not generated again)
     assert {row["doc_id"]: row["created_at"] for row in rows if row["doc_id"] in before} == before
+
+
+def test_the_targets_line_names_the_first_ones_and_counts_the_rest():
+    from flows.cli_stages import targets_line
+    from surfdiff_core.config import SampleTarget
+
+    targets = [SampleTarget(cell=[[3, 0], [0, 3]], composition=f"Ag{n}O1") for n in range(1, 15)]
+    line = targets_line(targets, "fcc111", shown=2)
+    assert line == "14 targets: Ag1O1 [[3,0],[0,3]], Ag2O1 [[3,0],[0,3]], … and 12 more"
+    assert targets_line(targets[:1], "fcc111") == "1 target: Ag1O1 [[3,0],[0,3]]"
