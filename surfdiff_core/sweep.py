@@ -207,12 +207,14 @@ def plan_sweep(sweep: SweepConfig, facet: str) -> list[tuple[CellSpec, str]]:
     cells: dict[tuple[int, ...], CellSpec] = {}
     for c in sweep.cells:
         cells.setdefault(cell_key(c, facet), c)  # the first spelling of a cell is kept
+    sites = {key: round(abs(np.linalg.det(np.reshape(key, (2, 2))))) for key in cells}
+
+    def fits(total: int, key: tuple[int, ...]) -> bool:
+        return sweep.coverage is None or sweep.coverage.holds(total / sites[key])
+
     per_total = Counter(totals)
-    per_cell = {}
-    for key in cells:  # count before listing: a wide range must not be enumerated cell by cell
-        sites = round(abs(np.linalg.det(np.reshape(key, (2, 2)))))
-        per_cell[key] = sum(k for t, k in per_total.items()
-                            if sweep.coverage is None or sweep.coverage.holds(t / sites))
+    # count before listing: a wide range must not be enumerated cell by cell
+    per_cell = {key: sum(k for t, k in per_total.items() if fits(t, key)) for key in cells}
     n = sum(per_cell.values())
     if n > sweep.max_targets:
         raise ConfigError(f"sample.sweep makes {n} targets ({len(cells)} cells × {len(comps)} compositions within "
@@ -223,13 +225,7 @@ def plan_sweep(sweep: SweepConfig, facet: str) -> list[tuple[CellSpec, str]]:
                           f"{len(comps)} compositions)")
     for key, cell in cells.items():  # a cell the limits leave empty is a mistake in the config, not a choice
         if per_cell[key] == 0:
-            sites = round(abs(np.linalg.det(np.reshape(key, (2, 2)))))
-            raise ConfigError(f"sample.sweep.cells: no composition fits cell {cell!r} ({sites} surface sites) "
+            raise ConfigError(f"sample.sweep.cells: no composition fits cell {cell!r} ({sites[key]} surface sites) "
                               f"within coverage {sweep.coverage.model_dump(exclude_none=True)} ML "  # type: ignore[union-attr]
                               f"({min(totals)}–{max(totals)} overlayer atoms): drop the cell or widen the coverage")
-    plan = []
-    for key, cell in cells.items():
-        sites = round(abs(np.linalg.det(np.reshape(key, (2, 2)))))
-        plan += [(cell, c) for c, t in zip(comps, totals, strict=True)
-                 if sweep.coverage is None or sweep.coverage.holds(t / sites)]
-    return plan
+    return [(cell, c) for key, cell in cells.items() for c, t in zip(comps, totals, strict=True) if fits(t, key)]
