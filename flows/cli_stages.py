@@ -221,14 +221,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from surfdiff_core.config import with_overrides
     from surfdiff_core.executors import ExecutorSpec
     from surfdiff_core.stages.common import check_store_writable, data_root, sample_targets, target_system
+    from surfdiff_core.stages.evaluate import target_key
 
     cfg = load_study(args.config, args.store, one_process=True)  # one clear line before Prefect starts
     check_at_least("rss-n", args.rss_n, 0)
     if args.rss_n is not None:
         cfg = cfg.model_copy(update={"rss": with_overrides(cfg.rss, {"n": args.rss_n})})
-    targets = sample_targets(cfg)
-    for t in targets:
-        target_system(cfg, t)
+    targets = [target_key(t, target_system(cfg, t)) for t in sample_targets(cfg)]  # each built and checked
     spec = ExecutorSpec(args.executor, args.hpc_settings)
     if spec.on_slurm:
         from deploy.hpc import load_settings
@@ -242,7 +241,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         os.environ.setdefault("SURFDIFF_PROGRESS_INTERVAL", "30")
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # stage lines reach a log file as they are printed
-    print(f"study {cfg.name}: {targets_line(targets, cfg.substrate.facet)}")  # what a sweep expanded to, up front
+    print(f"study {cfg.name}: {targets_line(targets)}")  # what a sweep expanded to, up front
     # The temporary local API needs no telemetry (and its heartbeat races the run for the SQLite lock).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.discovery import discovery_flow
@@ -295,11 +294,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def targets_line(targets: list, facet: str, shown: int = 12) -> str:
+def targets_line(names: list[str], shown: int = 12) -> str:
     """'3 targets: Ag2O1 p(3x3), …', the first `shown` of them named."""
-    from surfdiff_core.cells import cell_label
-
-    names = [f"{t.composition} {cell_label(t.cell, facet)}" for t in targets]
     more = f", … and {len(names) - shown} more" if len(names) > shown else ""
     return f"{len(names)} target{'s' if len(names) != 1 else ''}: {', '.join(names[:shown])}{more}"
 

@@ -145,9 +145,7 @@ def test_a_sweep_run_killed_while_sampling_resumes_without_duplicates(tmp_path):
 
 def test_the_targets_line_names_the_first_ones_and_counts_the_rest():
     from flows.cli_stages import targets_line
-    from surfdiff_core.config import SampleTarget
 
-    targets = [SampleTarget(cell=[[3, 0], [0, 3]], composition=f"Ag{n}O1") for n in range(1, 15)]
-    line = targets_line(targets, "fcc111", shown=2)
-    assert line == "14 targets: Ag1O1 [[3,0],[0,3]], Ag2O1 [[3,0],[0,3]], … and 12 more"
-    assert targets_line(targets[:1], "fcc111") == "1 target: Ag1O1 [[3,0],[0,3]]"
+    names = [f"Ag{n}O1 [[3,0],[0,3]]" for n in range(1, 15)]
+    assert targets_line(names, shown=2) == "14 targets: Ag1O1 [[3,0],[0,3]], Ag2O1 [[3,0],[0,3]], … and 12 more"
+    assert targets_line(names[:1]) == "1 target: Ag1O1 [[3,0],[0,3]]"
