@@ -10,8 +10,9 @@ MODE="${1:-main}"
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null || PY=python3
 VENV=.venv
-# Reinstalled when the dependencies or the compiled op's sources change.
-STAMP="$VENV/.surfdiff-$MODE-$(cat pyproject.toml setup.py surfdiff_core/ml/csrc/* | sha1sum | cut -c1-12)"
+# Reinstalled when the dependencies, the compiled op's sources or the checkout's path change (the editable
+# install points at one checkout: a venv moved or shared with another clone would otherwise run the old code).
+STAMP="$VENV/.surfdiff-$MODE-$( (cat pyproject.toml setup.py surfdiff_core/ml/csrc/*; pwd -P) | sha1sum | cut -c1-12)"
 if [ -f "$STAMP" ]; then exit 0; fi
 
 apt_install() {
@@ -53,10 +54,6 @@ PYEOF
 fi
 echo "[setup] pip install -e .[$EXTRAS]"
 $PIP install -q --no-build-isolation -e ".[$EXTRAS]"
-if [ "$MODE" = "test" ]; then
-  # PAW datasets for GPAW (shipped on PyPI as gpaw-data when available; otherwise gpaw install-data).
-  :
-fi
 rm -f "$VENV"/.surfdiff-"$MODE"-*
 touch "$STAMP"
 echo "[setup] done ($MODE)"

@@ -336,7 +336,7 @@ def test_relaxation_folders_are_removed_unless_asked_or_failed(tmp_path, monkeyp
 
 
 # ---- training checkpoints --------------------------------------------------------------------------------------
-def test_truncated_last_checkpoint_is_set_aside_and_training_starts_over(tmp_path, caplog, capsys):
+def test_truncated_last_checkpoint_is_set_aside_and_training_starts_over(tmp_path, caplog, capsys, monkeypatch):
     text = _config_text("train: {epochs: 3, batch_size: 4, patience: 10, energy_window: 5.0}\n"
                         "model: {n_features: 8, n_rbf: 8, n_interactions: 1, cutoff: 4.0, time_features: 8}\n"
                         "rss: {cell: p(2x2), compositions: [Ag1O1, Ag2O1], n: 6, fmax: 0.2, steps: 30}\n"
@@ -359,6 +359,25 @@ def test_truncated_last_checkpoint_is_set_aside_and_training_starts_over(tmp_pat
     assert aside.stat().st_size < last.stat().st_size
     (record,) = [r for r in caplog.records if "cannot be read" in r.getMessage()]
     assert "\n" not in record.getMessage() and aside.name in record.getMessage()
+
+    # a second corrupt checkpoint within the same second keeps the first one's aside
+    import time
+
+    import surfdiff_core.train.trainer as trainer_module
+
+    class FrozenClock:  # the trainer's clock only: the stamp stays one second
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def strftime(self, fmt, *args):
+            return "20261207-120000"
+
+    monkeypatch.setattr(trainer_module, "time", FrozenClock())
+    for _ in range(2):
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+        assert main(["train", str(cfg_path), "--epochs", "1"]) == 0
+    asides = sorted(p.name for p in last.parent.glob(f"{last.name}.corrupt-20261207-120000*"))
+    assert asides == [f"{last.name}.corrupt-20261207-120000", f"{last.name}.corrupt-20261207-120000-2"]
 
 
 # ---- model files ----------------------------------------------------------------------------------------------

@@ -241,7 +241,11 @@ def train(
             for target, state in zip((model, ema.shadow, opt, sched), fresh, strict=True):
                 target.load_state_dict(state)  # undo what a half-applied checkpoint changed
             start_epoch, best_val, bad_epochs, history = 0, math.inf, 0, []
-            aside = last_path.with_name(f"{last_path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+            aside = last_path.with_name(f"{last_path.name}.corrupt-{stamp}")
+            while aside.exists():  # a second one within the second keeps the first
+                n += 1
+                aside = last_path.with_name(f"{last_path.name}.corrupt-{stamp}-{n}")
             os.replace(last_path, aside)
             logger.warning("train: the checkpoint %s cannot be read (%s); moved it to %s and training starts over",
                            last_path, type(exc).__name__, aside.name)
