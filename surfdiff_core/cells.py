@@ -3,7 +3,8 @@
 Rows of the matrix give the supercell vectors in terms of (a1, a2); for the hexagonal facets a1 and a2
 are at 60° (ASE's non-orthogonal fcc111/hcp0001 cells). Names: 'p(n×m)' = [[n,0],[0,m]] on every facet;
 on hexagonal facets 'c(2×8)' = [[2,0],[-1,4]] (8 surface atoms per layer, the paper's training cell) and
-'(√3×√3)R30°' (alias 'sqrt3') = [[1,1],[-1,2]]; on fcc100 'c(2×2)' = [[1,1],[-1,1]].
+'(√3×√3)R30°' (alias 'sqrt3') = [[1,1],[-1,2]]; on fcc100 'c(2×2)' = [[1,1],[-1,1]]. Any other cell in
+Wood's notation ('(2√2×√2)R45°', 'c(4×2)', '(√7×√7)R19.1°') is read by surfdiff_core.wood.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 import numpy as np
 
 from surfdiff_core.errors import ConfigError
+from surfdiff_core.wood import parse_wood, wood_matrix
 
 HEXAGONAL_FACETS = ("fcc111", "hcp0001")
 FACETS = ("fcc111", "fcc100", "fcc110", "hcp0001")
@@ -30,12 +32,15 @@ MAX_SUBSTRATE_ATOMS = 10_000
 
 
 def canonical_cell_name(name: str) -> str:
+    """One spelling per name: lower case, 'x' for '×', Wood's notation as `WoodCell.label` ('(2×1)' → 'p(2x1)',
+    '(2√2 × √2)R45°' → '(2sqrt2xsqrt2)r45'), '(√3×√3)R30°' → 'sqrt3'."""
     s = name.strip().lower().replace("×", "x").replace("*", "x").replace(" ", "")
-    if s in ("(√3x√3)r30°", "(sqrt3xsqrt3)r30", "(√3x√3)r30"):
-        return "sqrt3"
     if re.fullmatch(r"\d+x\d+", s):
         s = f"p({s})"
-    return s
+    wood = parse_wood(s)
+    if wood is not None:
+        s = wood.label
+    return "sqrt3" if s == "(sqrt3xsqrt3)r30" else s
 
 
 def cell_matrix(cell: str | list[list[int]], facet: str) -> np.ndarray:
@@ -50,14 +55,15 @@ def cell_matrix(cell: str | list[list[int]], facet: str) -> np.ndarray:
         elif label:  # a matrix cell's label, as results and stored documents carry it
             a, b, c, d = map(int, label.groups())
             matrix = [[a, b], [c, d]]
-        elif key in _NAMED:
-            if facet not in _NAMED[key]:
-                raise ConfigError(f"cell {cell!r} is not defined on facet {facet}; give a 2x2 matrix instead")
+        elif key in _NAMED and facet in _NAMED[key]:
             matrix = _NAMED[key][facet]
+        elif (wood := parse_wood(key)) is not None:
+            matrix = wood_matrix(wood, facet, cell)
+        elif key in _NAMED:
+            raise ConfigError(f"cell {cell!r} is not defined on facet {facet}; give a 2x2 matrix instead")
         else:
-            raise ConfigError(
-                f"unknown cell name {cell!r}: use p(nxm), c(2x8), sqrt3, c(2x2) or a 2x2 integer matrix"
-            )
+            raise ConfigError(f"unknown cell name {cell!r}: use p(nxm), Wood's notation ('(2sqrt2xsqrt2)R45', "
+                              "'c(4x2)'), c(2x8), sqrt3 or a 2x2 integer matrix")
     else:
         matrix = cell
     try:

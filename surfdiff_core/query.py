@@ -62,8 +62,8 @@ def build_criteria(
 
 
 def parse_cell_filter(cell: str) -> str:
-    """The stored label of a cell filter: a name defined on some facet ('p(4x4)', 'c(2x8)', 'sqrt3') or a 2x2
-    integer matrix ('[[2,0],[-1,4]]'); anything else names no cell and is refused."""
+    """The stored label of a cell filter: a name defined on some facet ('p(4x4)', 'c(2x8)', 'sqrt3', Wood's
+    notation) or a 2x2 integer matrix ('[[2,0],[-1,4]]'); anything else names no cell and is refused."""
     text = cell.strip()
     if text.startswith("["):
         try:
