@@ -35,7 +35,7 @@ class WoodCell:
     @property
     def label(self) -> str:
         """The canonical spelling (ASCII, lower case, as labels in the store are): 'p(2x1)', 'c(4x2)',
-        '(2sqrt2xsqrt2)r45', 'c(2x2)r45'."""
+        '(2sqrt2xsqrt2)r45', '(sqrt7xsqrt7)r19.1'."""
         size = f"({_length_text(self.a)}x{_length_text(self.b)})"
         plain = self.a[1] == self.b[1] == 1 and self.angle == 0
         prefix = "c" if self.centred else ("p" if plain else "")
