@@ -14,10 +14,8 @@ import re
 import numpy as np
 
 from surfdiff_core.errors import ConfigError
+from surfdiff_core.facets import FACETS, HEXAGONAL_FACETS
 from surfdiff_core.wood import parse_wood, wood_matrix
-
-HEXAGONAL_FACETS = ("fcc111", "hcp0001")
-FACETS = ("fcc111", "fcc100", "fcc110", "hcp0001")
 
 _NAMED: dict[str, dict[str, list[list[int]]]] = {
     "c(2x8)": {f: [[2, 0], [-1, 4]] for f in HEXAGONAL_FACETS},

@@ -9,15 +9,15 @@ from functools import cached_property
 
 import numpy as np
 from ase import Atoms
-from ase.build import fcc100, fcc110, fcc111, hcp0001, make_supercell
+from ase.build import make_supercell
 from ase.data import atomic_numbers, covalent_radii
 
 from surfdiff_core.cells import cell_label, cell_matrix, check_slab_size
 from surfdiff_core.composition import composition_symbols, format_composition, parse_composition
 from surfdiff_core.config import CellSpec, ConfinementConfig, SubstrateConfig
 from surfdiff_core.errors import ConfigError
+from surfdiff_core.facets import primitive_slab
 
-_BUILDERS = {"fcc111": fcc111, "fcc100": fcc100, "fcc110": fcc110, "hcp0001": hcp0001}
 # Random close packing of spheres: a composition denser than this cannot be placed at the minimum distances.
 _MAX_PACKING = 0.64
 
@@ -37,14 +37,7 @@ def build_substrate(
     Atoms are ordered bottom layer first; tags hold the layer index counted from the top (1 = top layer),
     as in ASE's builders. pbc is in-plane only.
     """
-    if facet not in _BUILDERS:
-        raise ConfigError(f"unknown facet {facet!r}")
-    kwargs = {"a": a, "vacuum": vacuum}
-    if facet == "hcp0001":
-        kwargs["c"] = c if c is not None else a * np.sqrt(8 / 3)
-    if facet in ("fcc111", "hcp0001"):
-        kwargs["orthogonal"] = False
-    prim = _BUILDERS[facet](element, size=(1, 1, layers), **kwargs)
+    prim = primitive_slab(element, facet, a=a, c=c, layers=layers, vacuum=vacuum)
     full = np.eye(3, dtype=int)
     full[:2, :2] = matrix
     slab = make_supercell(prim, full, wrap=True)

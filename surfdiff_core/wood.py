@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
 
 from surfdiff_core.errors import ConfigError
+from surfdiff_core.facets import primitive_vectors
 
 _LENGTH = r"(\d*)(?:(?:√|sqrt)\(?(\d+)\)?)?"  # 2, √3, 2√2, sqrt(3), 2sqrt3
 _WOOD = re.compile(rf"^([pc]?)\({_LENGTH}x{_LENGTH}\)(?:r(-?\d+(?:\.\d+)?)°?)?$")
@@ -77,22 +77,12 @@ def parse_wood(text: str) -> WoodCell | None:
     return WoodCell(centred=m.group(1) == "c", a=a, b=b, angle=angle)
 
 
-@cache
-def _primitive_vectors(facet: str) -> np.ndarray:
-    """The in-plane primitive vectors (rows) of ASE's slab of this facet, the ones cell matrices refer to."""
-    from ase.build import fcc100, fcc110, fcc111, hcp0001
-
-    builders = {"fcc111": fcc111, "fcc100": fcc100, "fcc110": fcc110, "hcp0001": hcp0001}
-    slab = builders[facet]("Cu", size=(1, 1, 1), a=1.0, **({"c": math.sqrt(8 / 3)} if facet == "hcp0001" else {}))
-    return np.array(slab.cell[:2, :2])
-
-
 def wood_matrix(cell: WoodCell, facet: str, name: str) -> list[list[int]]:
     """The 2×2 integer matrix of a Wood cell on `facet`; one line when it does not fit the facet's lattice."""
     if cell.centred and facet not in CENTRED_FACETS:
         raise ConfigError(f"cell {name!r} is not defined on facet {facet} (centred cells only on "
                           f"{' and '.join(CENTRED_FACETS)}); give a 2x2 matrix or a rotated cell instead")
-    prim = _primitive_vectors(facet)
+    prim = primitive_vectors(facet)
     theta = math.radians(cell.angle)
     rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
     scale = [ln[0] * math.sqrt(ln[1]) for ln in (cell.a, cell.b)]
