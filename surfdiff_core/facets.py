@@ -5,29 +5,32 @@ from __future__ import annotations
 
 import math
 from functools import cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-from ase import Atoms
-from ase.build import fcc100, fcc110, fcc111, hcp0001
 
 from surfdiff_core.errors import ConfigError
 
-_BUILDERS = {"fcc111": fcc111, "fcc100": fcc100, "fcc110": fcc110, "hcp0001": hcp0001}
-FACETS = tuple(_BUILDERS)
+if TYPE_CHECKING:
+    from ase import Atoms
+
+FACETS = ("fcc111", "fcc100", "fcc110", "hcp0001")
 HEXAGONAL_FACETS = ("fcc111", "hcp0001")
 
 
 def primitive_slab(element: str, facet: str, *, a: float, c: float | None = None, layers: int = 1,
                    vacuum: float | None = None) -> Atoms:
     """One primitive surface cell of `facet`, `layers` deep (hcp0001: ideal c/a unless `c` is given)."""
-    if facet not in _BUILDERS:
+    from ase import build  # not at import: config loading reads the facet names only (ase.build pulls in scipy)
+
+    if facet not in FACETS:
         raise ConfigError(f"unknown facet {facet!r}")
     kwargs: dict = {"a": a, "vacuum": vacuum}
     if facet == "hcp0001":
         kwargs["c"] = c if c is not None else a * math.sqrt(8 / 3)
     if facet in HEXAGONAL_FACETS:
         kwargs["orthogonal"] = False
-    return _BUILDERS[facet](element, size=(1, 1, layers), **kwargs)
+    return getattr(build, facet)(element, size=(1, 1, layers), **kwargs)
 
 
 @cache

@@ -56,13 +56,12 @@ def _length(factor: str, root: str | None) -> tuple[int, int] | None:
     k, n = int(factor) if factor else 1, int(root) if root else 1
     if k == 0 or n == 0:
         return None
-    while True:  # 2√8 → 4√2: one spelling per length
-        for p in range(int(math.isqrt(n)), 1, -1):
-            if n % (p * p) == 0:
-                k, n = k * p, n // (p * p)
-                break
-        else:
-            return k, n
+    p = 2
+    while p * p <= n:  # 2√8 → 4√2: one spelling per length
+        while n % (p * p) == 0:
+            k, n = k * p, n // (p * p)
+        p += 1
+    return k, n
 
 
 def parse_wood(text: str) -> WoodCell | None:
